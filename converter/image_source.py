@@ -1,0 +1,171 @@
+"""Where an image to convert comes from: a registry, or an OCI image layout directory.
+
+Both sources give the same three things: the image manifest (an index already resolved to one
+platform), small blobs in memory, and large blobs as a verified stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+from converter.digest import DigestWriter, parse_digest, sha256_digest
+from converter.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
+from converter.registry import media_types as mt
+from converter.registry.client import FetchedManifest, RegistryClient
+from converter.registry.reference import ImageReference
+
+LAYOUT_PREFIX = "oci:"
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    manifest: dict[str, Any]
+    body: bytes
+    media_type: str
+    digest: str
+
+
+class ImageSource(Protocol):
+    description: str
+    registry_ref: ImageReference | None  # set when blobs can be cross-repo mounted from here
+
+    async def resolve(self) -> ResolvedImage: ...
+
+    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes: ...
+
+    def stream_blob(self, digest: str) -> AsyncIterator[bytes]: ...
+
+
+def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
+    """Decode an image manifest and check the fields the converter relies on."""
+    try:
+        manifest = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise FormatError(f"{what}: manifest is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{what}: manifest is not a JSON object")
+    media_type = manifest.get("mediaType", media_type)
+    if media_type in (mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST):
+        raise FormatError(f"{what}: expected an image manifest, got an index")
+    if media_type not in (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST):
+        raise UnsupportedError(f"{what}: unsupported manifest media type {media_type!r}")
+    config = manifest.get("config")
+    layers = manifest.get("layers")
+    if not isinstance(config, dict) or not isinstance(layers, list):
+        raise FormatError(f"{what}: manifest lacks config or layers")
+    for desc in [config, *layers]:
+        if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str) or not isinstance(desc.get("size"), int):
+            raise FormatError(f"{what}: manifest has a malformed descriptor")
+        parse_digest(desc["digest"])
+    return manifest
+
+
+class RegistrySource:
+    def __init__(self, client: RegistryClient, ref: ImageReference) -> None:
+        self._client = client
+        self.registry_ref = ref
+        self.description = str(ref)
+
+    async def resolve(self) -> ResolvedImage:
+        fetched, _index = await self._client.resolve_image(self.registry_ref)
+        return _resolved(fetched, self.description)
+
+    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes:
+        return await self._client.get_blob_bytes(self.registry_ref, digest, max_bytes=max_bytes)
+
+    def stream_blob(self, digest: str) -> AsyncIterator[bytes]:
+        return self._client.stream_blob(self.registry_ref, digest)
+
+
+def _resolved(fetched: FetchedManifest, what: str) -> ResolvedImage:
+    return ResolvedImage(parse_manifest(fetched.body, fetched.media_type, what), fetched.body, fetched.media_type, fetched.digest)
+
+
+class LayoutSource:
+    """An OCI image layout directory (`oci:DIR[:TAG]`), as written by skopeo, umoci or buildkit."""
+
+    registry_ref = None
+
+    def __init__(self, root: Path, tag: str | None, platform: str) -> None:
+        self._root = root
+        self._tag = tag
+        self._platform = platform
+        self.description = f"{LAYOUT_PREFIX}{root}" + (f":{tag}" if tag else "")
+        if not (root / "index.json").is_file():
+            raise ConfigError(f"{root} is not an OCI image layout (no index.json)")
+
+    def _blob_path(self, digest: str) -> Path:
+        algo, _, hexpart = parse_digest(digest).partition(":")
+        return self._root / "blobs" / algo / hexpart
+
+    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes:
+        path = self._blob_path(digest)
+        try:
+            if path.stat().st_size > max_bytes:
+                raise FormatError(f"{self.description}: blob {digest} is larger than {max_bytes} bytes")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.description}: blob {digest} is missing") from None
+        if sha256_digest(data) != digest:
+            raise DigestMismatchError(f"{self.description}: blob {digest} is corrupt")
+        return data
+
+    async def stream_blob(self, digest: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        path = self._blob_path(digest)
+        check = DigestWriter()
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.description}: blob {digest} is missing") from None
+        with f:
+            while block := f.read(1 << 20):
+                check.update(block)
+                yield block
+        if check.digest != digest:
+            raise DigestMismatchError(f"{self.description}: blob {digest} is truncated or corrupt")
+
+    def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:
+        if self._tag is not None:
+            tagged = [d for d in descriptors if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == self._tag]
+            if not tagged:
+                raise NotFoundError(f"{what}: no image tagged {self._tag!r}")
+            descriptors = tagged
+        if len(descriptors) == 1:
+            return descriptors[0]
+        wanted = self._platform.split("/")
+        for d in descriptors:
+            p = d.get("platform") or {}
+            have = [p.get("os"), p.get("architecture")] + ([p["variant"]] if p.get("variant") else [])
+            if have[: len(wanted)] == wanted:
+                return d
+        raise NotFoundError(f"{what}: {len(descriptors)} images and none for {self._platform}; name a tag")
+
+    async def resolve(self) -> ResolvedImage:
+        try:
+            index = json.loads((self._root / "index.json").read_bytes())
+            descriptors = index["manifests"]
+        except (ValueError, KeyError, TypeError):
+            raise FormatError(f"{self.description}: index.json is malformed") from None
+        chosen = self._pick(descriptors, self.description)
+        for _ in range(4):  # an index may point at a nested index
+            body = await self.read_blob(chosen["digest"])
+            media_type = chosen.get("mediaType", "")
+            if media_type in (mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST):
+                self._tag = None
+                chosen = self._pick(json.loads(body).get("manifests", []), self.description)
+                continue
+            return _resolved(FetchedManifest(media_type, body, chosen["digest"]), self.description)
+        raise FormatError(f"{self.description}: indexes nested too deeply")
+
+
+def open_source(text: str, client: RegistryClient, platform: str) -> ImageSource:
+    """`oci:DIR[:TAG]` or an existing directory → layout source; anything else → registry reference."""
+    if text.startswith(LAYOUT_PREFIX) or os.path.isdir(text.split(":", 1)[0]):
+        rest = text[len(LAYOUT_PREFIX):] if text.startswith(LAYOUT_PREFIX) else text
+        path, _, tag = rest.partition(":") if not os.path.isdir(rest) else (rest, "", "")
+        return LayoutSource(Path(path), tag or None, platform)
+    return RegistrySource(client, ImageReference.parse(text))

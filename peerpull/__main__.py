@@ -1,0 +1,3 @@
+from peerpull.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The `peerpull` command: argument parsing, one error seam, exit codes.
+
+Every `PeerpullError` becomes one line on stderr and its stable exit code; anything else is an
+internal error (exit 70) whose traceback appears only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+from converter.errors import ConfigError, PeerpullError
+from peerpull import __version__
+from peerpull.config import PeerpullConfig, load_config
+from peerpull.logs import configure_logging
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `1MiB`, `512k`, `4M` → bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512KiB, 4MiB)")
+    unit = (match.group(2) or "b")[0].lower()
+    return int(match.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("global options")
+    g.add_argument("--config", metavar="FILE", help="TOML config file (default: $PEERPULL_CONFIG or /etc/peerpull/config.toml if present)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log verbosity (default: info)")
+    g.add_argument("--log-format", choices=("auto", "console", "json"), help="log format; auto = console on a terminal, JSON otherwise")
+    g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=[],
+                   help="use plain HTTP for this registry (repeatable); loopback registries always use plain HTTP")
+    g.add_argument("--docker-config", metavar="FILE", help="docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
+    g.add_argument("--platform", metavar="OS/ARCH", help="platform picked from multi-platform images (default: linux/amd64)")
+    g.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerpull",
+        description="Start huge container images in seconds: convert images to seekable zstd layers, "
+        "serve them lazily to containerd and share every chunk across the cluster.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 2 bad configuration or usage, 3 malformed data, 4 registry error, "
+        "5 registry unreachable, 6 authentication refused, 7 not found, 8 unsupported input, "
+        "70 internal error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from peerpull.commands import convert_cmd, inspect_cmd
+
+    for module in (convert_cmd, inspect_cmd):
+        sub = module.add_parser(commands)
+        _global_options(sub)
+    return parser
+
+
+def _flags_to_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    flags: dict[str, dict[str, Any]] = {"registry": {}, "convert": {}, "log": {}}
+    if args.insecure_registry:
+        flags["registry"]["insecure_hosts"] = tuple(args.insecure_registry)
+    for section, key, attr in (
+        ("registry", "docker_config", "docker_config"), ("registry", "platform", "platform"),
+        ("log", "level", "log_level"), ("log", "format", "log_format"),
+        ("convert", "chunk_size", "chunk_size"), ("convert", "compression_level", "level"),
+        ("convert", "jobs", "jobs"), ("convert", "work_dir", "work_dir"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            flags[section][key] = value
+    return flags
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    ours = [e for e in leaves if isinstance(e, (PeerpullError, KeyboardInterrupt))]
+    return (ours or leaves or [group])[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config: PeerpullConfig = load_config(args.config, _flags_to_config(args))
+        configure_logging(config.log)
+        handler: Callable[[argparse.Namespace, PeerpullConfig], Any] = args.handler
+        try:
+            return int(asyncio.run(handler(args, config)) or 0)
+        except BaseExceptionGroup as group:  # from TaskGroups: report the first real cause
+            raise _first_cause(group) from None
+    except PeerpullError as exc:
+        print(f"peerpull: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("peerpull: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the one place unexpected errors are turned into a line
+        if args.debug:
+            raise
+        print(f"peerpull: internal error: {type(exc).__name__}: {exc} (run again with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+__all__ = ["main", "parse_size", "ConfigError"]

@@ -1,0 +1,1 @@
+"""One module per `peerpull` subcommand: its parser and its handler."""

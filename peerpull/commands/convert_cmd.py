@@ -1,0 +1,123 @@
+"""`peerpull convert SRC DST`: make a seekable copy of an image and push it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from converter.convert import ConvertReport, Converter
+from converter.image_source import open_source
+from converter.registry.client import RegistryClient
+from converter.registry.reference import ImageReference
+from peerpull.config import PeerpullConfig
+
+DESCRIPTION = """\
+Convert an image into a seekable image: every layer becomes independent zstd frames (one per
+file chunk) with a table of contents at its end, still a valid tar+zstd layer, so nodes without
+peerpull run the same tag unchanged. Layers are converted in parallel and pushed to DST.
+
+SRC is a registry reference (host[:port]/repo:tag or @sha256:...) or an OCI image layout
+directory (oci:DIR[:TAG]). DST is a registry reference. Converting an image that is already
+seekable converts nothing and says so. Credentials come from docker's config.json.
+
+examples:
+  peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable
+  peerpull convert oci:./layout:latest registry.local:5000/app:seekable --insecure-registry registry.local:5000
+"""
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    from peerpull.cli import parse_size
+
+    p = commands.add_parser("convert", help="convert an image to the seekable format and push it",
+                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="SRC", help="image to convert: registry reference or oci:DIR[:TAG]")
+    p.add_argument("destination", metavar="DST", help="registry reference to push the seekable image to")
+    p.add_argument("--chunk-size", type=parse_size, help="bytes of file content per zstd frame (default 1MiB; 4KiB..16MiB)")
+    p.add_argument("--level", type=int, help="zstd compression level 1..22 (default 3)")
+    p.add_argument("--jobs", type=int, help="layers converted at once (default: number of cores)")
+    p.add_argument("--work-dir", metavar="DIR", help="where converted layers wait for upload (default: system temp dir)")
+    p.add_argument("--json", metavar="FILE", help="also write the conversion report as JSON to FILE ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    p.set_defaults(handler=run)
+    return p
+
+
+class _RichProgress:
+    """Per-layer progress bars (source bytes); rich's Progress is safe to update from threads."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, Any] = {}
+
+    def layer_started(self, digest: str, total_bytes: int) -> None:
+        self._tasks[digest] = self._progress.add_task(digest[7:19], total=total_bytes)
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None:
+        self._progress.update(self._tasks[digest], advance=nbytes)
+
+    def layer_finished(self, digest: str) -> None:
+        task = self._tasks[digest]
+        self._progress.update(task, completed=self._progress.tasks[task].total)
+
+
+def report_json(report: ConvertReport) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {**asdict(report), "uncompressed_bytes": report.uncompressed_bytes}
+
+
+def print_summary(report: ConvertReport, console: Console) -> None:
+    if report.already_seekable:
+        console.print(f"{report.source} is already seekable: nothing converted; pushed as {report.destination}")
+        return
+    table = Table(title=f"{report.source} → {report.destination}")
+    for column in ("layer", "source", "seekable", "ratio", "uncompressed", "files+dirs", "chunks", "TOC", "MB/s"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    for layer in report.layers:
+        if not layer.converted:
+            table.add_row(layer.source_digest[7:19], _mb(layer.source_size), "already seekable", "", "", "", "", "", "")
+            continue
+        rate = (layer.uncompressed_size or 0) / 1e6 / layer.seconds if layer.seconds else 0.0
+        table.add_row(layer.source_digest[7:19], _mb(layer.source_size), _mb(layer.size),
+                      f"{layer.size / max(1, layer.source_size):.2f}", _mb(layer.uncompressed_size or 0),
+                      str(layer.entries), str(layer.chunks), f"{(layer.toc_bytes or 0) / 1024:.1f} KiB", f"{rate:.0f}")
+    console.print(table)
+    src = sum(layer.source_size for layer in report.layers)
+    out = sum(layer.size for layer in report.layers)
+    rate = report.uncompressed_bytes / 1e6 / report.seconds if report.seconds else 0.0
+    console.print(f"converted {len(report.layers)} layers in {report.seconds:.1f} s ({rate:.0f} MB/s uncompressed); "
+                  f"{_mb(src)} → {_mb(out)} ({out / max(1, src):.2f}×); manifest {report.manifest_digest}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    dest = ImageReference.parse(args.destination)
+    show = sys.stderr.isatty() and not args.quiet
+    async with RegistryClient(config.registry) as client:
+        source = open_source(args.source, client, config.registry.platform)
+        if show:
+            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+                report = await Converter(client, config.convert, _RichProgress(progress)).convert(source, dest)
+        else:
+            report = await Converter(client, config.convert).convert(source, dest)
+    if not args.quiet:
+        print_summary(report, Console())
+    if args.json:
+        text = json.dumps(report_json(report), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0

@@ -1,0 +1,58 @@
+"""`peerpull inspect IMAGE`: layers, TOC sizes, chunk counts and whether the image is seekable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from converter.image_source import open_source
+from converter.inspect import ImageInfo, inspect_image
+from converter.registry.client import RegistryClient
+from peerpull.config import PeerpullConfig
+
+DESCRIPTION = """\
+Show an image's layers and, for seekable layers, what their table of contents holds. Only the
+manifest and each TOC are read (ranged reads of the blob tails): nothing is downloaded.
+Exit status is 0 whether or not the image is seekable; use --json to script on it.
+"""
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    p = commands.add_parser("inspect", help="show an image's layers and whether it is seekable",
+                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=run)
+    return p
+
+
+def print_table(info: ImageInfo, console: Console) -> None:
+    table = Table(title=f"{info.reference} ({info.manifest_digest[:19]})")
+    for column in ("layer", "media type", "size", "seekable", "entries", "files", "chunks", "chunk size", "TOC"):
+        table.add_column(column)
+    for layer in info.layers:
+        table.add_row(
+            layer.digest[7:19], layer.media_type.rsplit(".", 1)[-1], f"{layer.size / 1e6:.1f} MB",
+            "yes" if layer.seekable else "no", _opt(layer.entries), _opt(layer.files), _opt(layer.chunks),
+            _opt(layer.chunk_size), f"{layer.toc_bytes / 1024:.1f} KiB" if layer.toc_bytes else "",
+        )
+    console.print(table)
+    console.print(f"seekable: {'yes' if info.seekable else 'no'}; total {info.total_size / 1e6:.1f} MB in {len(info.layers)} layers")
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    async with RegistryClient(config.registry) as client:
+        info = await inspect_image(client, open_source(args.image, client, config.registry.platform))
+    if args.json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        print_table(info, Console())
+    return 0
