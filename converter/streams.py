@@ -8,12 +8,16 @@ undoes a layer's gzip/zstd compression as a stream, with bounded memory.
 from __future__ import annotations
 
 import asyncio
-import zlib
 from typing import AsyncIterator, BinaryIO, Callable
 
 import zstandard
 
 from converter.errors import FormatError
+
+try:  # ISA-L inflates gzip about 3x faster than zlib: gunzip is the converter's largest single cost
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - isal has wheels for the platforms we run on
+    import zlib as _zlib  # type: ignore[no-redef]
 
 
 class AsyncIterReader:
@@ -70,7 +74,7 @@ class _GzipReader:
     def __init__(self, raw: BinaryIO, what: str) -> None:
         self._raw = raw
         self._what = what
-        self._inflate = zlib.decompressobj(wbits=31)
+        self._inflate = _zlib.decompressobj(wbits=31)
         self._out = b""
         self._pos = 0  # read position in _out: slicing from the front would copy the rest each time
         self._eof = False
@@ -90,9 +94,9 @@ class _GzipReader:
                 rest = self._inflate.unused_data
                 if not rest.strip(b"\0"):  # zero padding after the last member is harmless
                     break
-                self._inflate = zlib.decompressobj(wbits=31)
+                self._inflate = _zlib.decompressobj(wbits=31)
                 out += self._inflate.decompress(rest)
-        except zlib.error as exc:
+        except _zlib.error as exc:
             raise FormatError(f"{self._what}: corrupt gzip data ({exc})") from None
         if out:
             self._out = self._out[self._pos:] + out

@@ -1,0 +1,1 @@
+"""Protocol buffer definitions (containerd snapshots API) and their generated modules."""
