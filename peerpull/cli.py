@@ -32,16 +32,24 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
 
 
-def _global_options(parser: argparse.ArgumentParser) -> None:
+def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The same options before or after the subcommand; after it they must not reset the defaults."""
+    d = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
     g = parser.add_argument_group("global options")
-    g.add_argument("--config", metavar="FILE", help="TOML config file (default: $PEERPULL_CONFIG or /etc/peerpull/config.toml if present)")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log verbosity (default: info)")
-    g.add_argument("--log-format", choices=("auto", "console", "json"), help="log format; auto = console on a terminal, JSON otherwise")
-    g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=[],
+    g.add_argument("--config", metavar="FILE", default=d(None),
+                   help="TOML config file (default: $PEERPULL_CONFIG or /etc/peerpull/config.toml if present)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d(None),
+                   help="log verbosity (default: info)")
+    g.add_argument("--log-format", choices=("auto", "console", "json"), default=d(None),
+                   help="log format; auto = console on a terminal, JSON otherwise")
+    g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=d([]),
                    help="use plain HTTP for this registry (repeatable); loopback registries always use plain HTTP")
-    g.add_argument("--docker-config", metavar="FILE", help="docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
-    g.add_argument("--platform", metavar="OS/ARCH", help="platform picked from multi-platform images (default: linux/amd64)")
-    g.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    g.add_argument("--docker-config", metavar="FILE", default=d(None),
+                   help="docker config.json with registry credentials "
+                   "(default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
+    g.add_argument("--platform", metavar="OS/ARCH", default=d(None),
+                   help="platform picked from multi-platform images (default: linux/amd64)")
+    g.add_argument("--debug", action="store_true", default=d(False), help="show a traceback on internal errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "70 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
+    _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from peerpull.commands import convert_cmd, inspect_cmd
 
     for module in (convert_cmd, inspect_cmd):
         sub = module.add_parser(commands)
-        _global_options(sub)
+        _global_options(sub, top=False)
     return parser
 
 

@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
         else:
             report = await Converter(client, config.convert).convert(source, dest)
     if not args.quiet:
-        print_summary(report, Console())
+        print_summary(report, Console(width=None if sys.stdout.isatty() else 160))
     if args.json:
         text = json.dumps(report_json(report), indent=2)
         if args.json == "-":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -54,5 +55,5 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     if args.json:
         print(json.dumps(info.to_json(), indent=2))
     else:
-        print_table(info, Console())
+        print_table(info, Console(width=None if sys.stdout.isatty() else 160))
     return 0

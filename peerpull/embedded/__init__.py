@@ -1,0 +1,1 @@
+"""Private, embedded instances of the outside parts (registry, containerd) for demos, benchmarks and tests."""

@@ -1,0 +1,104 @@
+"""A private containerd instance under a directory (its own root, state and socket), driven with `ctr`.
+
+Never the host's containerd: everything lives under `root`, and stop() unmounts what this
+instance left mounted there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from converter.errors import ConfigError, PeerpullError
+
+NAMESPACE = "peerpull"
+
+
+class EmbeddedContainerd:
+    def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
+                 extra_config: str = "") -> None:
+        self.root = Path(root)
+        self.socket = self.root / "containerd.sock"
+        self.log_path = self.root / "containerd.log"
+        self._proxy_plugins = proxy_plugins or {}
+        self._enable_cri = enable_cri
+        self._extra = extra_config
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        disabled = [] if self._enable_cri else ['"io.containerd.grpc.v1.cri"']
+        lines = [
+            "version = 2",
+            f'root = "{self.root / "root"}"',
+            f'state = "{self.root / "state"}"',
+            f"disabled_plugins = [{', '.join(disabled)}]",
+            "[grpc]",
+            f'  address = "{self.socket}"',
+            "[ttrpc]",
+            f'  address = "{self.root / "containerd-ttrpc.sock"}"',
+            "[debug]",
+            '  level = "info"',
+        ]
+        for name, address in self._proxy_plugins.items():
+            lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{address}"']
+        return "\n".join(lines) + "\n" + self._extra
+
+    def start(self, timeout_s: float = 30.0) -> "EmbeddedContainerd":
+        for tool in ("containerd", "ctr", "runc"):
+            if shutil.which(tool) is None:
+                raise ConfigError(f"{tool} not found: install the containerd and runc packages")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.toml"
+        config.write_text(self.config_text())
+        log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
+                                      stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise PeerpullError(f"containerd exited at start; see {self.log_path}")
+            if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise PeerpullError(f"containerd did not come up within {timeout_s:.0f} s; see {self.log_path}")
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run `ctr` against this instance, in the peerpull namespace."""
+        cmd = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise PeerpullError(f"ctr {' '.join(args[:3])} failed: {result.stderr.strip()[-500:]}")
+        return result
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        # Only mounts under our own root: overlay rootfs of containers that did not exit cleanly.
+        try:
+            mounts = Path("/proc/self/mounts").read_text().splitlines()
+        except OSError:
+            return
+        prefix = str(self.root.resolve())
+        targets = [line.split()[1] for line in mounts if len(line.split()) > 1 and line.split()[1].startswith(prefix)]
+        for target in sorted(targets, key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+
+    def __enter__(self) -> "EmbeddedContainerd":
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
