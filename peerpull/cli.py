@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from peerpull.commands import convert_cmd, inspect_cmd
+    from peerpull.commands import convert_cmd, inspect_cmd, quickstart_cmd
 
-    for module in (convert_cmd, inspect_cmd):
+    for module in (convert_cmd, inspect_cmd, quickstart_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser
