@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from peerpull.embedded.process import spawn_logged, stop_process
 from converter.errors import ConfigError, PeerpullError
 
 NAMESPACE = "peerpull"
@@ -53,10 +54,7 @@ class EmbeddedContainerd:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.toml"
         config.write_text(self.config_text())
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=log, stderr=log,
-                                      stdin=subprocess.DEVNULL)
-        log.close()
+        self._proc = spawn_logged(["containerd", "--config", str(config)], self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -76,13 +74,7 @@ class EmbeddedContainerd:
         return result
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, 10)
         self._proc = None
         self._unmount_leftovers()
 

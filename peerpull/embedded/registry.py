@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from peerpull.embedded.process import spawn_logged, stop_process
 from converter.errors import ConfigError, PeerpullError
 
 REGISTRY_BINARIES = ("docker-registry", "registry")
@@ -68,10 +69,7 @@ class EmbeddedRegistry:
     def start(self, timeout_s: float = 15.0) -> "EmbeddedRegistry":
         self.root.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen([find_registry_binary(), "serve", str(config)], stdout=log, stderr=log,
-                                      stdin=subprocess.DEVNULL)
-        log.close()
+        self._proc = spawn_logged([find_registry_binary(), "serve", str(config)], self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -87,13 +85,7 @@ class EmbeddedRegistry:
         raise PeerpullError(f"registry did not answer on {self.address} within {timeout_s:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, 5)
         self._proc = None
 
     def __enter__(self) -> "EmbeddedRegistry":

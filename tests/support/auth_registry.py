@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from peerpull.embedded.registry import EmbeddedRegistry
+from tests.support.aio_site import serve_local
 
 USER, PASSWORD = "alice", "s3cret"
 SERVICE, ISSUER = "peerpull-test-registry", "peerpull-test-issuer"
@@ -90,12 +91,8 @@ class TokenServer:
     async def start(self) -> "TokenServer":
         app = web.Application()
         app.router.add_get("/token", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/token"
+        self._runner, address = await serve_local(app)
+        self.url = f"http://{address}/token"
         return self
 
     async def stop(self) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from tests.support.aio_site import serve_local
+
 
 @dataclass
 class _Fault:
@@ -86,12 +88,7 @@ class FaultProxy:
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.address = f"127.0.0.1:{port}"
+        self._runner, self.address = await serve_local(app)
         return self
 
     async def stop(self) -> None:

@@ -1,0 +1,24 @@
+"""Starting and stopping the embedded helper processes (registry, containerd)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def spawn_logged(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `cmd` with stdout and stderr appended to `log_path`, no stdin."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM, wait up to `grace_s`, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
