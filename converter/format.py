@@ -65,7 +65,7 @@ class Chunk(NamedTuple):
         return "sha256:" + self.digest.hex()
 
 
-@dataclass
+@dataclass(slots=True)  # one per file: a layer may list hundreds of thousands
 class TocEntry:
     path: str  # normalized: relative, no leading "./" or "/", no trailing "/", "." is the root
     type: str
