@@ -105,14 +105,20 @@ def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any
     return {"mediaType": mt.OCI_LAYER_ZSTD, "digest": result.digest, "size": result.size, "annotations": annotations}
 
 
-def rewrite_config(config_body: bytes, diff_ids: list[str], what: str) -> bytes:
-    """The config with `rootfs.diff_ids` set to `diff_ids`; the same bytes when they already match."""
+def config_diff_ids(config_body: bytes, what: str) -> list[str]:
     try:
-        config = json.loads(config_body)
-        current = config["rootfs"]["diff_ids"]
+        diff_ids = json.loads(config_body)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise FormatError(f"{what}: image config has no rootfs.diff_ids") from None
-    if current == diff_ids:
+    if not isinstance(diff_ids, list):
+        raise FormatError(f"{what}: image config's rootfs.diff_ids is not a list")
+    return diff_ids
+
+
+def rewrite_config(config_body: bytes, diff_ids: list[str]) -> bytes:
+    """The config with `rootfs.diff_ids` set to `diff_ids`; the same bytes when they already match."""
+    config = json.loads(config_body)
+    if config["rootfs"]["diff_ids"] == diff_ids:
         return config_body
     config["rootfs"]["diff_ids"] = diff_ids
     return json.dumps(config, separators=(",", ":")).encode()
@@ -156,14 +162,11 @@ class Converter:
         self, image: ResolvedImage, dest: ImageReference, config_body: bytes, outcomes: list[_LayerOutcome]
     ) -> tuple[bytes, str]:
         what = f"image {image.digest}"
-        try:
-            known = json.loads(config_body)["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError):
-            raise FormatError(f"{what}: image config has no rootfs.diff_ids") from None
-        if not isinstance(known, list) or len(known) != len(outcomes):
+        known = config_diff_ids(config_body, what)
+        if len(known) != len(outcomes):
             raise FormatError(f"{what}: config has {len(known)} diff_ids for {len(outcomes)} layers")
         ids = [o.diff_id if o.diff_id is not None else known[i] for i, o in enumerate(outcomes)]
-        new_config = rewrite_config(config_body, ids, what)
+        new_config = rewrite_config(config_body, ids)
         config_digest = await self._client.push_blob_bytes(dest, new_config)
         manifest: dict[str, Any] = {
             "schemaVersion": 2,

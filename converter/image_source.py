@@ -164,8 +164,11 @@ class LayoutSource:
 
 def open_source(text: str, client: RegistryClient, platform: str) -> ImageSource:
     """`oci:DIR[:TAG]` or an existing directory → layout source; anything else → registry reference."""
-    if text.startswith(LAYOUT_PREFIX) or os.path.isdir(text.split(":", 1)[0]):
-        rest = text[len(LAYOUT_PREFIX):] if text.startswith(LAYOUT_PREFIX) else text
-        path, _, tag = rest.partition(":") if not os.path.isdir(rest) else (rest, "", "")
+    if text.startswith(LAYOUT_PREFIX):
+        path, tag = text[len(LAYOUT_PREFIX):], ""
+        if not os.path.isdir(path) and ":" in path:  # oci:DIR:TAG
+            path, _, tag = path.rpartition(":")
         return LayoutSource(Path(path), tag or None, platform)
+    if os.path.isdir(text):
+        return LayoutSource(Path(text), None, platform)
     return RegistrySource(client, ImageReference.parse(text))

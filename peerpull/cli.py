@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-from converter.errors import ConfigError, PeerpullError
+from converter.errors import PeerpullError
 from peerpull import __version__
 from peerpull.config import PeerpullConfig, load_config
 from peerpull.logs import configure_logging
@@ -125,5 +125,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peerpull: internal error: {type(exc).__name__}: {exc} (run again with --debug for details)", file=sys.stderr)
         return EXIT_INTERNAL
 
-
-__all__ = ["main", "parse_size", "ConfigError"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -68,8 +69,6 @@ class _RichProgress:
 
 
 def report_json(report: ConvertReport) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return {**asdict(report), "uncompressed_bytes": report.uncompressed_bytes}
 
 
