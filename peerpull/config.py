@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from converter.config import ConvertConfig
 from converter.errors import ConfigError
 from converter.registry.config import RegistryConfig
+from peer.config import PeerConfig
 
 DEFAULT_CONFIG_PATH = "/etc/peerpull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -33,6 +34,7 @@ class LogConfig:
 class PeerpullConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -120,6 +122,13 @@ def validate(config: PeerpullConfig) -> PeerpullConfig:
         raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
     if config.log.format not in ("auto", "console", "json"):
         raise ConfigError("log.format must be auto, console or json")
+    p = config.peer
+    if p.discovery not in ("zeroconf", "static", "dns", "none"):
+        raise ConfigError("peer.discovery must be zeroconf, static, dns or none")
+    if not 0 <= p.listen_port < 65536 or p.cache_max_bytes < (64 << 20):
+        raise ConfigError("peer.listen_port must be a port number and peer.cache_max_bytes at least 64 MiB")
+    if min(p.origin_max_inflight, p.prefetch_parallel, p.max_concurrent_serves) < 1:
+        raise ConfigError("peer concurrency limits must be at least 1")
     if config.registry.retries < 0:
         raise ConfigError("registry.retries must be 0 or more")
     return config

@@ -6,10 +6,10 @@ import subprocess
 from pathlib import Path
 
 
-def spawn_logged(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_logged(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `cmd` with stdout and stderr appended to `log_path`, no stdin."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:

@@ -1,0 +1,58 @@
+"""The node's chunk cache on local disk: content-addressed compressed frames, verified on the way in
+and on the way out, LRU-evicted under a size limit, shared by every image on the node.
+
+diskcache does the storage (SQLite index + files, safe across threads and processes, survives
+restarts); every call goes through a worker thread so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import diskcache
+import structlog
+
+from converter.errors import FormatError
+from converter.layer_reader import decompress_chunk
+from peer.chunk import ChunkRef
+
+log = structlog.get_logger(__name__)
+
+
+class ChunkCache:
+    def __init__(self, directory: str, max_bytes: int) -> None:
+        self._cache = diskcache.Cache(directory, size_limit=max_bytes, eviction_policy="least-recently-used",
+                                      cull_limit=16, statistics=False)
+        self.directory = directory
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def _load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
+        frame = self._cache.get(ref.digest)
+        if frame is None:
+            return None
+        try:
+            data = decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+        except FormatError:  # disk corruption: drop it and call it a miss
+            log.warning("cache_entry_corrupt", digest=ref.digest)
+            self._cache.delete(ref.digest)
+            return None
+        return frame, data
+
+    async def load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
+        """(compressed frame, verified uncompressed bytes) of `ref`, or None on a miss."""
+        return await asyncio.to_thread(self._load, ref)
+
+    async def contains(self, digest: str) -> bool:
+        return await asyncio.to_thread(self._cache.__contains__, digest)
+
+    async def put_verified(self, ref: ChunkRef, frame: bytes) -> None:
+        """Store a frame whose content the caller has already verified against `ref.digest`."""
+        await asyncio.to_thread(self._cache.set, ref.digest, frame)
+
+    def volume(self) -> int:
+        return int(self._cache.volume())
+
+    def count(self) -> int:
+        return len(self._cache)

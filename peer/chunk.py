@@ -1,0 +1,57 @@
+"""What a node needs to know to fetch one chunk from any tier, and its wire form between peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from converter.digest import is_digest
+from converter.errors import FormatError
+from converter.format import MAX_CHUNK_SIZE, Chunk
+
+MAX_HINT_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A chunk and where the origin registry has it: `registry/repository`, the layer blob, the frame."""
+
+    digest: str  # sha256:… of the uncompressed chunk
+    length: int
+    repository: str  # host[:port]/repo of the image the chunk was found in
+    blob: str  # digest of the layer blob
+    blob_offset: int
+    compressed_length: int
+
+    @classmethod
+    def from_chunk(cls, chunk: Chunk, repository: str, blob: str) -> "ChunkRef":
+        return cls(chunk.digest_hex, chunk.length, repository, blob, chunk.blob_offset, chunk.compressed_length)
+
+    def as_chunk(self) -> Chunk:
+        return Chunk(0, self.length, self.blob_offset, self.compressed_length, bytes.fromhex(self.digest[7:]))
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.digest, self.length, self.repository, self.blob, self.blob_offset,
+                              self.compressed_length], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ChunkRef":
+        """Parse a peer's request; anything malformed is a FormatError."""
+        if len(data) > MAX_HINT_BYTES:
+            raise FormatError("chunk request too large")
+        try:
+            fields: Any = msgpack.unpackb(data, raw=False)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            raise FormatError("chunk request is not msgpack") from None
+        if not isinstance(fields, list) or len(fields) != 6:
+            raise FormatError("chunk request has the wrong shape")
+        digest, length, repository, blob, offset, clen = fields
+        ints = (length, offset, clen)
+        if not (isinstance(digest, str) and is_digest(digest) and isinstance(blob, str) and is_digest(blob)
+                and isinstance(repository, str) and 0 < len(repository) < 512
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints)
+                and 0 < length <= MAX_CHUNK_SIZE and 0 < clen <= 2 * MAX_CHUNK_SIZE):
+            raise FormatError("chunk request has invalid fields")
+        return cls(digest, length, repository, blob, offset, clen)

@@ -1,0 +1,107 @@
+"""The chunk fetcher: local cache → the chunk's owner among the peers → origin registry.
+
+Every chunk, from any tier, is decompressed and checked against its digest before it is cached,
+served or returned. Concurrent requests for one digest share one fetch, whoever asked (a local
+reader, a prefetch, or another node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from converter.errors import FormatError, PeerpullError
+from converter.layer_reader import decompress_chunk
+from peer.cache import ChunkCache
+from peer.chunk import ChunkRef
+from peer.client import PeerClient, PeerFetchError
+from peer.membership import Membership
+from peer.metrics import PeerMetrics
+from peer.singleflight import SingleFlight
+
+log = structlog.get_logger(__name__)
+
+
+class FrameSource(Protocol):
+    async def fetch_frame(self, ref: ChunkRef) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Fetched:
+    frame: bytes  # compressed, as stored and as sent to peers
+    data: bytes  # uncompressed, verified
+    tier: str  # cache, peer or origin
+
+
+class ChunkFetcher:
+    def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
+                 membership: Membership | None = None, peers: PeerClient | None = None) -> None:
+        self._cache = cache
+        self._origin = origin
+        self._metrics = metrics
+        self._membership = membership
+        self._peers = peers
+        self._flights: SingleFlight[Fetched] = SingleFlight()
+
+    async def get(self, ref: ChunkRef) -> bytes:
+        """The verified bytes of a chunk, from the cheapest tier that has it."""
+        return (await self.fetch(ref, use_peers=True)).data
+
+    async def fetch(self, ref: ChunkRef, use_peers: bool) -> Fetched:
+        """`use_peers=False` for requests that came from a peer: cache, then origin, never another hop."""
+        started = time.monotonic()
+        loaded = await self._cache_load(ref)
+        if loaded is not None:
+            return self._count(loaded, started)
+        return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers))
+
+    async def _cache_load(self, ref: ChunkRef) -> Fetched | None:
+        loaded = await self._cache.load(ref)
+        return Fetched(loaded[0], loaded[1], "cache") if loaded else None
+
+    def _count(self, fetched: Fetched, started: float) -> Fetched:
+        self._metrics.requests.labels(fetched.tier).inc()
+        self._metrics.bytes.labels(fetched.tier).inc(len(fetched.data))
+        if fetched.tier != "cache":
+            self._metrics.wire_bytes.labels(fetched.tier).inc(len(fetched.frame))
+        self._metrics.latency.labels(fetched.tier).observe(time.monotonic() - started)
+        return fetched
+
+    async def _verify(self, ref: ChunkRef, frame: bytes) -> bytes:
+        return await asyncio.to_thread(decompress_chunk, frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+
+    async def _fetch_remote(self, ref: ChunkRef, use_peers: bool) -> Fetched:
+        started = time.monotonic()
+        loaded = await self._cache_load(ref)  # another flight may have filled it meanwhile
+        if loaded is not None:
+            return self._count(loaded, started)
+        if use_peers and self._membership is not None and self._peers is not None:
+            for member in self._membership.candidates_for(ref.digest):
+                try:
+                    frame, remote_tier = await self._peers.fetch_frame(member.address, ref)
+                    data = await self._verify(ref, frame)
+                except (PeerFetchError, FormatError) as exc:
+                    reason = exc.reason if isinstance(exc, PeerFetchError) else "bad_bytes"
+                    self._metrics.errors.labels("peer", reason).inc()
+                    log.warning("chunk_fetch_failed", tier="peer", peer=member.node_id, digest=ref.digest,
+                                reason=reason, error=str(exc))
+                    self._membership.failed(member, reason)
+                    continue
+                await self._cache.put_verified(ref, frame)
+                log.debug("chunk_fetched", tier="peer", peer=member.node_id, remote_tier=remote_tier,
+                          digest=ref.digest, bytes=len(data))
+                return self._count(Fetched(frame, data, "peer"), started)
+        try:
+            frame = await self._origin.fetch_frame(ref)
+            data = await self._verify(ref, frame)
+        except PeerpullError as exc:
+            self._metrics.errors.labels("origin", type(exc).__name__).inc()
+            log.warning("chunk_fetch_failed", tier="origin", digest=ref.digest, error=str(exc))
+            raise
+        await self._cache.put_verified(ref, frame)
+        log.debug("chunk_fetched", tier="origin", digest=ref.digest, bytes=len(data))
+        return self._count(Fetched(frame, data, "origin"), started)

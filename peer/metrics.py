@@ -1,0 +1,38 @@
+"""Prometheus metrics of one node: per-tier requests, bytes, errors and latency; cache; members."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TIERS = ("cache", "peer", "origin")
+
+
+class PeerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("peerpull_chunk_requests", "Chunks obtained, by the tier that produced them",
+                                ["tier"], registry=r)
+        self.bytes = Counter("peerpull_chunk_bytes", "Uncompressed chunk bytes obtained, by tier", ["tier"], registry=r)
+        self.wire_bytes = Counter("peerpull_chunk_wire_bytes", "Compressed bytes moved over the network, by tier",
+                                  ["tier"], registry=r)
+        self.errors = Counter("peerpull_chunk_errors", "Failed attempts, by tier and reason", ["tier", "reason"],
+                              registry=r)
+        self.latency = Histogram("peerpull_chunk_fetch_seconds", "Time to obtain a chunk, by tier", ["tier"],
+                                 registry=r, buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.served = Counter("peerpull_served_chunks", "Chunks this node served to peers, by where it got them",
+                              ["source"], registry=r)
+        self.served_bytes = Counter("peerpull_served_bytes", "Compressed bytes this node served to peers",
+                                    registry=r)
+        self.refused = Counter("peerpull_peer_requests_refused", "Peer requests refused, by reason", ["reason"],
+                               registry=r)
+        self.cache_bytes = Gauge("peerpull_cache_bytes", "Bytes in the local chunk cache", registry=r)
+        self.members = Gauge("peerpull_members", "Live members of the hash ring, this node included", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def hit_ratio(self) -> float:
+        cache = self.requests.labels("cache")._value.get()
+        total = sum(self.requests.labels(t)._value.get() for t in TIERS)
+        return cache / total if total else 0.0

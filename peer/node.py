@@ -1,0 +1,103 @@
+"""One node's peer component: cache, fetch tiers, peer server, discovery and membership, with one
+lifecycle (AsyncExitStack + TaskGroup; teardown in reverse order of creation).
+
+`peerpull peer` runs it alone; the node daemon embeds the same component.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from converter.registry.client import RegistryClient
+from converter.registry.config import RegistryConfig
+from peer.cache import ChunkCache
+from peer.client import PeerClient
+from peer.config import PeerConfig
+from peer.discovery import make_discovery
+from peer.fetcher import ChunkFetcher
+from peer.membership import Membership
+from peer.metrics import PeerMetrics
+from peer.origin import OriginSource
+from peer.server import PeerServer
+from peer.warm import image_chunks, warm
+
+log = structlog.get_logger(__name__)
+
+
+def advertised_address(config: PeerConfig) -> str:
+    if config.advertise_host:
+        return config.advertise_host
+    if config.listen_host not in ("0.0.0.0", "::", ""):
+        return config.listen_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # no packet is sent: this picks the route's source
+        try:
+            s.connect(("192.0.2.1", 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class PeerNode:
+    def __init__(self, peer: PeerConfig, registry: RegistryConfig) -> None:
+        self.config = peer
+        self.node_id = peer.node_id or socket.gethostname()
+        self.address = advertised_address(peer)
+        self._registry_config = registry
+        self.metrics = PeerMetrics()
+        self.fetcher: ChunkFetcher | None = None
+        self.membership: Membership | None = None
+        self._client: RegistryClient | None = None
+
+    async def warm_image(self, image: str) -> dict[str, object]:
+        assert self.fetcher is not None and self._client is not None
+        refs, skipped = await image_chunks(self._client, image)
+        report = await warm(self.fetcher, refs, self.config.prefetch_parallel)
+        report["layers_not_seekable"] = skipped
+        log.info("image_warmed", image=image, **report)
+        return report
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Serve until cancelled."""
+        async with AsyncExitStack() as stack:
+            self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
+            Path(self.config.cache_dir).mkdir(parents=True, exist_ok=True)
+            cache = ChunkCache(self.config.cache_dir, self.config.cache_max_bytes)
+            stack.callback(cache.close)
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            peers = PeerClient(session, self.config.token, self.config.peer_timeout_s)
+            self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
+            origin = OriginSource(self._client, self.config)
+            stack.push_async_callback(origin.close)
+            self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
+            server = PeerServer(self.node_id, self.fetcher, self.metrics, self.config.token,
+                                self.config.max_concurrent_serves, warm=self.warm_image)
+            runner = web.AppRunner(server.app(), access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, self.config.listen_host, self.config.listen_port).start()
+            log.info("peer_listening", node=self.node_id, host=self.config.listen_host, port=self.config.listen_port,
+                     advertise=self.address, discovery=self.config.discovery, token=bool(self.config.token))
+            discovery = make_discovery(self.config, self.node_id, self.address)
+            if discovery is not None:
+                stack.push_async_callback(discovery.close)
+            async with asyncio.TaskGroup() as group:
+                if discovery is not None:
+                    group.create_task(discovery.run(self.membership.set_candidates))
+                group.create_task(self.membership.run())
+                group.create_task(self._gauges(cache))
+                if ready is not None:
+                    ready.set()
+
+    async def _gauges(self, cache: ChunkCache) -> None:
+        assert self.membership is not None
+        while True:
+            self.metrics.cache_bytes.set(await asyncio.to_thread(cache.volume))
+            self.metrics.members.set(len(self.membership.ring_members()))
+            await asyncio.sleep(self.config.health_interval_s)

@@ -1,0 +1,41 @@
+"""Concurrent requests for the same key share one in-flight fetch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[T]] = {}
+
+    def inflight(self, key: str) -> bool:
+        return key in self._inflight
+
+    async def do(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Run `fetch()` unless a fetch for `key` is already running; either way, return its result.
+
+        A waiter that is cancelled does not cancel the shared fetch for the others.
+        """
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+            task = asyncio.ensure_future(fetch())
+            task.add_done_callback(lambda t: self._settle(key, future, t))  # type: ignore[arg-type]
+        return await asyncio.shield(future)
+
+    def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[T]) -> None:
+        self._inflight.pop(key, None)
+        if future.done():
+            return
+        if task.cancelled():
+            future.cancel()
+        elif (exc := task.exception()) is not None:
+            future.set_exception(exc)
+            future.exception()  # mark it retrieved: every waiter may have gone already
+        else:
+            future.set_result(task.result())

@@ -1,0 +1,56 @@
+"""Warm-up and prefetch: every chunk of an image through the ordinary fetch path, in parallel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from converter.convert import is_seekable_descriptor
+from converter.image_source import parse_manifest
+from converter.layer_reader import location_from_annotations, read_toc
+from converter.registry.blob_reader import RegistryBlobReader
+from converter.registry.client import RegistryClient
+from converter.registry.reference import ImageReference
+from peer.chunk import ChunkRef
+from peer.fetcher import ChunkFetcher
+
+
+async def image_chunks(client: RegistryClient, image: str) -> tuple[list[ChunkRef], int]:
+    """The distinct chunks of an image's seekable layers, and how many layers were not seekable."""
+    ref = ImageReference.parse(image)
+    fetched, _ = await client.resolve_image(ref)
+    manifest = parse_manifest(fetched.body, fetched.media_type, str(ref))
+    repository = f"{ref.registry}/{ref.repository}"
+    chunks: dict[str, ChunkRef] = {}
+    skipped = 0
+    for desc in manifest["layers"]:
+        if not is_seekable_descriptor(desc):
+            skipped += 1
+            continue
+        reader = RegistryBlobReader(client, ref, desc["digest"], desc["size"])
+        _, toc = await read_toc(reader, location_from_annotations(desc.get("annotations")))
+        for entry in toc.entries:
+            for chunk in entry.chunks:
+                chunks.setdefault(chunk.digest_hex, ChunkRef.from_chunk(chunk, repository, desc["digest"]))
+    return list(chunks.values()), skipped
+
+
+async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int) -> dict[str, object]:
+    """Fetch every chunk in `refs` (at most `parallel` at once); a summary by serving tier."""
+    started = time.monotonic()
+    slots = asyncio.Semaphore(parallel)
+    tiers: Counter[str] = Counter()
+    total = 0
+
+    async def one(ref: ChunkRef) -> None:
+        nonlocal total
+        async with slots:
+            fetched = await fetcher.fetch(ref, use_peers=True)
+        tiers[fetched.tier] += 1
+        total += len(fetched.data)
+
+    async with asyncio.TaskGroup() as group:
+        for ref in refs:
+            group.create_task(one(ref))
+    return {"chunks": len(refs), "bytes": total, "tiers": dict(tiers), "seconds": round(time.monotonic() - started, 3)}
