@@ -44,9 +44,13 @@ class PeerClient:
                     raise PeerFetchError(f"peer {address} sent a frame of unknown or excessive size", "oversized")
                 frame = await resp.content.readexactly(length)
                 return frame, resp.headers.get(TIER_HEADER, "unknown")
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
             raise PeerFetchError(f"peer {address} died mid-body", "truncated") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError:
+            raise PeerFetchError(f"peer {address} refused the connection", "refused") from None
+        except TimeoutError:
+            raise PeerFetchError(f"peer {address} timed out", "timeout") from None
+        except aiohttp.ClientError as exc:
             raise PeerFetchError(f"peer {address}: {type(exc).__name__}", type(exc).__name__) from None
 
     async def health(self, address: str) -> dict[str, str]:

@@ -5,3 +5,8 @@ pytest_plugins = [
     "tests.support.containerd_fixtures",
     "tests.support.image_fixtures",
 ]
+
+from peerpull.config import LogConfig  # noqa: E402
+from peerpull.logs import configure_logging  # noqa: E402
+
+configure_logging(LogConfig(level="warning", format="console"))

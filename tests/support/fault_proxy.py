@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -18,10 +20,11 @@ from tests.support.aio_site import serve_local
 @dataclass
 class _Fault:
     pattern: str
-    kind: str  # "status", "cut", "corrupt"
+    kind: str  # "status", "cut", "corrupt", "delay"
     times: int
     status: int = 500
     after: int = 0
+    seconds: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -30,6 +33,8 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.requests: list[tuple[str, str, str]] = []  # (method, path with query, Range header)
         self._faults: list[_Fault] = []
+        self.served_statuses: list[int] = []  # statuses of injected error answers
+        self.delayed = 0
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.address = ""
@@ -39,6 +44,10 @@ class FaultProxy:
 
     def cut(self, pattern: str, after: int, times: int = 1) -> None:
         self._faults.append(_Fault(pattern, "cut", times, after=after))
+
+    def delay(self, pattern: str, seconds: float, times: int = 1) -> None:
+        """Hold the answer for `seconds` (longer than the client's read timeout: it must retry)."""
+        self._faults.append(_Fault(pattern, "delay", times, seconds=seconds))
 
     def corrupt(self, pattern: str, times: int = 1) -> None:
         self._faults.append(_Fault(pattern, "corrupt", times))
@@ -55,7 +64,11 @@ class FaultProxy:
         self.requests.append((request.method, path, request.headers.get("Range", "")))
         fault = self._take(path, request.method)
         if fault is not None and fault.kind == "status":
+            self.served_statuses.append(fault.status)
             return web.Response(status=fault.status, headers=fault.headers, text="injected fault")
+        if fault is not None and fault.kind == "delay":
+            self.delayed += 1
+            await asyncio.sleep(fault.seconds)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         body = await request.read()

@@ -1,0 +1,158 @@
+"""Faults on every tier: reads still complete with correct bytes, and the fault shows in metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from converter.registry.client import RegistryClient
+from converter.registry.config import RegistryConfig
+from peer.cache import ChunkCache
+from peer.chunk import ChunkRef
+from peer.client import PeerClient
+from peer.config import PeerConfig
+from peer.fetcher import ChunkFetcher
+from peer.membership import Membership
+from peer.metrics import PeerMetrics
+from peer.origin import OriginSource
+from peer.ring import owners
+from peer.warm import image_chunks
+from tests.support.aio_site import serve_local
+from tests.support.fault_proxy import FaultProxy
+from tests.support.peer_cluster import build_cluster_image
+from tests.test_convert import peerpull
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def image(registry, tmp_path: Path) -> str:
+    build_cluster_image(tmp_path / "layout", big_bytes=2 << 20, small_files=30)
+    target = f"{registry.address}/faults/app:1"
+    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{tmp_path / 'layout'}:latest", target)
+    return target
+
+
+class BadPeer:
+    """A node that answers health checks but misbehaves on chunk requests (fault injection)."""
+
+    def __init__(self, mode: str, node_id: str = "bad-peer") -> None:
+        self.mode, self.node_id, self.served = mode, node_id, 0
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"node_id": self.node_id, "protocol": "1"})
+
+    async def chunk(self, request: web.Request) -> web.StreamResponse:
+        ref = ChunkRef.unpack(await request.read())
+        self.served += 1
+        if self.mode == "hang":
+            await asyncio.sleep(3)  # beyond the 1 s peer timeout
+        frame = random.Random(ref.digest).randbytes(ref.compressed_length)
+        if self.mode == "corrupt":
+            return web.Response(body=frame)
+        response = web.StreamResponse(headers={"Content-Length": str(len(frame))})
+        await response.prepare(request)
+        await response.write(frame[: len(frame) // 2])  # "cut": dies mid-body
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/health", self.health)
+        app.router.add_post("/v1/chunk", self.chunk)
+        return app
+
+
+async def read_all(tmp_path: Path, image: str, registry_config: RegistryConfig, peer_addresses: set[str]) -> tuple[PeerMetrics, dict[str, bytes]]:
+    """Fetch every chunk of `image` through a full fetcher whose peers are `peer_addresses`."""
+    metrics = PeerMetrics()
+    config = PeerConfig(peer_timeout_s=1.0)
+    async with RegistryClient(registry_config) as client, aiohttp.ClientSession() as session:
+        refs, _ = await image_chunks(client, image)
+        peers = PeerClient(session, "", config.peer_timeout_s)
+        membership = Membership("me", peers, health_interval_s=60, failure_skip_s=60)
+        membership.set_candidates(peer_addresses)
+        await membership.check_once()
+        cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+        fetcher = ChunkFetcher(cache, OriginSource(client, config), metrics, membership, peers)
+        data = dict(zip([r.digest for r in refs], await asyncio.gather(*(fetcher.get(r) for r in refs))))
+        cache.close()
+    return metrics, data
+
+
+async def reference_bytes(image: str) -> dict[str, bytes]:
+    from converter.layer_reader import read_chunk
+    from converter.registry.blob_reader import RegistryBlobReader
+    from converter.registry.reference import ImageReference
+
+    ref = ImageReference.parse(image)
+    async with RegistryClient(RegistryConfig()) as client:
+        refs, _ = await image_chunks(client, image)
+        out = {}
+        for r in refs:
+            reader = RegistryBlobReader(client, ref, r.blob, 1 << 40)
+            out[r.digest] = await read_chunk(reader, r.as_chunk())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "cut", "hang"])
+async def test_a_misbehaving_owner_is_skipped_and_the_origin_serves(image: str, tmp_path: Path, mode: str) -> None:
+    bad = BadPeer(mode)
+    runner, address = await serve_local(bad.app())
+    try:
+        metrics, data = await read_all(tmp_path, image, RegistryConfig(), {address})
+    finally:
+        await runner.cleanup()
+    assert data == await reference_bytes(image)
+    assert bad.served >= 1
+    reasons = {"corrupt": "bad_bytes", "cut": "truncated", "hang": "timeout"}
+    assert metrics.errors.labels("peer", reasons[mode])._value.get() >= 1
+    assert metrics.requests.labels("peer")._value.get() == 0
+
+
+async def test_registry_errors_and_timeouts_are_retried(registry, image: str, tmp_path: Path) -> None:
+    proxy = await FaultProxy(registry.url).start()
+    try:
+        proxied = image.replace(registry.address, proxy.address)
+        proxy.fail("/blobs/sha256", status=500, times=3)
+        proxy.fail("/blobs/sha256", status=503, times=2)
+        proxy.delay("/blobs/sha256", seconds=3, times=2)
+        config = RegistryConfig(retries=8, backoff_base_s=0.01, read_timeout_s=1.0)
+        metrics, data = await read_all(tmp_path, proxied, config, set())
+        assert data == await reference_bytes(image)
+        statuses = [s for s in proxy.served_statuses if s >= 500]
+        assert len(statuses) == 5 and proxy.delayed == 2
+        assert metrics.requests.labels("origin")._value.get() == len(data)
+    finally:
+        await proxy.stop()
+
+
+def test_a_peer_killed_before_serving_falls_through_to_the_origin(registry, image: str, tmp_path: Path) -> None:
+    from tests.support.peer_cluster import start_cluster
+
+    env = {"PEERPULL_PEER_HEALTH_INTERVAL_S": "5"}  # the survivor keeps believing in the dead node for a while
+    nodes = start_cluster(tmp_path / "nodes", 2, extra_env=env)
+    try:
+        nodes[1].stop(kill=True)
+        report = nodes[0].warm(image)
+        expected = asyncio.run(reference_bytes(image))
+        assert report["chunks"] == len(expected) and report["tiers"].get("origin") == len(expected)
+        assert nodes[0].metric("peerpull_chunk_errors_total", 'reason="refused",tier="peer"') >= 1
+    finally:
+        nodes[0].stop()
+
+
+def test_rendezvous_owners_are_stable_when_members_change() -> None:
+    digests = [f"sha256:{i:064x}" for i in range(2000)]
+    three = {d: owners(d, ["a", "b", "c"])[0] for d in digests}
+    four = {d: owners(d, ["a", "b", "c", "d"])[0] for d in digests}
+    moved = [d for d in digests if three[d] != four[d]]
+    assert all(four[d] == "d" for d in moved)  # only chunks the newcomer now owns move
+    assert 0.15 < len(moved) / len(digests) < 0.35
+    assert {three[d] for d in digests} == {"a", "b", "c"}
