@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 class ChunkCache:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self._cache = diskcache.Cache(directory, size_limit=max_bytes, eviction_policy="least-recently-used",
-                                      cull_limit=16, statistics=False)
+                                      cull_limit=4, statistics=False)  # evict a few per insert: never the hot set
         self.directory = directory
 
     def close(self) -> None:

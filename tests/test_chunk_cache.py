@@ -1,0 +1,90 @@
+"""The node's chunk cache and the single-flight fetch."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import zstandard
+
+from converter.digest import sha256_digest
+from peer.cache import ChunkCache
+from peer.chunk import ChunkRef
+from peer.fetcher import ChunkFetcher
+from peer.metrics import PeerMetrics
+from peer.singleflight import SingleFlight
+
+
+def make_chunk(seed: int, size: int = 256 * 1024) -> tuple[ChunkRef, bytes]:
+    data = random.Random(seed).randbytes(size)
+    frame = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(data)
+    ref = ChunkRef(sha256_digest(data), len(data), "127.0.0.1:1/x", "sha256:" + "0" * 64, 0, len(frame))
+    return ref, frame
+
+
+async def test_entries_survive_a_restart_and_corruption_is_a_miss(tmp_path: Path) -> None:
+    ref, frame = make_chunk(1)
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    await cache.put_verified(ref, frame)
+    cache.close()
+    reopened = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    loaded = await reopened.load(ref)
+    assert loaded is not None and sha256_digest(loaded[1]) == ref.digest
+    other, other_frame = make_chunk(2)
+    await reopened.put_verified(ref, other_frame)  # the disk now lies about this digest
+    assert await reopened.load(ref) is None
+    assert not await reopened.contains(ref.digest)  # and the bad entry is gone
+    reopened.close()
+
+
+async def test_the_size_limit_holds_and_recent_entries_stay(tmp_path: Path) -> None:
+    cache = ChunkCache(str(tmp_path / "c"), 4 << 20)
+    refs = []
+    for seed in range(40):  # 40 × 256 KiB of incompressible frames = 10 MiB into a 4 MiB cache
+        ref, frame = make_chunk(seed)
+        await cache.put_verified(ref, frame)
+        refs.append(ref)
+        await cache.load(refs[0])  # keep the first one hot
+    assert cache.volume() <= 5 << 20
+    assert await cache.load(refs[0]) is not None
+    assert await cache.load(refs[-1]) is not None
+    assert sum([await cache.contains(r.digest) for r in refs]) < 20
+    cache.close()
+
+
+async def test_concurrent_misses_share_one_fetch(tmp_path: Path) -> None:
+    ref, frame = make_chunk(3)
+
+    class SlowOrigin:
+        calls = 0
+
+        async def fetch_frame(self, r: ChunkRef) -> bytes:
+            SlowOrigin.calls += 1
+            await asyncio.sleep(0.2)
+            return frame
+
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    fetcher = ChunkFetcher(cache, SlowOrigin(), PeerMetrics())
+    results = await asyncio.gather(*(fetcher.get(ref) for _ in range(50)))
+    assert SlowOrigin.calls == 1
+    assert all(sha256_digest(r) == ref.digest for r in results)
+    assert (await fetcher.fetch(ref, use_peers=True)).tier == "cache"
+    cache.close()
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
+    flights: SingleFlight[int] = SingleFlight()
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        await asyncio.sleep(0.1)
+        return 42
+
+    first = asyncio.ensure_future(flights.do("k", work))
+    await started.wait()
+    second = asyncio.ensure_future(flights.do("k", work))
+    first.cancel()
+    assert await second == 42
+    assert not flights.inflight("k")
