@@ -27,12 +27,14 @@ class PeerMetrics:
         self.refused = Counter("peerpull_peer_requests_refused", "Peer requests refused, by reason", ["reason"],
                                registry=r)
         self.cache_bytes = Gauge("peerpull_cache_bytes", "Bytes in the local chunk cache", registry=r)
+        self.cache_hit_ratio = Gauge("peerpull_cache_hit_ratio", "Share of chunks served from the local cache",
+                                     registry=r)
         self.members = Gauge("peerpull_members", "Live members of the hash ring, this node included", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def hit_ratio(self) -> float:
-        cache = self.requests.labels("cache")._value.get()
-        total = sum(self.requests.labels(t)._value.get() for t in TIERS)
-        return cache / total if total else 0.0
+    def update_hit_ratio(self) -> None:
+        counts = {t: self.requests.labels(t)._value.get() for t in TIERS}
+        total = sum(counts.values())
+        self.cache_hit_ratio.set(counts["cache"] / total if total else 0.0)

@@ -100,4 +100,5 @@ class PeerNode:
         while True:
             self.metrics.cache_bytes.set(await asyncio.to_thread(cache.volume))
             self.metrics.members.set(len(self.membership.ring_members()))
+            self.metrics.update_hit_ratio()
             await asyncio.sleep(self.config.health_interval_s)
