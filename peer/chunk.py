@@ -24,17 +24,21 @@ class ChunkRef:
     blob: str  # digest of the layer blob
     blob_offset: int
     compressed_length: int
+    # blob offset of the next chunk frame in the blob (0: unknown); only header frames lie between,
+    # so the origin may read across that gap without fetching anyone else's chunk
+    next_offset: int = 0
 
     @classmethod
-    def from_chunk(cls, chunk: Chunk, repository: str, blob: str) -> "ChunkRef":
-        return cls(chunk.digest_hex, chunk.length, repository, blob, chunk.blob_offset, chunk.compressed_length)
+    def from_chunk(cls, chunk: Chunk, repository: str, blob: str, next_offset: int = 0) -> "ChunkRef":
+        return cls(chunk.digest_hex, chunk.length, repository, blob, chunk.blob_offset, chunk.compressed_length,
+                   next_offset)
 
     def as_chunk(self) -> Chunk:
         return Chunk(0, self.length, self.blob_offset, self.compressed_length, bytes.fromhex(self.digest[7:]))
 
     def pack(self) -> bytes:
         return msgpack.packb([self.digest, self.length, self.repository, self.blob, self.blob_offset,
-                              self.compressed_length], use_bin_type=True)
+                              self.compressed_length, self.next_offset], use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> "ChunkRef":
@@ -45,13 +49,13 @@ class ChunkRef:
             fields: Any = msgpack.unpackb(data, raw=False)
         except (ValueError, msgpack.UnpackException, TypeError):
             raise FormatError("chunk request is not msgpack") from None
-        if not isinstance(fields, list) or len(fields) != 6:
+        if not isinstance(fields, list) or len(fields) != 7:
             raise FormatError("chunk request has the wrong shape")
-        digest, length, repository, blob, offset, clen = fields
-        ints = (length, offset, clen)
+        digest, length, repository, blob, offset, clen, next_offset = fields
+        ints = (length, offset, clen, next_offset)
         if not (isinstance(digest, str) and is_digest(digest) and isinstance(blob, str) and is_digest(blob)
                 and isinstance(repository, str) and 0 < len(repository) < 512
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints)
                 and 0 < length <= MAX_CHUNK_SIZE and 0 < clen <= 2 * MAX_CHUNK_SIZE):
             raise FormatError("chunk request has invalid fields")
-        return cls(digest, length, repository, blob, offset, clen)
+        return cls(digest, length, repository, blob, offset, clen, next_offset)

@@ -24,5 +24,5 @@ class PeerConfig:
     failure_skip_s: float = 30.0  # a peer that failed is not asked again for this long
     origin_max_inflight: int = 8  # concurrent Range requests per registry
     coalesce_max_bytes: int = 8 << 20  # adjacent chunks merged into one Range request up to this size
-    prefetch_parallel: int = 16  # chunks fetched at once by warm-up/prefetch
+    prefetch_parallel: int = 64  # chunks in flight for warm-up/prefetch: queued ones coalesce at the origin
     max_concurrent_serves: int = 64  # peer requests served at once; more wait

@@ -1,8 +1,9 @@
 """The origin tier: chunk frames read from the layer blob with HTTP Range requests.
 
-Requests that arrive in the same event-loop turn for adjacent frames of one blob are merged into
-one Range request (up to `coalesce_max_bytes`); each registry gets at most `origin_max_inflight`
-requests at once, so a prefetch cannot flood it.
+Each registry gets at most `origin_max_inflight` requests at once, so a prefetch cannot flood
+it; requests that queue meanwhile for nearby frames of one blob (gaps up to MAX_GAP_BYTES) are
+served by one Range request of up to `coalesce_max_bytes`. A gap is read across only when nothing
+but header frames lies in it (`ChunkRef.next_offset`), so no other node's chunk is fetched twice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from peer.chunk import ChunkRef
 from peer.config import PeerConfig
 
 log = structlog.get_logger(__name__)
+# Reading across a gap of header frames to the next chunk costs less than another request.
+MAX_GAP_BYTES = 64 * 1024
+
+
+def _joinable(first: ChunkRef, second: ChunkRef) -> bool:
+    """One Range request may cover both: adjacent, the same frame, or only header frames between."""
+    end = first.blob_offset + first.compressed_length
+    if second.blob_offset <= end:
+        return True
+    return second.blob_offset == first.next_offset and second.blob_offset - end <= MAX_GAP_BYTES
 
 
 class OriginSource:
@@ -26,59 +37,67 @@ class OriginSource:
         self._config = config
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._pending: dict[tuple[str, str], list[tuple[ChunkRef, asyncio.Future[bytes]]]] = defaultdict(list)
-        self._flush_scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.requests = 0  # Range requests sent (for tests and metrics)
+        self.requests = 0  # Range requests sent
 
     async def fetch_frame(self, ref: ChunkRef) -> bytes:
-        """The compressed frame of `ref` as the registry stores it (not yet verified)."""
+        """The compressed frame of `ref` as the registry stores it (not yet verified).
+
+        The request waits for a slot of its registry; by then other requests for nearby frames of the
+        same blob may have queued up, and one Range request serves them all.
+        """
+        key = (ref.repository, ref.blob)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[(ref.repository, ref.blob)].append((ref, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, defaultdict(list)
-        for (repository, blob), items in pending.items():
-            for run in self._runs(sorted(items, key=lambda item: item[0].blob_offset)):
-                task = asyncio.ensure_future(self._read_run(repository, blob, run))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    def _runs(self, items: list[tuple[ChunkRef, asyncio.Future[bytes]]]) -> list[list[tuple[ChunkRef, asyncio.Future[bytes]]]]:
-        runs: list[list[tuple[ChunkRef, asyncio.Future[bytes]]]] = []
-        for item in items:
-            ref = item[0]
-            if runs:
-                first, last = runs[-1][0][0], runs[-1][-1][0]
-                end = last.blob_offset + last.compressed_length
-                if ref.blob_offset == last.blob_offset:  # the same frame asked twice
-                    runs[-1].append(item)
-                    continue
-                if ref.blob_offset == end and end + ref.compressed_length - first.blob_offset <= self._config.coalesce_max_bytes:
-                    runs[-1].append(item)
-                    continue
-            runs.append([item])
-        return runs
-
-    async def _read_run(self, repository: str, blob: str, run: list[tuple[ChunkRef, asyncio.Future[bytes]]]) -> None:
-        start = run[0][0].blob_offset
-        end = max(ref.blob_offset + ref.compressed_length for ref, _ in run)
-        image = ImageReference.parse(repository)
+        self._pending[key].append((ref, future))
+        image = ImageReference.parse(ref.repository)
         limit = self._limits.setdefault(image.registry, asyncio.Semaphore(self._config.origin_max_inflight))
         try:
             async with limit:
-                self.requests += 1
-                data = await self._client.read_range(image, blob, start, end - start)
-        except BaseException as exc:  # every waiter learns of the failure, whatever it was
+                run = None if future.done() else self._take_run(key, future)
+                if run:  # else another request's run already covers this frame
+                    await self._read_run(image, ref.blob, run)
+        except BaseException:  # cancelled while queued or reading: leave the queue
+            self._pending[key] = [item for item in self._pending[key] if item[1] is not future]
+            if not future.done():
+                future.cancel()
+            raise
+        return await future
+
+    def _take_run(self, key: tuple[str, str], future: asyncio.Future[bytes]) -> list[tuple[ChunkRef, asyncio.Future[bytes]]]:
+        """The queued request of `future` and the queued ones around it that one Range request can cover."""
+        items = sorted(self._pending[key], key=lambda item: item[0].blob_offset)
+        index = next((i for i, item in enumerate(items) if item[1] is future), None)
+        if index is None:
+            return []
+        ref = items[index][0]
+        lo = hi = index
+        start, end = ref.blob_offset, ref.blob_offset + ref.compressed_length
+        budget = self._config.coalesce_max_bytes
+        while True:
+            grown = False
+            if hi + 1 < len(items) and _joinable(items[hi][0], items[hi + 1][0]):
+                new_end = max(end, items[hi + 1][0].blob_offset + items[hi + 1][0].compressed_length)
+                if new_end - start <= budget:
+                    hi, end, grown = hi + 1, new_end, True
+            if lo > 0 and _joinable(items[lo - 1][0], items[lo][0]) and end - items[lo - 1][0].blob_offset <= budget:
+                lo, start, grown = lo - 1, min(start, items[lo - 1][0].blob_offset), True
+            if not grown:
+                break
+        run = items[lo:hi + 1]
+        taken = {id(item[1]) for item in run}
+        self._pending[key] = [item for item in self._pending[key] if id(item[1]) not in taken]
+        return run
+
+    async def _read_run(self, image: ImageReference, blob: str, run: list[tuple[ChunkRef, asyncio.Future[bytes]]]) -> None:
+        start = min(ref.blob_offset for ref, _ in run)
+        end = max(ref.blob_offset + ref.compressed_length for ref, _ in run)
+        self.requests += 1
+        try:
+            data = await self._client.read_range(image, blob, start, end - start)
+        except Exception as exc:  # every waiter of the run learns of the failure
             for _, future in run:
                 if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-            if not isinstance(exc, Exception):
-                raise
+                    future.set_exception(exc)
+                    future.exception()  # retrieved by whoever awaits it, or by nobody if it was cancelled
             return
         for ref, future in run:
             if not future.done():
@@ -86,6 +105,7 @@ class OriginSource:
                 future.set_result(data[rel:rel + ref.compressed_length])
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for items in self._pending.values():
+            for _, future in items:
+                future.cancel()
+        self._pending.clear()

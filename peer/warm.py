@@ -30,9 +30,10 @@ async def image_chunks(client: RegistryClient, image: str) -> tuple[list[ChunkRe
             continue
         reader = RegistryBlobReader(client, ref, desc["digest"], desc["size"])
         _, toc = await read_toc(reader, location_from_annotations(desc.get("annotations")))
-        for entry in toc.entries:
-            for chunk in entry.chunks:
-                chunks.setdefault(chunk.digest_hex, ChunkRef.from_chunk(chunk, repository, desc["digest"]))
+        frames = sorted((c for e in toc.entries for c in e.chunks), key=lambda c: c.blob_offset)
+        for chunk, following in zip(frames, [*frames[1:], None]):
+            next_offset = following.blob_offset if following is not None else 0
+            chunks.setdefault(chunk.digest_hex, ChunkRef.from_chunk(chunk, repository, desc["digest"], next_offset))
     return list(chunks.values()), skipped
 
 
