@@ -28,7 +28,6 @@ from realistic_image import build_realistic_image  # noqa: E402
 
 from converter.registry.client import RegistryClient  # noqa: E402
 from converter.registry.config import RegistryConfig  # noqa: E402
-from peer.client import auth_headers  # noqa: E402
 from peer.warm import image_chunks  # noqa: E402
 from peerpull.embedded.registry import EmbeddedRegistry  # noqa: E402
 from tests.support.peer_cluster import TOKEN, start_cluster  # noqa: E402
@@ -48,20 +47,18 @@ async def chunk_refs(image: str):
         return (await image_chunks(client, image))[0]
 
 
-async def serve_throughput(address: str, refs: list, parallel: int = 16) -> tuple[int, float]:
-    """Compressed bytes/s a node serves when asked for every chunk it holds."""
-    slots = asyncio.Semaphore(parallel)
-    total = 0
-    headers = {**auth_headers(TOKEN), "X-Peerpull-Hop": "1"}
+async def serve_throughput(address: str, refs: list) -> tuple[int, float]:
+    """Compressed bytes/s a node serves to another node's client asking for every chunk it holds
+    (batched requests, verified on arrival like the fetcher does)."""
+    from peer.client import PeerClient
+
     async with aiohttp.ClientSession() as session:
-        async def one(ref) -> None:
-            nonlocal total
-            async with slots, session.post(f"http://{address}/v1/chunk", data=ref.pack(), headers=headers) as resp:
-                assert resp.headers.get("X-Peerpull-Tier") == "cache"
-                total += len(await resp.read())
+        client = PeerClient(session, TOKEN, 60.0)
         started = time.monotonic()
-        await asyncio.gather(*(one(r) for r in refs))
-    return total, time.monotonic() - started
+        frames = await asyncio.gather(*(client.fetch_frame(address, r) for r in refs))
+        seconds = time.monotonic() - started
+    assert all(tier == "cache" for _, tier in frames)
+    return sum(len(f) for f, _ in frames), seconds
 
 
 def local_read_throughput(paths: list[Path]) -> tuple[int, float]:

@@ -47,9 +47,12 @@ class ChunkCache:
     async def contains(self, digest: str) -> bool:
         return await asyncio.to_thread(self._cache.__contains__, digest)
 
+    def store_verified(self, ref: ChunkRef, frame: bytes) -> None:
+        """Store a frame whose content the caller has already verified (blocking: call from a worker thread)."""
+        self._cache.set(ref.digest, frame)
+
     async def put_verified(self, ref: ChunkRef, frame: bytes) -> None:
-        """Store a frame whose content the caller has already verified against `ref.digest`."""
-        await asyncio.to_thread(self._cache.set, ref.digest, frame)
+        await asyncio.to_thread(self.store_verified, ref, frame)
 
     def volume(self) -> int:
         return int(self._cache.volume())

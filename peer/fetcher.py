@@ -71,19 +71,19 @@ class ChunkFetcher:
         self._metrics.latency.labels(fetched.tier).observe(time.monotonic() - started)
         return fetched
 
-    async def _verify(self, ref: ChunkRef, frame: bytes) -> bytes:
-        return await asyncio.to_thread(decompress_chunk, frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+    def _verify_and_store(self, ref: ChunkRef, frame: bytes) -> bytes:
+        """Decompress, check the digest, then cache: one worker-thread hop per chunk."""
+        data = decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+        self._cache.store_verified(ref, frame)
+        return data
 
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool) -> Fetched:
         started = time.monotonic()
-        loaded = await self._cache_load(ref)  # another flight may have filled it meanwhile
-        if loaded is not None:
-            return self._count(loaded, started)
         if use_peers and self._membership is not None and self._peers is not None:
             for member in self._membership.candidates_for(ref.digest):
                 try:
                     frame, remote_tier = await self._peers.fetch_frame(member.address, ref)
-                    data = await self._verify(ref, frame)
+                    data = await asyncio.to_thread(self._verify_and_store, ref, frame)
                 except (PeerFetchError, FormatError) as exc:
                     reason = exc.reason if isinstance(exc, PeerFetchError) else "bad_bytes"
                     self._metrics.errors.labels("peer", reason).inc()
@@ -91,17 +91,15 @@ class ChunkFetcher:
                                 reason=reason, error=str(exc))
                     self._membership.failed(member, reason)
                     continue
-                await self._cache.put_verified(ref, frame)
                 log.debug("chunk_fetched", tier="peer", peer=member.node_id, remote_tier=remote_tier,
                           digest=ref.digest, bytes=len(data))
                 return self._count(Fetched(frame, data, "peer"), started)
         try:
             frame = await self._origin.fetch_frame(ref)
-            data = await self._verify(ref, frame)
+            data = await asyncio.to_thread(self._verify_and_store, ref, frame)
         except PeerpullError as exc:
             self._metrics.errors.labels("origin", type(exc).__name__).inc()
             log.warning("chunk_fetch_failed", tier="origin", digest=ref.digest, error=str(exc))
             raise
-        await self._cache.put_verified(ref, frame)
         log.debug("chunk_fetched", tier="origin", digest=ref.digest, bytes=len(data))
         return self._count(Fetched(frame, data, "origin"), started)

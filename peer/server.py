@@ -12,13 +12,14 @@ import hmac
 import json
 from typing import Awaitable, Callable
 
+import msgpack
 import structlog
 from aiohttp import web
 
 from converter.errors import FormatError, PeerpullError
 from peer.chunk import MAX_HINT_BYTES, ChunkRef
-from peer.client import PROTOCOL_VERSION, TIER_HEADER
-from peer.fetcher import ChunkFetcher
+from peer.client import MAX_BATCH, PROTOCOL_VERSION, TIER_HEADER
+from peer.fetcher import ChunkFetcher, Fetched
 from peer.metrics import PeerMetrics
 
 log = structlog.get_logger(__name__)
@@ -36,8 +37,9 @@ class PeerServer:
         self._warm = warm
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024, middlewares=[self._auth])
+        app = web.Application(client_max_size=MAX_BATCH * MAX_HINT_BYTES, middlewares=[self._auth])
         app.router.add_post("/v1/chunk", self._chunk)
+        app.router.add_post("/v1/chunks", self._chunks)
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/metrics", self._metrics_endpoint)
         app.router.add_post("/v1/warm", self._warm_endpoint)
@@ -60,15 +62,35 @@ class PeerServer:
         except FormatError as exc:
             self._metrics.refused.labels("malformed").inc()
             return web.Response(status=400, text=str(exc))
+        fetched = await self._serve_one(ref)
+        if fetched is None:
+            return web.Response(status=502, text="could not obtain the chunk")
+        return web.Response(body=fetched.frame, content_type="application/zstd", headers={TIER_HEADER: fetched.tier})
+
+    async def _serve_one(self, ref: ChunkRef) -> Fetched | None:
         async with self._slots:
             try:
                 fetched = await self._fetcher.fetch(ref, use_peers=False)
             except PeerpullError as exc:
                 log.warning("peer_serve_failed", digest=ref.digest, error=str(exc))
-                return web.Response(status=502, text="could not obtain the chunk")
+                return None
         self._metrics.served.labels(fetched.tier).inc()
         self._metrics.served_bytes.inc(len(fetched.frame))
-        return web.Response(body=fetched.frame, content_type="application/zstd", headers={TIER_HEADER: fetched.tier})
+        return fetched
+
+    async def _chunks(self, request: web.Request) -> web.StreamResponse:
+        """A batch: msgpack list of packed chunk requests → list of [tier, frame] ("" and b"" if unavailable)."""
+        try:
+            items = msgpack.unpackb(await request.read(), raw=False)
+            if not isinstance(items, list) or len(items) > MAX_BATCH or not all(isinstance(i, bytes) for i in items):
+                raise FormatError("a batch is a list of at most 128 packed chunk requests")
+            refs = [ChunkRef.unpack(item) for item in items]
+        except (FormatError, ValueError, msgpack.UnpackException, TypeError) as exc:
+            self._metrics.refused.labels("malformed").inc()
+            return web.Response(status=400, text=str(exc))
+        results = await asyncio.gather(*(self._serve_one(ref) for ref in refs))
+        answer = [[f.tier, f.frame] if f is not None else ["", b""] for f in results]
+        return web.Response(body=msgpack.packb(answer, use_bin_type=True), content_type="application/msgpack")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"node_id": self._node_id, "protocol": PROTOCOL_VERSION})

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import aiohttp
+import msgpack
 import pytest
 from aiohttp import web
 
@@ -47,17 +48,17 @@ class BadPeer:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"node_id": self.node_id, "protocol": "1"})
 
-    async def chunk(self, request: web.Request) -> web.StreamResponse:
-        ref = ChunkRef.unpack(await request.read())
-        self.served += 1
+    async def chunks(self, request: web.Request) -> web.StreamResponse:
+        refs = [ChunkRef.unpack(item) for item in msgpack.unpackb(await request.read())]
+        self.served += len(refs)
         if self.mode == "hang":
             await asyncio.sleep(3)  # beyond the 1 s peer timeout
-        frame = random.Random(ref.digest).randbytes(ref.compressed_length)
+        body = msgpack.packb([["origin", random.Random(r.digest).randbytes(r.compressed_length)] for r in refs])
         if self.mode == "corrupt":
-            return web.Response(body=frame)
-        response = web.StreamResponse(headers={"Content-Length": str(len(frame))})
+            return web.Response(body=body)
+        response = web.StreamResponse(headers={"Content-Length": str(len(body))})
         await response.prepare(request)
-        await response.write(frame[: len(frame) // 2])  # "cut": dies mid-body
+        await response.write(body[: len(body) // 2])  # "cut": dies mid-body
         assert request.transport is not None
         request.transport.close()
         return response
@@ -65,7 +66,7 @@ class BadPeer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/health", self.health)
-        app.router.add_post("/v1/chunk", self.chunk)
+        app.router.add_post("/v1/chunks", self.chunks)
         return app
 
 

@@ -45,7 +45,7 @@ class NodeProcess:
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         env = {**os.environ, "PEERPULL_PEER_TOKEN": TOKEN, "PEERPULL_PEER_HEALTH_INTERVAL_S": "0.3",
-               "PEERPULL_PEER_PREFETCH_PARALLEL": "8", **(extra_env or {})}
+               **(extra_env or {})}
         self._env = env
         self._cmd = cmd
         self.proc: subprocess.Popen[bytes] | None = None
