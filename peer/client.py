@@ -44,12 +44,14 @@ class PeerClient:
     async def fetch_frame(self, address: str, ref: ChunkRef) -> tuple[bytes, str]:
         """(compressed frame, tier that produced it at the peer). Not verified here: the caller does."""
         future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(address, [])
-        queue.append((ref, future))
+        self._queues.setdefault(address, []).append((ref, future))
         slots = self._slots.setdefault(address, asyncio.Semaphore(INFLIGHT_PER_PEER))
         try:
             async with slots:
-                if not future.done():
+                queue = self._queues[address]  # read it now: other senders replace it
+                # still queued: send the oldest batch (ours, or ours comes with a later one: every
+                # queued request has a waiter, and the last of them always sends its own)
+                if any(item[1] is future for item in queue):
                     batch, self._queues[address] = queue[:MAX_BATCH], queue[MAX_BATCH:]
                     await self._send(address, batch)
         except BaseException:
