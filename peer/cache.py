@@ -40,6 +40,10 @@ class ChunkCache:
             return None
         return frame, data
 
+    def load_many(self, refs: list[ChunkRef]) -> list[tuple[bytes, bytes] | None]:
+        """`load` for a batch, in the calling (worker) thread: one hop instead of one per chunk."""
+        return [self._load(ref) for ref in refs]
+
     async def load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
         """(compressed frame, verified uncompressed bytes) of `ref`, or None on a miss."""
         return await asyncio.to_thread(self._load, ref)

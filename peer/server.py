@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from converter.errors import FormatError, PeerpullError
+from peer.cache import ChunkCache
 from peer.chunk import MAX_HINT_BYTES, ChunkRef
 from peer.client import MAX_BATCH, PROTOCOL_VERSION, TIER_HEADER
 from peer.fetcher import ChunkFetcher, Fetched
@@ -27,9 +28,10 @@ WarmHandler = Callable[[str], Awaitable[dict[str, object]]]
 
 
 class PeerServer:
-    def __init__(self, node_id: str, fetcher: ChunkFetcher, metrics: PeerMetrics, token: str,
+    def __init__(self, node_id: str, fetcher: ChunkFetcher, cache: ChunkCache, metrics: PeerMetrics, token: str,
                  max_concurrent: int, warm: WarmHandler | None = None) -> None:
         self._node_id = node_id
+        self._cache = cache
         self._fetcher = fetcher
         self._metrics = metrics
         self._token = token
@@ -88,8 +90,19 @@ class PeerServer:
         except (FormatError, ValueError, msgpack.UnpackException, TypeError) as exc:
             self._metrics.refused.labels("malformed").inc()
             return web.Response(status=400, text=str(exc))
-        results = await asyncio.gather(*(self._serve_one(ref) for ref in refs))
-        answer = [[f.tier, f.frame] if f is not None else ["", b""] for f in results]
+        cached = await asyncio.to_thread(self._cache.load_many, refs)  # verified, in one worker hop
+        misses = [ref for ref, hit in zip(refs, cached) if hit is None]
+        fetched = dict(zip((r.digest for r in misses), await asyncio.gather(*(self._serve_one(r) for r in misses))))
+        answer = []
+        for ref, hit in zip(refs, cached):
+            if hit is not None:
+                answer.append(["cache", hit[0]])
+                self._metrics.served.labels("cache").inc()
+                self._metrics.served_bytes.inc(len(hit[0]))
+            elif (f := fetched.get(ref.digest)) is not None:
+                answer.append([f.tier, f.frame])
+            else:
+                answer.append(["", b""])
         return web.Response(body=msgpack.packb(answer, use_bin_type=True), content_type="application/msgpack")
 
     async def _health(self, request: web.Request) -> web.Response:
