@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import aiohttp
 import msgpack
@@ -38,24 +39,25 @@ class PeerClient:
         self._session = session
         self._headers = {**auth_headers(token), HOP_HEADER: "1", "Content-Type": "application/msgpack"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
-        self._queues: dict[str, list[tuple[ChunkRef, asyncio.Future[tuple[bytes, str]]]]] = {}
+        # per peer, requests waiting to be sent, oldest first (a dict: O(1) membership and removal)
+        self._queues: dict[str, dict[asyncio.Future[tuple[bytes, str]], ChunkRef]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     async def fetch_frame(self, address: str, ref: ChunkRef) -> tuple[bytes, str]:
         """(compressed frame, tier that produced it at the peer). Not verified here: the caller does."""
         future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(address, []).append((ref, future))
+        queue = self._queues.setdefault(address, {})
+        queue[future] = ref
         slots = self._slots.setdefault(address, asyncio.Semaphore(INFLIGHT_PER_PEER))
         try:
             async with slots:
-                queue = self._queues[address]  # read it now: other senders replace it
-                # still queued: send the oldest batch (ours, or ours comes with a later one: every
+                # still queued: send the oldest batch (ours, or ours goes with a later one: every
                 # queued request has a waiter, and the last of them always sends its own)
-                if any(item[1] is future for item in queue):
-                    batch, self._queues[address] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+                if future in queue:
+                    batch = [(queue.pop(f), f) for f in list(itertools.islice(queue, MAX_BATCH))]
                     await self._send(address, batch)
         except BaseException:
-            self._queues[address] = [item for item in self._queues.get(address, []) if item[1] is not future]
+            queue.pop(future, None)
             if not future.done():
                 future.cancel()
             raise
