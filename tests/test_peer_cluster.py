@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from converter.layer_reader import decompress_chunk
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
-from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
 from peer.warm import image_chunks
 from tests.support.fault_proxy import FaultProxy
