@@ -21,7 +21,8 @@ from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
-from tests.support.corner_image import CHUNK, corner_case_layers
+from tests.support.images import CHUNK
+from tests.support.images import corner_case_layer_tars as corner_case_layers
 from tests.support.image_fixtures import push_layout
 
 

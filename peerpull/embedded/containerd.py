@@ -23,6 +23,7 @@ class EmbeddedContainerd:
                  extra_config: str = "") -> None:
         self.root = Path(root)
         self.socket = self.root / "containerd.sock"
+        self.ttrpc_socket = self.root / "containerd-ttrpc.sock"
         self.log_path = self.root / "containerd.log"
         self._proxy_plugins = proxy_plugins or {}
         self._enable_cri = enable_cri
@@ -39,7 +40,7 @@ class EmbeddedContainerd:
             "[grpc]",
             f'  address = "{self.socket}"',
             "[ttrpc]",
-            f'  address = "{self.root / "containerd-ttrpc.sock"}"',
+            f'  address = "{self.ttrpc_socket}"',
             "[debug]",
             '  level = "info"',
         ]

@@ -9,25 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.containerd import EmbeddedContainerd
+from tests.support.containerd import ContainerdProcess
 
 
 def containerd_missing() -> str | None:
+    """Why a real containerd cannot run here, or None."""
     if os.geteuid() != 0:
-        return "needs root"
-    for tool in ("containerd", "ctr", "runc"):
+        return "needs root (containerd, runc and overlay mounts)"
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
 
 
 @pytest.fixture
-def containerd(tmp_path: Path) -> Iterator[EmbeddedContainerd]:
+def containerd(tmp_path: Path) -> Iterator[ContainerdProcess]:
     reason = containerd_missing()
     if reason:
         pytest.skip(reason)
-    # a short path: containerd's unix socket paths are limited to ~108 bytes
-    root = Path(os.environ.get("PEERPULL_TEST_RUNDIR", "/run")) / f"pp-ctd-{os.getpid()}-{tmp_path.name[-20:]}"
-    with EmbeddedContainerd(root) as ctrd:
+    # PEERPULL_TEST_RUNDIR: a place for containerd's root when the temp dir cannot hold overlay
+    # upper dirs (e.g. /tmp itself on overlayfs).
+    base = Path(os.environ["PEERPULL_TEST_RUNDIR"]) / tmp_path.name if "PEERPULL_TEST_RUNDIR" in os.environ else tmp_path
+    with ContainerdProcess(base / "containerd") as ctrd:
         yield ctrd
-    shutil.rmtree(root, ignore_errors=True)
+    if base != tmp_path:
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,28 +1,31 @@
-"""Image fixtures: the corner-case image as an OCI layout, and pushed to a registry with skopeo."""
+"""Image fixtures: test images as OCI layouts, and pushing a layout to a registry with skopeo."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support.corner_image import build_corner_case_layout
+from tests.support import images
 
 
 def push_layout(layout: Path, address: str, repo: str, tag: str = "latest") -> str:
-    """Copy an OCI layout into a registry with skopeo (layers pushed as they are, not recompressed)."""
+    """images.push_layout, skipping the test when skopeo is missing."""
     if shutil.which("skopeo") is None:
         pytest.skip("skopeo is not installed")
-    ref = f"{address}/{repo}:{tag}"
-    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}"],
-                   check=True, capture_output=True, timeout=300)
-    return ref
+    return images.push_layout(layout, address, repo, tag)
 
 
 @pytest.fixture(scope="session")
 def corner_case_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the corner-case image's OCI layout (tag "latest")."""
     root = tmp_path_factory.mktemp("corner") / "layout"
-    build_corner_case_layout(root)
+    images.build_corner_case_image(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def corner_case_image(tmp_path_factory: pytest.TempPathFactory) -> images.OciImage:
+    """The corner-case image of tests/support/images.py (chunk size images.CHUNK), tag "latest"."""
+    return images.build_corner_case_image(tmp_path_factory.mktemp("corner-case") / "layout")
