@@ -65,3 +65,15 @@ class UnsupportedError(PeerpullError):
     """Valid input that peerpull does not handle (e.g. a media type or tar feature)."""
 
     exit_code = 8
+
+
+class AlreadyExistsError(PeerpullError):
+    """The object (snapshot, image) already exists."""
+
+    exit_code = 9
+
+
+class FailedPreconditionError(PeerpullError):
+    """The object is in the wrong state for the request (e.g. removing a snapshot that has children)."""
+
+    exit_code = 10

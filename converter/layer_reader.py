@@ -72,8 +72,8 @@ async def _read_exact(reader: RangeReader, offset: int, length: int, what: str) 
     return data
 
 
-async def read_toc(reader: RangeReader, expected: TocLocation | None = None) -> tuple[fmt.Footer, fmt.Toc]:
-    """Locate and parse the TOC of the blob behind `reader`.
+async def read_toc_frame(reader: RangeReader, expected: TocLocation | None = None) -> tuple[fmt.Footer, bytes]:
+    """Locate the TOC frame of the blob behind `reader`: its footer and the raw frame bytes.
 
     With `expected` (from the manifest annotations) the footer must agree with it and the TOC
     frame must hash to its digest.
@@ -94,6 +94,12 @@ async def read_toc(reader: RangeReader, expected: TocLocation | None = None) -> 
         frame = await _read_exact(reader, footer.toc_offset, footer.toc_length, "TOC")
     if expected is not None and sha256_digest(frame) != expected.digest:
         raise DigestMismatchError("TOC digest does not match the manifest annotation")
+    return footer, frame
+
+
+async def read_toc(reader: RangeReader, expected: TocLocation | None = None) -> tuple[fmt.Footer, fmt.Toc]:
+    """Locate and parse the TOC of the blob behind `reader` (see read_toc_frame)."""
+    footer, frame = await read_toc_frame(reader, expected)
     return footer, fmt.decode_toc(frame, footer)
 
 

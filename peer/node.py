@@ -55,6 +55,11 @@ class PeerNode:
         self.membership: Membership | None = None
         self._client: RegistryClient | None = None
 
+    @property
+    def registry(self) -> RegistryClient | None:
+        """The registry client, once run() has started."""
+        return self._client
+
     async def warm_image(self, image: str) -> dict[str, object]:
         assert self.fetcher is not None and self._client is not None
         refs, skipped = await image_chunks(self._client, image)

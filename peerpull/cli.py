@@ -65,16 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from peerpull.commands import convert_cmd, inspect_cmd, peer_cmd, quickstart_cmd, warm_cmd
+    from peerpull.commands import (containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd, peer_cmd,
+                                   quickstart_cmd, warm_cmd)
 
-    for module in (convert_cmd, inspect_cmd, peer_cmd, warm_cmd, quickstart_cmd):
+    for module in (convert_cmd, inspect_cmd, daemon_cmd, peer_cmd, warm_cmd, containerd_config_cmd, quickstart_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser
 
 
 def _flags_to_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    flags: dict[str, dict[str, Any]] = {"registry": {}, "convert": {}, "peer": {}, "log": {}}
+    flags: dict[str, dict[str, Any]] = {"registry": {}, "convert": {}, "peer": {}, "snapshotter": {}, "log": {}}
     if args.insecure_registry:
         flags["registry"]["insecure_hosts"] = tuple(args.insecure_registry)
     for section, key, attr in (
@@ -83,6 +84,8 @@ def _flags_to_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("convert", "chunk_size", "chunk_size"), ("convert", "compression_level", "level"),
         ("convert", "jobs", "jobs"), ("convert", "work_dir", "work_dir"),
         ("peer", "node_id", "node_id"), ("peer", "cache_dir", "cache_dir"), ("peer", "cache_max_bytes", "cache_size"),
+        ("snapshotter", "root", "root"), ("snapshotter", "socket", "socket"), ("snapshotter", "prefetch", "prefetch"),
+        ("snapshotter", "containerd_address", "address"), ("snapshotter", "namespace", "namespace"),
         ("peer", "discovery", "discovery"), ("peer", "dns_name", "dns_name"), ("peer", "advertise_host", "advertise"),
     ):
         value = getattr(args, attr, None)

@@ -19,6 +19,7 @@ from converter.config import ConvertConfig
 from converter.errors import ConfigError
 from converter.registry.config import RegistryConfig
 from peer.config import PeerConfig
+from snapshotter.config import PREFETCH_MODES, SnapshotterConfig
 
 DEFAULT_CONFIG_PATH = "/etc/peerpull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -35,6 +36,7 @@ class PeerpullConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -129,6 +131,11 @@ def validate(config: PeerpullConfig) -> PeerpullConfig:
         raise ConfigError("peer.listen_port must be a port number and peer.cache_max_bytes at least 64 MiB")
     if min(p.origin_max_inflight, p.prefetch_parallel, p.max_concurrent_serves) < 1:
         raise ConfigError("peer concurrency limits must be at least 1")
+    s = config.snapshotter
+    if s.prefetch not in PREFETCH_MODES:
+        raise ConfigError(f"snapshotter.prefetch must be one of {', '.join(PREFETCH_MODES)}")
+    if not s.name or s.memory_cache_bytes < (16 << 20) or s.fuse_max_tasks < 8:
+        raise ConfigError("snapshotter.name must be set, memory_cache_bytes at least 16 MiB, fuse_max_tasks at least 8")
     if config.registry.retries < 0:
         raise ConfigError("registry.retries must be 0 or more")
     return config

@@ -34,10 +34,17 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    from peerpull.cli import parse_size
-
     p = commands.add_parser("peer", help="run the chunk cache and peer server of this node",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_peer_options(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+def add_peer_options(p: argparse.ArgumentParser) -> None:
+    """The peer flags `peerpull peer` and `peerpull daemon` share."""
+    from peerpull.cli import parse_size
+
     p.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="where to serve peers (default 0.0.0.0:7470)")
     p.add_argument("--advertise", metavar="HOST", help="address other nodes reach this one on (default: guessed)")
     p.add_argument("--node-id", help="this node's id in the hash ring (default: host name)")
@@ -46,8 +53,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--discovery", choices=("zeroconf", "static", "dns", "none"), help="how to find other nodes")
     p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="a static peer (repeatable)")
     p.add_argument("--dns-name", metavar="NAME", help="DNS name listing the nodes (with --discovery dns)")
-    p.set_defaults(handler=run)
-    return p
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:

@@ -1,0 +1,55 @@
+"""`peerpull daemon`: the node daemon (snapshotter for containerd, FUSE mount, peer server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from peerpull.config import PeerpullConfig
+from snapshotter.daemon import NodeDaemon
+
+DESCRIPTION = """\
+Run everything a node needs, in one process: the containerd remote snapshotter (gRPC on a unix
+socket), the FUSE mount that serves lazily pulled layers, and this node's chunk cache and peer
+server with discovery. Configure it with one file (--config, [snapshotter] [peer] [registry]
+sections) and flags; wire containerd to it with the snippet `peerpull containerd-config` prints.
+
+On SIGTERM or Ctrl-C it stops serving, unmounts the FUSE mount and exits. Snapshots and layer
+tables of contents persist under the root: after a restart, already pulled images run again
+without the network. Containers that were running keep their rootfs mounts, but reads of lazily
+served files fail until they are restarted (the FUSE connection ends with the process).
+
+examples:
+  peerpull daemon
+  peerpull daemon --root /var/lib/peerpull/snapshotter --socket /run/peerpull/snapshotter.sock
+  peerpull daemon --discovery static --peer 10.0.0.2:7470 --prefetch layer
+"""
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    from peerpull.commands.peer_cmd import add_peer_options
+
+    p = commands.add_parser("daemon", help="run the node daemon: containerd snapshotter, FUSE mount, peer server",
+                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", metavar="DIR", help="snapshots, metadata and the FUSE mount (default /var/lib/peerpull/snapshotter)")
+    p.add_argument("--socket", metavar="PATH", help="gRPC socket for containerd (default /run/peerpull/snapshotter.sock)")
+    p.add_argument("--prefetch", choices=("none", "file", "layer"),
+                   help="fetch ahead: nothing, the rest of a file once it is read (default), or whole layers")
+    add_peer_options(p)
+    p.set_defaults(handler=run)
+    return p
+
+
+async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    daemon = NodeDaemon(config)
+    task = asyncio.ensure_future(daemon.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return 0

@@ -1,0 +1,24 @@
+"""The snapshotter section of peerpull's configuration: where the node daemon keeps snapshots,
+its socket for containerd, the FUSE mount, and how far ahead it fetches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFETCH_MODES = ("none", "file", "layer")
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    root: str = "/var/lib/peerpull/snapshotter"  # metadata, snapshot directories, layer TOCs, the FUSE mount
+    socket: str = "/run/peerpull/snapshotter.sock"  # containerd's [proxy_plugins.peerpull] address
+    name: str = "peerpull"  # the snapshotter name containerd knows us by
+    containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
+    namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
+    # none: fetch only what is read; file: when a file is read, fetch the rest of it ahead, in
+    # parallel; layer: also fetch every chunk of every lazily served layer in the background.
+    # Background fetches never take the last origin slots from on-demand reads.
+    prefetch: str = "file"
+    memory_cache_bytes: int = 256 << 20  # decompressed chunks kept in memory for the FUSE read path
+    fuse_read_ahead_kb: int = 1024  # kernel readahead on the FUSE mount (the default 128 halves throughput)
+    fuse_max_tasks: int = 512  # concurrent FUSE requests served (readers block on fetches, not on each other)

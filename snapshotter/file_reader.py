@@ -1,0 +1,124 @@
+"""Byte ranges of lazily served files, assembled from verified chunks.
+
+Reads fetch every chunk they cover at once through the node's chunk fetcher (cache → peers →
+origin). Recently used chunks stay decompressed in a bounded memory cache, because the kernel
+asks for a 1 MiB chunk in several pieces. With prefetch, the first read of a file schedules the
+rest of it (or of the whole layer) in the background, in parallel; background fetches hold at
+most `origin_max_inflight - 2` fetches at once, so on-demand reads always find a free slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+
+from converter import format as fmt
+from peer.chunk import ChunkRef
+from peer.fetcher import ChunkFetcher
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class LayerSource:
+    """Where a layer's chunks come from, and the blob offset of the frame after each chunk's frame."""
+
+    repository: str
+    blob: str
+    next_offset: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> "LayerSource":
+        offsets = sorted({c.blob_offset for e in toc.entries for c in e.chunks})
+        return cls(repository, blob, dict(zip(offsets, [*offsets[1:], 0])))
+
+    def ref(self, chunk: fmt.Chunk) -> ChunkRef:
+        return ChunkRef.from_chunk(chunk, self.repository, self.blob, self.next_offset.get(chunk.blob_offset, 0))
+
+
+class MemoryChunks:
+    """Decompressed chunks by digest, least recently used dropped first, within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if digest in self._items or len(data) > self._budget // 4:
+            return
+        self._items[digest] = data
+        self._used += len(data)
+        while self._used > self._budget:
+            _, dropped = self._items.popitem(last=False)
+            self._used -= len(dropped)
+
+
+class FileReader:
+    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, origin_max_inflight: int) -> None:
+        self._fetcher = fetcher
+        self._memory = MemoryChunks(memory_bytes)
+        self._prefetch = prefetch
+        self._background = asyncio.Semaphore(max(1, origin_max_inflight - 2))
+        self._prefetched: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
+        data = self._memory.get(chunk.digest)
+        if data is None:
+            data = await self._fetcher.get(source.ref(chunk))
+            self._memory.put(chunk.digest, data)
+        return data
+
+    async def read(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], size: int, offset: int,
+                   length: int) -> bytes:
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        first = bisect.bisect_right(chunks, offset, key=lambda c: c.file_offset) - 1
+        last = bisect.bisect_left(chunks, end, key=lambda c: c.file_offset)
+        wanted = chunks[max(first, 0):last]
+        if len(wanted) == 1:
+            parts = [await self.chunk(source, wanted[0])]
+        else:
+            parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
+        if self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
+            self._prefetched.add((source.blob, ino))
+            self.background(source, chunks[last:], f"file {ino:#x}")
+        base = wanted[0].file_offset
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return data[offset - base:end - base]
+
+    def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
+        """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
+        task = asyncio.create_task(self._fetch_ahead(source, chunks, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_ahead(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
+        async def one(chunk: fmt.Chunk) -> None:
+            async with self._background:
+                try:
+                    await self._fetcher.fetch(source.ref(chunk), use_peers=True)
+                except Exception as exc:  # a read of this chunk will retry and report it
+                    log.info("prefetch_chunk_failed", blob=source.blob, digest=chunk.digest_hex, error=str(exc))
+
+        seen: set[bytes] = set()
+        unique = [c for c in chunks if not (c.digest in seen or seen.add(c.digest))]  # type: ignore[func-returns-value]
+        log.debug("prefetch_started", what=what, blob=source.blob, chunks=len(unique))
+        await asyncio.gather(*(one(c) for c in unique))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,129 @@
+"""Which layers are served lazily, and their TOCs.
+
+A layer qualifies when containerd's labels name it (`cri.layer-digest`) and the image it came
+from (`cri.image-ref`), and the registry has it as a seekable blob. With the manifest digest
+label, the manifest is fetched by digest and its annotations must announce the TOC, whose
+digest is then checked: the chain of trust runs from the digest containerd resolved down to
+every chunk. TOCs are kept on disk, so a restarted daemon serves its layers without the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import structlog
+
+from converter import format as fmt
+from converter.errors import FormatError, NotFoundError, PeerpullError
+from converter.layer_reader import TocLocation, location_from_annotations, read_toc_frame
+from converter.registry.blob_reader import RegistryBlobReader
+from converter.registry.client import RegistryClient
+from converter.registry.reference import ImageReference
+from snapshotter.fusefs import LayerFS
+from snapshotter.store import LayerRecord, SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+LABEL_TARGET = "containerd.io/snapshot.ref"
+LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
+
+
+class NotSeekable(Exception):
+    """The layer is an ordinary one: containerd should download and unpack it."""
+
+
+class RemoteLayers:
+    def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str) -> None:
+        self._dir = root / "layers"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._store = store
+        self._fs = fs
+        self._client = client
+        self._prefetch = prefetch
+
+    def _toc_path(self, digest: str) -> Path:
+        return self._dir / (digest.split(":", 1)[1] + ".toc")
+
+    def restore(self) -> int:
+        """Put every layer recorded before a restart back in the FUSE mount; returns how many."""
+        restored = 0
+        for record in self._store.layers():
+            try:
+                toc = self._load_toc(record)
+            except (OSError, PeerpullError) as exc:
+                log.error("layer_restore_failed", layer=record.digest, error=str(exc))
+                continue
+            self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+            restored += 1
+        return restored
+
+    def _load_toc(self, record: LayerRecord) -> fmt.Toc:
+        data = self._toc_path(record.digest).read_bytes()
+        footer = fmt.decode_footer(data[:fmt.FOOTER_SIZE], record.size)
+        return fmt.decode_toc(data[fmt.FOOTER_SIZE:], footer)
+
+    async def resolve(self, labels: dict[str, str]) -> LayerRecord:
+        """The lazily served layer the labels describe, mounted; NotSeekable for ordinary layers.
+
+        Registry or format failures propagate: the caller logs them and falls back.
+        """
+        digest = labels.get(LABEL_LAYER_DIGEST, "")
+        image_ref = labels.get(LABEL_IMAGE_REF, "")
+        if not digest or not image_ref:
+            raise NotSeekable("no layer digest / image reference labels (plain `ctr pull`?)")
+        known = self._store.layer(digest)
+        if known is not None and self._toc_path(digest).exists():
+            return known
+        image = ImageReference.parse(image_ref)
+        expected = await self._expected_toc(image, digest, labels.get(LABEL_MANIFEST_DIGEST, ""))
+        size = await self._client.blob_size(image, digest)
+        if size is None:
+            raise NotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
+        try:
+            footer, frame = await read_toc_frame(RegistryBlobReader(self._client, image, digest, size), expected)
+        except FormatError as exc:
+            if expected is None and "footer" in str(exc):
+                raise NotSeekable(str(exc)) from None
+            raise
+        toc = fmt.decode_toc(frame, footer)
+        path = self._toc_path(digest)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(fmt.encode_footer(footer) + frame)
+        os.replace(tmp, path)
+        record = self._store.add_layer(digest, f"{image.registry}/{image.repository}", size)
+        self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+        if self._prefetch == "layer":
+            self._fs.prefetch_layer(digest)
+        log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
+                 toc_verified=expected is not None)
+        return record
+
+    async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
+        """The TOC location the manifest (fetched by its digest) announces; NotSeekable if none."""
+        if not manifest_digest:
+            return None
+        fetched = await self._client.get_manifest(image.with_digest(manifest_digest))
+        try:
+            layers = json.loads(fetched.body).get("layers") or []
+        except (ValueError, AttributeError):
+            raise FormatError(f"manifest {manifest_digest} is not an image manifest") from None
+        desc = next((d for d in layers if isinstance(d, dict) and d.get("digest") == digest), None)
+        if desc is None:
+            raise FormatError(f"manifest {manifest_digest} does not list layer {digest}")
+        location = location_from_annotations(desc.get("annotations"))
+        if location is None:
+            raise NotSeekable(f"layer {digest} has no peerpull annotations")
+        return location
+
+    def release(self, digest: str) -> None:
+        """Forget a layer no snapshot uses any more."""
+        if self._store.layer_in_use(digest):
+            return
+        self._fs.remove_layer(digest)
+        self._store.drop_layer(digest)
+        self._toc_path(digest).unlink(missing_ok=True)
