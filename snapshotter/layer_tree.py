@@ -20,6 +20,7 @@ OPAQUE_XATTR = b"trusted.overlay.opaque"
 _MODE_TYPE = {fmt.FILE: stat.S_IFREG, fmt.DIR: stat.S_IFDIR, fmt.SYMLINK: stat.S_IFLNK, fmt.CHAR: stat.S_IFCHR,
               fmt.BLOCK: stat.S_IFBLK, fmt.FIFO: stat.S_IFIFO}
 MAX_INDEX = (1 << 32) - 1
+_MAX_TIME_NS = 1 << 63  # nanoseconds since 1970 in a signed 64-bit integer (year 2262)
 
 
 class Inode:
@@ -109,6 +110,8 @@ class LayerTree:
 
     def _add(self, e: fmt.TocEntry) -> None:
         mtime_ns = e.mtime * 1_000_000_000 + e.mtime_nsec
+        if not 0 <= mtime_ns < _MAX_TIME_NS:
+            mtime_ns = 0  # as containerd's applier: times before 1970 or past 2262 do not fit and become 0
         if e.type == fmt.OPAQUE:
             self._dir(e.path).xattrs[OPAQUE_XATTR] = b"y"
             return
