@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -125,7 +126,12 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
         if not target or self._remote is None:
             return False
         existing = self._store.find(target)
-        if existing is not None and existing.kind == COMMITTED:
+        if existing is not None and existing.kind == COMMITTED and existing.parent == parent:
+            return True
+        # the same layer on another parent (another namespace's ordinary snapshot): its own name
+        name = target if existing is None else f"{target}@{hashlib.sha256(parent.encode()).hexdigest()[:16]}"
+        again = self._store.find(name)
+        if again is not None and again.kind == COMMITTED and again.parent == parent:
             return True
         try:
             record = await self._remote.resolve(labels)
@@ -139,7 +145,7 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
             return False
         committed = {**labels, LABEL_REMOTE: record.digest}
         try:
-            self._store.create(target, parent, COMMITTED, committed, layer=record.digest)
+            self._store.create(name, parent, COMMITTED, committed, layer=record.digest)
         except AlreadyExistsError:
             pass
         log.info("snapshot_lazy", target=target, parent=parent, layer=record.digest)

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.support.registry_fixtures",
     "tests.support.containerd_fixtures",
     "tests.support.image_fixtures",
+    "tests.support.lazy_stack",
 ]
 
 from peerpull.config import LogConfig  # noqa: E402

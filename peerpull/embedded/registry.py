@@ -4,6 +4,7 @@ benchmarks and tests. Never touches a system-wide registry.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,9 @@ def find_registry_binary() -> str:
         if path:
             return path
     raise ConfigError("no Distribution registry binary found: install the docker-registry package")
+
+
+_ACCESS = re.compile(r'"GET /v2/(?P<repo>.+?)/blobs/sha256:[0-9a-f]{64} HTTP/[0-9.]+" (?P<status>\d{3}) (?P<bytes>\d+)')
 
 
 class EmbeddedRegistry:
@@ -83,6 +87,19 @@ class EmbeddedRegistry:
                 time.sleep(0.05)
         self.stop()
         raise PeerpullError(f"registry did not answer on {self.address} within {timeout_s:.0f} s; see {self.log_path}")
+
+    def blob_bytes(self, repository: str | None = None) -> int:
+        """Blob bytes this registry has sent so far (from its access log), for one repository or all."""
+        total = 0
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return 0
+        for line in lines:
+            m = _ACCESS.search(line)
+            if m and (repository is None or m["repo"] == repository) and m["status"] in ("200", "206"):
+                total += int(m["bytes"])
+        return total
 
     def stop(self) -> None:
         stop_process(self._proc, 5)

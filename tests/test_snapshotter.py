@@ -1,0 +1,226 @@
+"""The node daemon as containerd's snapshotter, for real: registry, `peerpull daemon` (FUSE),
+containerd + runc, `peerpull pull`, and CRI PullImage the way kubelet calls it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shlex
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+import proto
+from tests.support import images
+from tests.support.containerd import ContainerdProcess, pull_image, run_container
+from tests.support.lazy_stack import LazyStack
+from snapshotter.remote import LABEL_IMAGE_REF, LABEL_REMOTE
+from tests.support.tree import container_tree
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+BIG = 32 << 20
+
+
+@pytest.fixture(scope="module")
+def corner(lazy_stack: LazyStack) -> dict[str, str]:
+    layout = lazy_stack.root / "corner"
+    images.build_corner_case_image(layout)
+    source = images.push_layout(layout, lazy_stack.registry.address, "corner/original")
+    target = f"{lazy_stack.registry.address}/corner/seekable:1"
+    lazy_stack.convert(source, target, images.CHUNK)
+    return {"source": source, "target": target}
+
+
+@pytest.fixture(scope="module")
+def app(lazy_stack: LazyStack) -> dict:
+    """busybox, 300 small files of random sizes, and a 32 MiB "model" the entrypoint never reads."""
+    rnd = random.Random(4)
+    small = {f"app/m{i:03d}.py": rnd.randbytes(rnd.randint(0, 200_000)) for i in range(300)}
+    code, model = images.LayerBuilder(), images.LayerBuilder()
+    code.dir("app")
+    for name, data in small.items():
+        code.file(name, data)
+    model.dir("model")
+    big = rnd.randbytes(BIG)
+    model.file("model/weights.bin", big)
+    layout = lazy_stack.root / "app"
+    images.write_oci_image(layout, [images.busybox_layer().tar_bytes(), code.tar_bytes(), model.tar_bytes()],
+                           cmd=["/bin/busybox", "echo", "entrypoint started"])
+    source = images.push_layout(layout, lazy_stack.registry.address, "app/original")
+    target = f"{lazy_stack.registry.address}/app/seekable:1"
+    lazy_stack.convert(source, target, images.CHUNK)
+    hashes = {"/" + name: hashlib.sha256(data).hexdigest() for name, data in small.items()}
+    hashes["/model/weights.bin"] = hashlib.sha256(big).hexdigest()
+    return {"source": source, "target": target, "hashes": hashes}
+
+
+def _origin_chunks(stack: LazyStack) -> float:
+    return stack.daemon.metrics().get('peerpull_chunk_requests_total{tier="origin"}', 0.0)
+
+
+def test_converted_image_runs_lazily_with_the_same_tree_as_overlayfs(lazy_stack: LazyStack, corner: dict[str, str]) -> None:
+    report = lazy_stack.pull(corner["target"])
+    assert report["layers"] == 3 and report["lazy"] == 3 and report["downloaded"] == 0
+    ctrd = lazy_stack.containerd
+    assert run_container(ctrd, corner["target"], [], snapshotter="peerpull").strip() == images.ENTRYPOINT_OUTPUT
+    lazy_tree = container_tree(ctrd, corner["target"], snapshotter="peerpull")
+    pull_image(ctrd, corner["source"])
+    plain_tree = container_tree(ctrd, corner["source"])
+    assert len(lazy_tree) > 90
+    assert {p for p in lazy_tree if lazy_tree[p] != plain_tree.get(p)} == set()
+    assert lazy_tree == plain_tree
+    for removed in images.REMOVED:
+        assert removed not in lazy_tree
+    # the lower directories are the layers in the FUSE mount: whiteouts and opaque dirs as overlayfs wants them
+    mount = lazy_stack.daemon.fuse_mount
+    layer_dirs = sorted(mount.iterdir())
+    assert len(layer_dirs) >= 3
+    whiteouts = [p for d in layer_dirs for p in d.rglob("*") if p.is_char_device() and os.stat(p, follow_symlinks=False).st_rdev == 0]
+    opaque = [p for d in layer_dirs for p in d.rglob("*")
+              if p.is_dir() and not p.is_symlink() and b"trusted.overlay.opaque" in [x.encode() for x in os.listxattr(p)]]
+    assert whiteouts and opaque
+    assert os.getxattr(opaque[0], "trusted.overlay.opaque") == b"y"
+
+
+def test_entrypoint_starts_before_most_of_the_image_is_fetched(lazy_stack: LazyStack, app: dict) -> None:
+    registry = lazy_stack.registry
+    repo = "app/seekable"
+    before = registry.blob_bytes(repo)
+    chunks_before = _origin_chunks(lazy_stack)
+    report = lazy_stack.pull(app["target"])
+    assert report["lazy"] == 3
+    out = run_container(lazy_stack.containerd, app["target"], [], snapshotter="peerpull")
+    assert out.strip() == "entrypoint started"
+    fetched = registry.blob_bytes(repo) - before
+    image_bytes = sum(d.stat().st_size for d in (lazy_stack.root / "app" / "blobs" / "sha256").iterdir())
+    assert image_bytes > BIG
+    # TOCs and the busybox binary; not the 32 MiB model, not the 300 files
+    assert fetched < 0.15 * image_bytes, (fetched, image_bytes)
+    all_chunks = sum(max(1, -(-len(h) // images.CHUNK)) for h in app["hashes"])  # at least one per file
+    assert _origin_chunks(lazy_stack) - chunks_before < all_chunks / 10
+
+
+def test_200_concurrent_readers_get_correct_bytes(lazy_stack: LazyStack, app: dict) -> None:
+    lazy_stack.pull(app["target"])
+    rnd = random.Random(7)
+    names = sorted(app["hashes"])
+    picks = [rnd.choice(names) for _ in range(195)] + ["/model/weights.bin"] * 5
+    script = ("i=0; for f in " + " ".join(shlex.quote(p) for p in picks) + "; do "
+              "(/bin/busybox sha256sum \"$f\" > /tmp/r.$i) & i=$((i+1)); done; wait; /bin/busybox cat /tmp/r.*")
+    out = run_container(lazy_stack.containerd, app["target"], ["/bin/busybox", "sh", "-c", script], snapshotter="peerpull")
+    lines = [line.split() for line in out.strip().splitlines()]
+    assert len(lines) == 200
+    for digest, path in lines:
+        assert digest == app["hashes"][path], path
+    errors = lazy_stack.daemon.metrics()
+    assert not any(k.startswith("peerpull_chunk_errors_total") and v > 0 for k, v in errors.items()), errors
+
+
+def test_unconverted_image_works_through_peerpull(lazy_stack: LazyStack, app: dict) -> None:
+    """Ordinary layers: `peerpull pull` downloads and unpacks them through containerd's applier;
+    layers whose diff_id the node already has (the converted twin's) are shared, not fetched."""
+    layout = lazy_stack.root / "plain"
+    payload = random.Random(9).randbytes(3 << 20)
+    images.build_simple_image(layout, {"data/blob.bin": payload})
+    source = images.push_layout(layout, lazy_stack.registry.address, "plain/original")
+    report = lazy_stack.pull(source)
+    assert report["lazy"] == 0 and report["downloaded"] == 1 and report["already_present"] == 1, report
+    out = run_container(lazy_stack.containerd, source, ["/bin/busybox", "sha256sum", "/data/blob.bin"],
+                        snapshotter="peerpull")
+    assert out.split()[0] == hashlib.sha256(payload).hexdigest()
+    twin = lazy_stack.pull(app["source"])  # same diff_ids as the converted image pulled before
+    assert twin["already_present"] == 3 and twin["downloaded"] == 0
+
+
+def _cri_pull(socket: Path, image: str) -> str:
+    api = proto.load("cri.runtime.v1.api_pb2")
+    api_grpc = proto.load("cri.runtime.v1.api_pb2_grpc")
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        stub = api_grpc.ImageServiceStub(channel)
+        resp = stub.PullImage(api.PullImageRequest(image=api.ImageSpec(image=image),
+                                                   sandbox_config=api.PodSandboxConfig()), timeout=300)
+    return str(resp.image_ref)
+
+
+def test_cri_pull_image_is_lazy(lazy_stack: LazyStack, app: dict) -> None:
+    """containerd's CRI plugin set to our snapshotter with snapshot annotations, called like kubelet."""
+    address = lazy_stack.registry.address
+    cri = (
+        '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+        '  snapshotter = "peerpull"\n'
+        "  disable_snapshot_annotations = false\n"
+        f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{address}"]\n'
+        f'  endpoint = ["http://{address}"]\n'
+    )
+    layout = lazy_stack.root / "cri"
+    images.build_simple_image(layout, {"model/cri.bin": random.Random(11).randbytes(BIG // 2)})
+    source = images.push_layout(layout, address, "cri/original")
+    target = f"{address}/cri/seekable:1"
+    lazy_stack.convert(source, target, images.CHUNK)
+    before = lazy_stack.registry.blob_bytes("cri/seekable")
+    with ContainerdProcess(lazy_stack.root / "containerd-cri", proxy_plugins={"peerpull": str(lazy_stack.daemon.socket)},
+                           enable_cri=True, extra_config=cri) as ctrd:
+        image_id = _cri_pull(ctrd.socket, target)
+        assert image_id.startswith("sha256:")
+    # the model layer is new to the node (busybox is shared with the images pulled before)
+    lazy = [info for info in daemon_snapshots(lazy_stack) if info.labels.get(LABEL_IMAGE_REF) == target]
+    assert len(lazy) == 1 and lazy[0].labels.get(LABEL_REMOTE), lazy
+    fetched = lazy_stack.registry.blob_bytes("cri/seekable") - before
+    assert fetched < 0.05 * BIG, fetched  # the TOC only: the CRI plugin downloaded no layer
+
+
+def daemon_snapshots(stack: LazyStack) -> list:
+    """The daemon's own list of snapshots, asked over its socket as containerd does."""
+    snap = proto.load("containerd.services.snapshots.v1.snapshots_pb2")
+    snap_grpc = proto.load("containerd.services.snapshots.v1.snapshots_pb2_grpc")
+    with grpc.insecure_channel(f"unix://{stack.daemon.socket}") as channel:
+        stub = snap_grpc.SnapshotsStub(channel)
+        return [i for resp in stub.List(snap.ListSnapshotsRequest(snapshotter="peerpull")) for i in resp.info]
+
+
+def _fuse_mounted(path: Path) -> str | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(path):
+            return fields[2]
+    return None
+
+
+def _list_after_restart(ctrd: ContainerdProcess) -> str:
+    """containerd re-dials a restarted proxy snapshotter with a backoff of up to 3 s: allow for it."""
+    deadline = time.monotonic() + 15
+    while True:
+        result = ctrd.ctr("snapshots", "--snapshotter", "peerpull", "ls", check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+        time.sleep(0.5)
+
+
+def test_daemon_restart_keeps_snapshots_and_cleans_stale_mounts(lazy_stack: LazyStack, app: dict) -> None:
+    daemon, ctrd = lazy_stack.daemon, lazy_stack.containerd
+    lazy_stack.pull(app["target"])
+    listed_before = ctrd.ctr("snapshots", "--snapshotter", "peerpull", "ls").stdout
+    # clean stop: SIGTERM unmounts
+    assert daemon.stop() == 0
+    assert _fuse_mounted(daemon.fuse_mount) is None
+    daemon.start()
+    assert _list_after_restart(ctrd) == listed_before
+    out = run_container(ctrd, app["target"], ["/bin/busybox", "sha256sum", "/app/m150.py"], snapshotter="peerpull")
+    assert out.split()[0] == app["hashes"]["/app/m150.py"]
+    # crash: the FUSE mount is left behind, dead; the next start detaches it and serves again
+    daemon.stop(kill=True)
+    assert _fuse_mounted(daemon.fuse_mount) == "fuse.peerpull"
+    with pytest.raises(OSError):
+        os.listdir(daemon.fuse_mount)
+    daemon.start()
+    assert "stale_mount_removed" in daemon.log_tail(20000)
+    assert _list_after_restart(ctrd) == listed_before
+    started = time.monotonic()
+    out = run_container(ctrd, app["target"], ["/bin/busybox", "sha256sum", "/model/weights.bin"], snapshotter="peerpull")
+    assert out.split()[0] == app["hashes"]["/model/weights.bin"]
+    assert time.monotonic() - started < 120
