@@ -65,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from peerpull.commands import (containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd, peer_cmd,
-                                   pull_cmd, quickstart_cmd, warm_cmd)
+    from peerpull.commands import (clean_cmd, containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd,
+                                   peer_cmd, pull_cmd, quickstart_cmd, run_cmd, warm_cmd)
 
-    for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, peer_cmd, warm_cmd, containerd_config_cmd,
-                   quickstart_cmd):
+    for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
+                   containerd_config_cmd, quickstart_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser
