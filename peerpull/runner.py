@@ -227,7 +227,8 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             daemon = stack.enter_context(EmbeddedDaemon(work / "daemon", peers=opts.peers,
                                                         discovery="static" if opts.peers else "none",
                                                         extra_env=opts.daemon_env))
-            ctrd_root = Path(tempfile.mkdtemp(prefix="pp-run-", dir="/run"))
+            ctrd_root = Path(tempfile.mkdtemp(prefix="pp-run-", dir="/run"))  # short socket paths
+            (work / "containerd.path").write_text(str(ctrd_root))  # for `peerpull clean` after a crash
             stack.callback(shutil.rmtree, ctrd_root, True)
             ctrd = stack.enter_context(EmbeddedContainerd(ctrd_root, proxy_plugins={opts.snapshotter: str(daemon.socket)}))
             address, metrics_url = str(ctrd.socket), f"http://{daemon.peer_address}/metrics"

@@ -54,20 +54,23 @@ def clean_work_root(root: Path) -> tuple[int, int, int]:
     """Kill processes started for set-ups under `root`, unmount its mounts, delete it."""
     if not root.exists():
         return 0, 0, 0
-    resolved = str(root.resolve())
-    pids = _processes_under(resolved)
+    # a set-up's containerd lives under /run (short socket paths); its set-up dir names it
+    roots = [str(root.resolve())] + [marker.read_text().strip() for marker in root.glob("*/containerd.path")]
+    pids = [pid for r in roots for pid in _processes_under(r)]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if line.split()[1].startswith(resolved)]
+              if any(line.split()[1].startswith(r) for r in roots)]
     for target in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", target], capture_output=True)
     entries = sum(1 for _ in root.iterdir())
+    for r in roots[1:]:
+        shutil.rmtree(r, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
-    return len(pids), len(mounts), entries
+    return len(set(pids)), len(mounts), entries
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
