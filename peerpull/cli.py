@@ -114,7 +114,14 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything after the first "--" is for the container (`peerpull run IMAGE -- cmd args`)
+    trailing: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, trailing = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    args.trailing = trailing
     try:
         config: PeerpullConfig = load_config(args.config, _flags_to_config(args))
         configure_logging(config.log)

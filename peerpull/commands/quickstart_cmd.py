@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -24,10 +25,11 @@ from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peerpull.commands.convert_cmd import print_summary
 from peerpull.commands.inspect_cmd import print_table
+from peerpull.commands.run_cmd import print_results
 from peerpull.config import PeerpullConfig
-from peerpull.embedded.containerd import EmbeddedContainerd
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
 from peerpull.embedded.registry import EmbeddedRegistry
+from peerpull.runner import RunOptions, run_image
 
 DESCRIPTION = """\
 Run the whole path on a private set-up under a temporary directory — its own Distribution
@@ -36,13 +38,15 @@ registry on 127.0.0.1 and its own containerd instance, never the host's:
   1. build a sample image (busybox, a 64 MiB "model" file, a few thousand small files),
   2. push it to the private registry and convert it with peerpull,
   3. inspect the seekable image,
-  4. run the original and the converted image with containerd and compare what they print.
+  4. run the original image the usual way (containerd pull + overlayfs) and the converted one
+     lazily (peerpull daemon as containerd's snapshotter, FUSE), each on a fresh private
+     containerd, and print time to start, first log line and completion, and bytes by tier.
 
 Needs root (containerd), and the packages scripts/setup.sh installs.
 """
 
 ENTRYPOINT = ["/bin/busybox", "sh", "-c",
-              "echo hello from a peerpull image; /bin/busybox sha256sum /model/weights.bin; "
+              "echo hello from a peerpull image; /bin/busybox sha256sum /app/pkg07/mod07.py; "
               "/bin/busybox find /app | /bin/busybox wc -l"]
 
 
@@ -83,18 +87,10 @@ def _push_layout(layout: Path, ref: str) -> None:
                    check=True, capture_output=True)
 
 
-def _run_image(ctrd: EmbeddedContainerd, ref: str, name: str) -> tuple[str, float, float]:
-    started = time.monotonic()
-    ctrd.ctr("images", "pull", "--plain-http", ref)
-    pulled = time.monotonic()
-    out = ctrd.ctr("run", "--rm", ref, name).stdout
-    return out, pulled - started, time.monotonic() - pulled
-
-
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     if os.geteuid() != 0:
         raise ConfigError("quickstart starts its own containerd and needs root")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="peerpull-quickstart-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -111,22 +107,19 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
                 print_summary(report, console)
                 console.print("[bold]3/4[/] inspecting the seekable image")
                 print_table(await inspect_image(client, open_source(seekable, client, config.registry.platform)), console)
-            console.print("[bold]4/4[/] running both images on a private containerd")
-            # a short socket path: unix socket paths are limited to ~108 bytes
-            ctrd_root = Path(tempfile.mkdtemp(prefix="pp-qs-", dir="/run"))
-            try:
-                with EmbeddedContainerd(ctrd_root) as ctrd:
-                    results = {name: _run_image(ctrd, ref, f"qs-{name}") for name, ref in
-                               (("original", original), ("seekable", seekable))}
-            finally:
-                shutil.rmtree(ctrd_root, ignore_errors=True)
-        table = Table(title="containerd, default overlayfs snapshotter")
-        for column in ("image", "pull + unpack", "run", "output"):
-            table.add_column(column)
-        for name, (out, pull_s, run_s) in results.items():
-            table.add_row(name, f"{pull_s:.2f} s", f"{run_s:.2f} s", out.strip().replace("\n", " | "))
-        console.print(table)
-        same = results["original"][0] == results["seekable"][0]
+            console.print("[bold]4/4[/] running the original normally and the converted image lazily, "
+                          "each on a fresh private containerd")
+            results = []
+            for image, mode in ((original, "normal"), (seekable, "lazy")):
+                results.append(await run_image(RunOptions(image, mode=mode, work_dir=str(work / f"run-{mode}")),
+                                               config.registry, lambda text: console.print(f"  [dim]│[/] {text}")))
+        print_results(results, console)
+        normal, lazy = results
+        ratio = normal.ready_s / lazy.ready_s if normal.ready_s and lazy.ready_s else 0.0
+        console.print(f"time to completion: normal {normal.ready_s:.2f} s, lazy {lazy.ready_s:.2f} s ({ratio:.1f}x); "
+                      f"registry bytes: normal {normal.registry_wire_bytes / 1e6:.1f} MB, "
+                      f"lazy {lazy.registry_wire_bytes / 1e6:.1f} MB")
+        same = normal.output == lazy.output and normal.exit_code == lazy.exit_code == 0
         console.print("outputs identical: " + ("yes" if same else "[red]NO[/]"))
         if not same:
             raise PeerpullError("the converted image printed something else than the original")

@@ -38,10 +38,9 @@ examples:
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    p = commands.add_parser("run", help="start a container lazily (or normally) and report timings and bytes by tier",
+    p = commands.add_parser("run", usage="peerpull run [options] IMAGE [-- ARG ...]", help="start a container lazily (or normally) and report timings and bytes by tier",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="image reference")
-    p.add_argument("args", nargs="*", help="replace the image's Cmd (put them after --)")
     p.add_argument("--mode", choices=("lazy", "normal"), default="lazy", help="lazy (peerpull) or normal (overlayfs pull)")
     p.add_argument("--benchmark-mode", choices=("completion", "readiness"), default="completion",
                    help="what 'ready' means: the container exits (default) or an HTTP endpoint answers")
@@ -81,7 +80,7 @@ def print_results(results: list[RunResult], console: Console) -> None:
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     opts = RunOptions(image=args.image, mode=args.mode, benchmark_mode=args.benchmark_mode,
-                      readiness_endpoint=args.readiness_endpoint, args=list(args.args), address=args.address,
+                      readiness_endpoint=args.readiness_endpoint, args=list(args.trailing), address=args.address,
                       namespace=args.run_namespace, snapshotter=config.snapshotter.name,
                       daemon_metrics=args.daemon_metrics, timeout_s=args.timeout, work_dir=args.work_dir,
                       keep=args.keep)

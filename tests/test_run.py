@@ -1,0 +1,81 @@
+"""`peerpull run` (both modes, completion and readiness) and `peerpull clean`, on private set-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peerpull.embedded.registry import free_port
+from tests.support import images
+from tests.support.lazy_stack import LazyStack
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "peerpull", "--log-level", "warning", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def web_image(lazy_stack: LazyStack) -> dict[str, str]:
+    """busybox serving /www over HTTP on a port given as argument, and 24 MiB it never reads."""
+    layer = images.LayerBuilder()
+    layer.dir("www")
+    layer.file("www/index.html", b"ready\n")
+    layer.dir("data")
+    layer.file("data/unused.bin", os.urandom(24 << 20))
+    layout = lazy_stack.root / "web"
+    images.write_oci_image(layout, [images.busybox_layer().tar_bytes(), layer.tar_bytes()],
+                           entrypoint=["/bin/busybox"], cmd=["echo", "no port given"])
+    source = images.push_layout(layout, lazy_stack.registry.address, "web/original")
+    target = f"{lazy_stack.registry.address}/web/seekable:1"
+    lazy_stack.convert(source, target, images.CHUNK)
+    return {"source": source, "target": target}
+
+
+def test_run_reports_timings_and_bytes_in_both_modes(web_image: dict[str, str], tmp_path: Path) -> None:
+    results = {}
+    for mode, image in (("normal", web_image["source"]), ("lazy", web_image["target"])):
+        out = tmp_path / f"{mode}.json"
+        r = _run("run", "--mode", mode, image, "--json", str(out), "--", "echo", "hello from run")
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[mode] = json.loads(out.read_text())
+    for mode, res in results.items():
+        assert res["exit_code"] == 0 and res["output"] == "hello from run"
+        assert 0 < res["start_s"] <= res["ready_s"] and res["first_log_s"] <= res["ready_s"], res
+    assert results["normal"]["registry_wire_bytes"] > 24 << 20
+    assert results["lazy"]["registry_wire_bytes"] < results["normal"]["registry_wire_bytes"] / 5
+    assert results["lazy"]["bytes_by_tier"]["origin"] > 0  # busybox came from the registry, through the fetcher
+
+
+def test_run_readiness_mode_waits_for_the_endpoint(web_image: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    r = _run("run", web_image["target"], "--benchmark-mode", "readiness",
+             "--readiness-endpoint", f"http://127.0.0.1:{port}/index.html", "--json", "-", "--quiet",
+             "--", "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["ready_s"] is not None and res["ready_s"] >= res["start_s"] > 0
+
+
+def test_run_needs_an_endpoint_for_readiness(web_image: dict[str, str]) -> None:
+    r = _run("run", web_image["target"], "--benchmark-mode", "readiness")
+    assert r.returncode == 2 and "--readiness-endpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_clean_removes_a_kept_set_up(web_image: dict[str, str], tmp_path: Path) -> None:
+    work_root = tmp_path / "runs"
+    r = _run("run", web_image["target"], "--work-dir", str(work_root / "one"), "--keep", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work_root / "one" / "daemon").is_dir()
+    r = _run("clean", "--work-root", str(work_root))
+    assert r.returncode == 0, r.stderr
+    assert not work_root.exists()
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(work_root) not in mounts
