@@ -54,6 +54,7 @@ class RunOptions:
     keep: bool = False
     daemon_env: dict[str, str] = field(default_factory=dict)  # extra settings for a private daemon
     peers: list[str] = field(default_factory=list)  # static peers for a private daemon
+    on_start: Callable[[], None] | None = None  # called when containerd reports the task started (benchmarks)
 
 
 @dataclass
@@ -126,7 +127,8 @@ class _Ctr:
         return out.decode(errors="replace")
 
 
-async def _watch_start(ctr: _Ctr, container_id: str, started: asyncio.Future[float]) -> None:
+async def _watch_start(ctr: _Ctr, container_id: str, started: asyncio.Future[float],
+                       on_start: Callable[[], None] | None) -> None:
     """Resolve `started` with the monotonic time containerd reports the task started."""
     proc = await asyncio.create_subprocess_exec(*ctr.base, "events", stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL, stdin=asyncio.subprocess.DEVNULL)
@@ -138,10 +140,22 @@ async def _watch_start(ctr: _Ctr, container_id: str, started: asyncio.Future[flo
                 return
             if b"/tasks/start" in line and container_id.encode() in line:
                 started.set_result(time.monotonic())
+                if on_start is not None:
+                    on_start()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def _wait_members(metrics_url: str, count: int, timeout_s: float = 15.0) -> None:
+    """Until the private daemon's health checks found its static peers alive."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (await asyncio.to_thread(_metrics, metrics_url)).get("peerpull_members", 0) >= count:
+            return
+        await asyncio.sleep(0.2)
+    raise PeerpullError(f"the peers were not reachable within {timeout_s:.0f} s")
 
 
 async def _wait_ready(url: str, deadline: float) -> float:
@@ -164,7 +178,7 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
     container_id = f"peerpull-run-{uuid.uuid4().hex[:10]}"
     snap = ["--snapshotter", opts.snapshotter] if opts.mode == "lazy" else []
     started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-    watcher = asyncio.create_task(_watch_start(ctr, container_id, started))
+    watcher = asyncio.create_task(_watch_start(ctr, container_id, started, opts.on_start))
     await asyncio.sleep(0.2)  # let the event subscription settle before the task starts
     cmd = [*ctr.base, "run", "--rm", "--net-host", "--label", f"{RUN_LABEL}=1", *snap, opts.image, container_id, *argv]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -232,6 +246,8 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             stack.callback(shutil.rmtree, ctrd_root, True)
             ctrd = stack.enter_context(EmbeddedContainerd(ctrd_root, proxy_plugins={opts.snapshotter: str(daemon.socket)}))
             address, metrics_url = str(ctrd.socket), f"http://{daemon.peer_address}/metrics"
+            if opts.peers:
+                await _wait_members(metrics_url, 1 + len(opts.peers))
         ctr = _Ctr(address, opts.namespace)
         async with RegistryClient(registry) as client:
             image_bytes, entrypoint, cmd = await _image_facts(client, ref)

@@ -41,11 +41,12 @@ class EmbeddedRegistry:
     """`with EmbeddedRegistry(dir) as reg:` → a registry at `reg.address` until the block ends."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", netns: str | None = None) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port or free_port(host)
         self._extra = extra_config
+        self._netns = netns  # run inside this network namespace (e.g. behind a rate-limited link)
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "registry.log"
 
@@ -73,7 +74,8 @@ class EmbeddedRegistry:
     def start(self, timeout_s: float = 15.0) -> "EmbeddedRegistry":
         self.root.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
-        self._proc = spawn_logged([find_registry_binary(), "serve", str(config)], self.log_path)
+        cmd = [find_registry_binary(), "serve", str(config)]
+        self._proc = spawn_logged(["ip", "netns", "exec", self._netns, *cmd] if self._netns else cmd, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
