@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 
 class FrameSource(Protocol):
-    async def fetch_frame(self, ref: ChunkRef) -> bytes: ...
+    async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,21 @@ class ChunkFetcher:
         """The verified bytes of a chunk, from the cheapest tier that has it."""
         return (await self.fetch(ref, use_peers=True)).data
 
-    async def fetch(self, ref: ChunkRef, use_peers: bool) -> Fetched:
-        """`use_peers=False` for requests that came from a peer: cache, then origin, never another hop."""
+    async def fetch(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
+        """`use_peers=False` for requests that came from a peer: cache, then origin, never another hop.
+
+        `background` (prefetch): the origin serves it after on-demand reads. An on-demand read does
+        not wait behind a background fetch of the same chunk: it queues its own, which the origin
+        merges with the queued one.
+        """
         started = time.monotonic()
         loaded = await self._cache_load(ref)
         if loaded is not None:
             return self._count(loaded, started)
-        return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers))
+        if background and self._flights.inflight(ref.digest):
+            return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers, False))
+        key = f"bg:{ref.digest}" if background else ref.digest
+        return await self._flights.do(key, lambda: self._fetch_remote(ref, use_peers, background))
 
     async def _cache_load(self, ref: ChunkRef) -> Fetched | None:
         loaded = await self._cache.load(ref)
@@ -77,7 +85,7 @@ class ChunkFetcher:
         self._cache.store_verified(ref, frame)
         return data
 
-    async def _fetch_remote(self, ref: ChunkRef, use_peers: bool) -> Fetched:
+    async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()
         if use_peers and self._membership is not None and self._peers is not None:
             for member in self._membership.candidates_for(ref.digest):
@@ -95,7 +103,7 @@ class ChunkFetcher:
                           digest=ref.digest, bytes=len(data))
                 return self._count(Fetched(frame, data, "peer"), started)
         try:
-            frame = await self._origin.fetch_frame(ref)
+            frame = await self._origin.fetch_frame(ref, background)
             data = await asyncio.to_thread(self._verify_and_store, ref, frame)
         except PeerpullError as exc:
             self._metrics.errors.labels("origin", type(exc).__name__).inc()

@@ -17,6 +17,7 @@ from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
 from peer.config import PeerConfig
+from peer.priority import PrioritySlots
 
 log = structlog.get_logger(__name__)
 # Reading across a gap of header frames to the next chunk costs less than another request.
@@ -35,23 +36,24 @@ class OriginSource:
     def __init__(self, client: RegistryClient, config: PeerConfig) -> None:
         self._client = client
         self._config = config
-        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._limits: dict[str, PrioritySlots] = {}
         self._pending: dict[tuple[str, str], list[tuple[ChunkRef, asyncio.Future[bytes]]]] = defaultdict(list)
         self.requests = 0  # Range requests sent
 
-    async def fetch_frame(self, ref: ChunkRef) -> bytes:
+    async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
         """The compressed frame of `ref` as the registry stores it (not yet verified).
 
         The request waits for a slot of its registry; by then other requests for nearby frames of the
-        same blob may have queued up, and one Range request serves them all.
+        same blob may have queued up, and one Range request serves them all. Background requests
+        wait behind on-demand ones and never hold the last two slots.
         """
         key = (ref.repository, ref.blob)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[key].append((ref, future))
         image = ImageReference.parse(ref.repository)
-        limit = self._limits.setdefault(image.registry, asyncio.Semaphore(self._config.origin_max_inflight))
+        limit = self._limits.setdefault(image.registry, PrioritySlots(self._config.origin_max_inflight))
         try:
-            async with limit:
+            async with limit.slot(background):
                 run = None if future.done() else self._take_run(key, future)
                 if run:  # else another request's run already covers this frame
                     await self._read_run(image, ref.blob, run)

@@ -78,8 +78,9 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
     knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
     try:
         knob.write_text(str(kb))
+        log.info("fuse_read_ahead_set", knob=str(knob), kb=int(knob.read_text()))
     except OSError as exc:
-        log.info("read_ahead_unchanged", knob=str(knob), error=str(exc))
+        log.warning("fuse_read_ahead_unchanged", knob=str(knob), error=str(exc))
 
 
 class NodeDaemon:
@@ -89,6 +90,7 @@ class NodeDaemon:
         self.peer = PeerNode(config.peer, config.registry)
         self.fs: LayerFS | None = None
         self.service: SnapshotService | None = None
+        self._tuning: asyncio.Task[None] | None = None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -108,7 +110,7 @@ class NodeDaemon:
             stack.callback(peer_task.cancel)
             await _wait_or_fail(peer_ready, peer_task)
             assert self.peer.fetcher is not None and self.peer.registry is not None
-            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self.config.peer.origin_max_inflight)
+            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self.config.peer.prefetch_parallel)
             stack.push_async_callback(reader.close)
             self.fs = LayerFS(reader)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch)
@@ -134,9 +136,15 @@ class NodeDaemon:
         options = set(pyfuse3.default_options)
         options |= {f"fsname={FUSE_FSNAME}", "subtype=peerpull", "ro", "allow_other", "default_permissions"}
         pyfuse3.init(self.fs, str(self.layout.fuse), options)
-        _raise_read_ahead(self.layout.fuse, sc.fuse_read_ahead_kb)
         log.info("fuse_mounted", mount=str(self.layout.fuse))
-        return asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=sc.fuse_max_tasks))
+        task = asyncio.create_task(pyfuse3.main(min_tasks=4, max_tasks=sc.fuse_max_tasks))
+        self._tuning = asyncio.create_task(self._tune(sc.fuse_read_ahead_kb))
+        return task
+
+    async def _tune(self, kb: int) -> None:
+        # the kernel sets the mount's readahead when FUSE's INIT completes: change it after that
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(_raise_read_ahead, self.layout.fuse, kb)
 
     async def _unmount(self, fuse_task: asyncio.Task[None]) -> None:
         pyfuse3.terminate()

@@ -3,8 +3,9 @@
 Reads fetch every chunk they cover at once through the node's chunk fetcher (cache → peers →
 origin). Recently used chunks stay decompressed in a bounded memory cache, because the kernel
 asks for a 1 MiB chunk in several pieces. With prefetch, the first read of a file schedules the
-rest of it (or of the whole layer) in the background, in parallel; background fetches hold at
-most `origin_max_inflight - 2` fetches at once, so on-demand reads always find a free slot.
+rest of it in the background, in parallel; with layer prefetch, the first read from a layer
+schedules every chunk of the layer. Background fetches queue behind on-demand reads at the origin
+and never hold its last slots, so they use the spare bandwidth without delaying a reader.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 
 log = structlog.get_logger(__name__)
+READ_AHEAD_CHUNKS = 3  # decoded ahead of a sequential reader: verifying and decompressing overlap the copy
+
+
+def _ignore_failure(task: "asyncio.Future[bytes]") -> None:
+    if not task.cancelled():
+        task.exception()  # a read-ahead failure is retried (and reported) by the read that needs the chunk
 
 
 @dataclass
@@ -30,11 +37,13 @@ class LayerSource:
     repository: str
     blob: str
     next_offset: dict[int, int] = field(default_factory=dict)
+    chunks: list[fmt.Chunk] = field(default_factory=list)  # every distinct chunk, in blob order
 
     @classmethod
     def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> "LayerSource":
-        offsets = sorted({c.blob_offset for e in toc.entries for c in e.chunks})
-        return cls(repository, blob, dict(zip(offsets, [*offsets[1:], 0])))
+        by_offset = {c.blob_offset: c for e in toc.entries for c in e.chunks}
+        offsets = sorted(by_offset)
+        return cls(repository, blob, dict(zip(offsets, [*offsets[1:], 0])), [by_offset[o] for o in offsets])
 
     def ref(self, chunk: fmt.Chunk) -> ChunkRef:
         return ChunkRef.from_chunk(chunk, self.repository, self.blob, self.next_offset.get(chunk.blob_offset, 0))
@@ -65,20 +74,43 @@ class MemoryChunks:
 
 
 class FileReader:
-    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, origin_max_inflight: int) -> None:
+    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, prefetch_parallel: int) -> None:
         self._fetcher = fetcher
         self._memory = MemoryChunks(memory_bytes)
         self._prefetch = prefetch
-        self._background = asyncio.Semaphore(max(1, origin_max_inflight - 2))
+        # enough queued that the origin can merge neighbours into large Range requests
+        self._background = asyncio.Semaphore(max(1, prefetch_parallel))
+        self._layers_started: set[str] = set()
         self._prefetched: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loading: dict[bytes, asyncio.Future[bytes]] = {}
+        self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
 
     async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
+        """A chunk's verified bytes, from memory or through the fetcher (one load per digest at a time)."""
         data = self._memory.get(chunk.digest)
-        if data is None:
+        if data is not None:
+            return data
+        loading = self._loading.get(chunk.digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(source, chunk))
+            self._loading[chunk.digest] = loading
+        return await asyncio.shield(loading)
+
+    async def _load(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
+        try:
             data = await self._fetcher.get(source.ref(chunk))
             self._memory.put(chunk.digest, data)
-        return data
+            return data
+        finally:
+            self._loading.pop(chunk.digest, None)
+
+    def _read_ahead(self, source: LayerSource, chunks: list[fmt.Chunk]) -> None:
+        """Decode the next chunks of a sequentially read file into memory while the kernel copies this one."""
+        for chunk in chunks:
+            if self._memory.get(chunk.digest) is None and chunk.digest not in self._loading:
+                task = asyncio.ensure_future(self.chunk(source, chunk))
+                task.add_done_callback(_ignore_failure)
 
     async def read(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], size: int, offset: int,
                    length: int) -> bytes:
@@ -92,9 +124,17 @@ class FileReader:
             parts = [await self.chunk(source, wanted[0])]
         else:
             parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
-        if self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
+        if self._prefetch == "layer" and source.blob not in self._layers_started:
+            self._layers_started.add(source.blob)
+            self.background(source, source.chunks, f"layer {source.blob}")
+        elif self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
             self._prefetched.add((source.blob, ino))
             self.background(source, chunks[last:], f"file {ino:#x}")
+        if self._ends.get(ino, 0) == offset and last < len(chunks):
+            self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
+        self._ends[ino] = end
+        if len(self._ends) > 65536:
+            self._ends.clear()
         base = wanted[0].file_offset
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         return data[offset - base:end - base]
@@ -109,7 +149,7 @@ class FileReader:
         async def one(chunk: fmt.Chunk) -> None:
             async with self._background:
                 try:
-                    await self._fetcher.fetch(source.ref(chunk), use_peers=True)
+                    await self._fetcher.fetch(source.ref(chunk), use_peers=True, background=True)
                 except Exception as exc:  # a read of this chunk will retry and report it
                     log.info("prefetch_chunk_failed", blob=source.blob, digest=chunk.digest_hex, error=str(exc))
 

@@ -69,12 +69,6 @@ class LayerFS(pyfuse3.Operations):
     def layer_count(self) -> int:
         return len(self._by_name)
 
-    def prefetch_layer(self, digest: str) -> None:
-        layer = self._by_name.get(digest.split(":", 1)[1].encode())
-        if layer is not None:
-            chunks = [c for node in layer.tree.inodes.values() for c in node.chunks]
-            self._reader.background(layer.source, chunks, f"layer {digest}")
-
     def _node(self, ino: int) -> tuple[MountedLayer, Inode]:
         layer = self._by_slot.get(ino >> 32)
         node = layer.tree.inodes.get(ino) if layer is not None else None

@@ -97,8 +97,6 @@ class RemoteLayers:
         os.replace(tmp, path)
         record = self._store.add_layer(digest, f"{image.registry}/{image.repository}", size)
         self._fs.add_layer(record.digest, record.slot, record.repository, toc)
-        if self._prefetch == "layer":
-            self._fs.prefetch_layer(digest)
         log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
                  toc_verified=expected is not None)
         return record

@@ -59,7 +59,7 @@ async def test_concurrent_misses_share_one_fetch(tmp_path: Path) -> None:
     class SlowOrigin:
         calls = 0
 
-        async def fetch_frame(self, r: ChunkRef) -> bytes:
+        async def fetch_frame(self, r: ChunkRef, background: bool = False) -> bytes:
             SlowOrigin.calls += 1
             await asyncio.sleep(0.2)
             return frame
