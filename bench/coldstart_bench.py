@@ -122,7 +122,8 @@ async def timed_run(image: str, mode: str, registry: RegistryConfig, reg: Embedd
 
 async def fuse_vs_disk(image: str, registry: RegistryConfig, work: Path) -> tuple[float, float, str, int]:
     """Sequential MB/s of the image's largest file, fully cached, through FUSE vs from disk."""
-    with EmbeddedDaemon(work / "fuse-daemon") as daemon:
+    # no background prefetch in this daemon: the timed reads must not share the machine with it
+    with EmbeddedDaemon(work / "fuse-daemon", extra_env={"PEERPULL_SNAPSHOTTER_PREFETCH": "file"}) as daemon:
         ctrd_root = Path(tempfile.mkdtemp(prefix="pp-bench-", dir="/run"))
         try:
             with EmbeddedContainerd(ctrd_root, proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
@@ -133,6 +134,7 @@ async def fuse_vs_disk(image: str, registry: RegistryConfig, work: Path) -> tupl
                 size = biggest.stat().st_size
                 plain = work / "plain-copy.bin"
                 shutil.copyfile(biggest, plain)  # first read: fetches every chunk into the cache
+                await asyncio.sleep(5)  # let the file's fetch-ahead settle
                 fuse = read_rate(biggest)
                 disk = read_rate(plain)
                 plain.unlink()

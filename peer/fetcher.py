@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +47,9 @@ class ChunkFetcher:
         self._membership = membership
         self._peers = peers
         self._flights: SingleFlight[Fetched] = SingleFlight()
+        # background fetches verify on their own thread: they must not queue ahead of on-demand reads
+        # in the default executor
+        self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-verify")
 
     async def get(self, ref: ChunkRef) -> bytes:
         """The verified bytes of a chunk, from the cheapest tier that has it."""
@@ -85,13 +89,18 @@ class ChunkFetcher:
         self._cache.store_verified(ref, frame)
         return data
 
+    async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
+        if background:
+            return await asyncio.get_running_loop().run_in_executor(self._background_pool, self._verify_and_store, ref, frame)
+        return await asyncio.to_thread(self._verify_and_store, ref, frame)
+
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()
         if use_peers and self._membership is not None and self._peers is not None:
             for member in self._membership.candidates_for(ref.digest):
                 try:
                     frame, remote_tier = await self._peers.fetch_frame(member.address, ref)
-                    data = await asyncio.to_thread(self._verify_and_store, ref, frame)
+                    data = await self._verify(ref, frame, background)
                 except (PeerFetchError, FormatError) as exc:
                     reason = exc.reason if isinstance(exc, PeerFetchError) else "bad_bytes"
                     self._metrics.errors.labels("peer", reason).inc()
@@ -104,7 +113,7 @@ class ChunkFetcher:
                 return self._count(Fetched(frame, data, "peer"), started)
         try:
             frame = await self._origin.fetch_frame(ref, background)
-            data = await asyncio.to_thread(self._verify_and_store, ref, frame)
+            data = await self._verify(ref, frame, background)
         except PeerpullError as exc:
             self._metrics.errors.labels("origin", type(exc).__name__).inc()
             log.warning("chunk_fetch_failed", tier="origin", digest=ref.digest, error=str(exc))

@@ -16,9 +16,9 @@ class SnapshotterConfig:
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
     namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
     # none: fetch only what is read; file: when a file is read, fetch the rest of it ahead, in
-    # parallel; layer: once a container reads from a layer, fetch all of the layer in the background
-    # (apps that read most of the image are then never slower than a full pull). Background fetches
-    # queue behind on-demand reads at the origin and never take its last slots.
+    # parallel; layer: that, and once a container reads from a layer, fetch the layer's large files
+    # (chunks of 256 KiB and more: most of the bytes in few requests) in the background. Background
+    # fetches queue behind on-demand reads at the origin and never take its last slots.
     prefetch: str = "layer"
     memory_cache_bytes: int = 256 << 20  # decompressed chunks kept in memory for the FUSE read path
     fuse_read_ahead_kb: int = 1024  # kernel readahead on the FUSE mount (the default 128 halves throughput)

@@ -22,7 +22,12 @@ from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 
 log = structlog.get_logger(__name__)
-READ_AHEAD_CHUNKS = 3  # decoded ahead of a sequential reader: verifying and decompressing overlap the copy
+LAYER_PREFETCH_MIN_CHUNK = 256 << 10  # layer prefetch takes chunks of files at least this large
+READ_AHEAD_CHUNKS = 4  # decoded ahead of a sequential reader: verifying and decompressing overlap the copy
+# A small file read from the network brings its neighbours in the blob along: tar order groups a
+# directory's files, and programs (Python imports, shared libraries) read siblings one after another.
+NEIGHBOURS_MAX = 32
+NEIGHBOURS_BYTES = 1 << 20
 
 
 def _ignore_failure(task: "asyncio.Future[bytes]") -> None:
@@ -105,6 +110,17 @@ class FileReader:
         finally:
             self._loading.pop(chunk.digest, None)
 
+    @staticmethod
+    def _neighbours(source: LayerSource, chunk: fmt.Chunk) -> list[fmt.Chunk]:
+        at = bisect.bisect_right(source.chunks, chunk.blob_offset, key=lambda c: c.blob_offset)
+        out, total = [], 0
+        for c in source.chunks[at:at + NEIGHBOURS_MAX]:
+            total += c.length
+            if total > NEIGHBOURS_BYTES:
+                break
+            out.append(c)
+        return out
+
     def _read_ahead(self, source: LayerSource, chunks: list[fmt.Chunk]) -> None:
         """Decode the next chunks of a sequentially read file into memory while the kernel copies this one."""
         for chunk in chunks:
@@ -120,13 +136,17 @@ class FileReader:
         first = bisect.bisect_right(chunks, offset, key=lambda c: c.file_offset) - 1
         last = bisect.bisect_left(chunks, end, key=lambda c: c.file_offset)
         wanted = chunks[max(first, 0):last]
+        if len(chunks) == 1 and self._prefetch != "none" and self._memory.get(chunks[0].digest) is None:
+            self._read_ahead(source, self._neighbours(source, chunks[0]))
         if len(wanted) == 1:
             parts = [await self.chunk(source, wanted[0])]
         else:
             parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
         if self._prefetch == "layer" and source.blob not in self._layers_started:
             self._layers_started.add(source.blob)
-            self.background(source, source.chunks, f"layer {source.blob}")
+            # the big chunks carry most of the bytes for few requests; small files stay on demand
+            big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]
+            self.background(source, big, f"layer {source.blob}")
         elif self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
             self._prefetched.add((source.blob, ino))
             self.background(source, chunks[last:], f"file {ino:#x}")
