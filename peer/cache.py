@@ -3,11 +3,15 @@ and on the way out, LRU-evicted under a size limit, shared by every image on the
 
 diskcache does the storage (SQLite index + files, safe across threads and processes, survives
 restarts); every call goes through a worker thread so the event loop never blocks on disk.
+An in-memory index of the digests present lets a miss skip the disk (and its lock) entirely:
+a cold read's latency is network and verification only. The index is filled from disk in the
+background at start; until then every lookup asks the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import diskcache
 import structlog
@@ -24,19 +28,44 @@ class ChunkCache:
         self._cache = diskcache.Cache(directory, size_limit=max_bytes, eviction_policy="least-recently-used",
                                       cull_limit=4, statistics=False)  # evict a few per insert: never the hot set
         self.directory = directory
+        self._known: set[str] = set()  # digests stored (may hold a few evicted ones: those just miss)
+        self._staged: dict[str, bytes] = {}  # verified frames on their way to disk: already served
+        self._indexed = False
+        threading.Thread(target=self._index, name="cache-index", daemon=True).start()
+
+    def _index(self) -> None:
+        try:
+            keys = set(self._cache.iterkeys())
+        except Exception as exc:  # the cache is usable without the index: lookups go to disk
+            log.warning("cache_index_failed", error=str(exc))
+            return
+        self._known |= keys
+        self._indexed = True
+
+    def might_have(self, digest: str) -> bool:
+        """False only when the chunk is certainly not in the cache."""
+        return not self._indexed or digest in self._known or digest in self._staged
+
+    def stage(self, ref: ChunkRef, frame: bytes) -> None:
+        """A verified frame about to be stored (store_verified): lookups find it already."""
+        self._staged[ref.digest] = frame
 
     def close(self) -> None:
         self._cache.close()
 
     def _load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
-        frame = self._cache.get(ref.digest)
+        frame = self._staged.get(ref.digest)
         if frame is None:
+            frame = self._cache.get(ref.digest)
+        if frame is None:
+            self._known.discard(ref.digest)
             return None
         try:
             data = decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
         except FormatError:  # disk corruption: drop it and call it a miss
             log.warning("cache_entry_corrupt", digest=ref.digest)
             self._cache.delete(ref.digest)
+            self._known.discard(ref.digest)
             return None
         return frame, data
 
@@ -46,6 +75,8 @@ class ChunkCache:
 
     async def load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
         """(compressed frame, verified uncompressed bytes) of `ref`, or None on a miss."""
+        if not self.might_have(ref.digest):
+            return None
         return await asyncio.to_thread(self._load, ref)
 
     async def contains(self, digest: str) -> bool:
@@ -53,7 +84,11 @@ class ChunkCache:
 
     def store_verified(self, ref: ChunkRef, frame: bytes) -> None:
         """Store a frame whose content the caller has already verified (blocking: call from a worker thread)."""
-        self._cache.set(ref.digest, frame)
+        try:
+            self._cache.set(ref.digest, frame)
+            self._known.add(ref.digest)
+        finally:
+            self._staged.pop(ref.digest, None)
 
     async def put_verified(self, ref: ChunkRef, frame: bytes) -> None:
         await asyncio.to_thread(self.store_verified, ref, frame)

@@ -25,6 +25,7 @@ from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
+MAX_PENDING_STORES = 256  # fetched frames waiting to be written to the disk cache
 
 
 class FrameSource(Protocol):
@@ -50,6 +51,9 @@ class ChunkFetcher:
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
         self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-verify")
+        # writing to the disk cache is off the reader's path: a reader waits for the verified bytes only
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
+        self._stores: set[asyncio.Future[None]] = set()
 
     async def get(self, ref: ChunkRef) -> bytes:
         """The verified bytes of a chunk, from the cheapest tier that has it."""
@@ -83,16 +87,37 @@ class ChunkFetcher:
         self._metrics.latency.labels(fetched.tier).observe(time.monotonic() - started)
         return fetched
 
-    def _verify_and_store(self, ref: ChunkRef, frame: bytes) -> bytes:
-        """Decompress, check the digest, then cache: one worker-thread hop per chunk."""
-        data = decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
-        self._cache.store_verified(ref, frame)
-        return data
+    @staticmethod
+    def _decompress_verified(ref: ChunkRef, frame: bytes) -> bytes:
+        return decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
 
     async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
-        if background:
-            return await asyncio.get_running_loop().run_in_executor(self._background_pool, self._verify_and_store, ref, frame)
-        return await asyncio.to_thread(self._verify_and_store, ref, frame)
+        """Decompress and check the digest in a worker thread, then cache the frame in the background."""
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self._background_pool if background else None,
+                                          self._decompress_verified, ref, frame)
+        self._cache.stage(ref, frame)
+        store = loop.run_in_executor(self._store_pool, self._cache.store_verified, ref, frame)
+        self._stores.add(store)
+        store.add_done_callback(self._stored)
+        if len(self._stores) > MAX_PENDING_STORES:
+            await store  # the disk is behind: hold this reader rather than memory
+        return data
+
+    def _stored(self, store: "asyncio.Future[None]") -> None:
+        self._stores.discard(store)
+        if not store.cancelled() and (exc := store.exception()) is not None:
+            self._metrics.errors.labels("cache", type(exc).__name__).inc()
+            log.warning("cache_store_failed", error=str(exc))
+
+    async def flush(self) -> None:
+        """Wait until every fetched chunk is in the disk cache."""
+        while self._stores:
+            await asyncio.gather(*list(self._stores), return_exceptions=True)
+
+    def close(self) -> None:
+        self._store_pool.shutdown(wait=True)
+        self._background_pool.shutdown(wait=True)
 
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()

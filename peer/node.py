@@ -81,6 +81,7 @@ class PeerNode:
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
             self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
+            stack.callback(self.fetcher.close)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config.token,
                                 self.config.max_concurrent_serves, warm=self.warm_image)
             runner = web.AppRunner(server.app(), access_log=None)

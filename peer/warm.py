@@ -54,4 +54,5 @@ async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int) -> di
     async with asyncio.TaskGroup() as group:
         for ref in refs:
             group.create_task(one(ref))
+    await fetcher.flush()  # warmed means: in this node's disk cache
     return {"chunks": len(refs), "bytes": total, "tiers": dict(tiers), "seconds": round(time.monotonic() - started, 3)}

@@ -15,11 +15,12 @@ class SnapshotterConfig:
     name: str = "peerpull"  # the snapshotter name containerd knows us by
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
     namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
-    # none: fetch only what is read; file: when a file is read, fetch the rest of it ahead, in
-    # parallel; layer: that, and once a container reads from a layer, fetch the layer's large files
-    # (chunks of 256 KiB and more: most of the bytes in few requests) in the background. Background
-    # fetches queue behind on-demand reads at the origin and never take its last slots.
-    prefetch: str = "layer"
+    # none: fetch only what is read; file (default): when a file is read, fetch the rest of it ahead
+    # in parallel, and bring a small file's blob neighbours along; layer: that, and once a container
+    # reads from a layer, fetch the layer's large files (chunks of 256 KiB and more: most of the bytes
+    # in few requests) in the background. Background fetches queue behind on-demand reads at the
+    # origin and never take its last slots. On 2 cores `layer` slowed `import torch` (CPU contention).
+    prefetch: str = "file"
     memory_cache_bytes: int = 256 << 20  # decompressed chunks kept in memory for the FUSE read path
     fuse_read_ahead_kb: int = 1024  # kernel readahead on the FUSE mount (the default 128 halves throughput)
     fuse_max_tasks: int = 512  # concurrent FUSE requests served (readers block on fetches, not on each other)
