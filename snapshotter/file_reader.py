@@ -23,6 +23,7 @@ from peer.fetcher import ChunkFetcher
 
 log = structlog.get_logger(__name__)
 LAYER_PREFETCH_MIN_CHUNK = 256 << 10  # layer prefetch takes chunks of files at least this large
+SEQUENTIAL_SLACK = 2 << 20
 READ_AHEAD_CHUNKS = 4  # decoded ahead of a sequential reader: verifying and decompressing overlap the copy
 # A small file read from the network brings its neighbours in the blob along: tar order groups a
 # directory's files, and programs (Python imports, shared libraries) read siblings one after another.
@@ -150,9 +151,12 @@ class FileReader:
         elif self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
             self._prefetched.add((source.blob, ino))
             self.background(source, chunks[last:], f"file {ino:#x}")
-        if self._ends.get(ino, 0) == offset and last < len(chunks):
+        # the kernel's readahead sends several requests at once, not always in order: near the last
+        # read's end counts as sequential
+        previous = self._ends.get(ino, 0)
+        if previous - SEQUENTIAL_SLACK <= offset <= previous + SEQUENTIAL_SLACK and last < len(chunks):
             self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
-        self._ends[ino] = end
+        self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
         if len(self._ends) > 65536:
             self._ends.clear()
         base = wanted[0].file_offset

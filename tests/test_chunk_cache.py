@@ -88,3 +88,24 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     first.cancel()
     assert await second == 42
     assert not flights.inflight("k")
+
+
+async def test_the_index_answers_misses_without_the_disk_and_staged_frames_are_served(tmp_path: Path) -> None:
+    ref, frame = make_chunk(5)
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    await cache.put_verified(ref, frame)
+    cache.close()
+    reopened = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    for _ in range(200):  # the index is built from disk in the background
+        if reopened._indexed:
+            break
+        await asyncio.sleep(0.01)
+    assert reopened.might_have(ref.digest)  # found by the start-up index
+    absent, absent_frame = make_chunk(6)
+    assert not reopened.might_have(absent.digest) and await reopened.load(absent) is None
+    reopened.stage(absent, absent_frame)  # verified, its disk write still queued
+    loaded = await reopened.load(absent)
+    assert loaded is not None and sha256_digest(loaded[1]) == absent.digest
+    reopened.store_verified(absent, absent_frame)
+    assert reopened.might_have(absent.digest) and not reopened._staged
+    reopened.close()
