@@ -101,3 +101,25 @@ def test_every_command_explains_itself() -> None:
         assert result.returncode == 0 and "usage: peerpull" in result.stdout
     assert "oci:DIR" in run("convert", "--help").stdout
     assert "Exit codes" in run("--help").stdout
+
+
+def test_pull_without_containerd_says_so(registry, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    spec = LayerSpec()
+    spec.add("hello.txt", b"hi\n")
+    write_layout(layout, [spec.tar_bytes()])
+    ref = f"{registry.address}/cli/pull:1"
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest", f"docker://{ref}"],
+                   check=True, capture_output=True)
+    result = run("pull", ref, "--address", str(tmp_path / "no-containerd.sock"))
+    assert_error(result, 2, "containerd is not reachable")
+
+
+def test_daemon_config_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[snapshotter]\nprefetch = "sometimes"\n')
+    assert_error(run("--config", str(bad), "daemon"), 2, "snapshotter.prefetch must be one of")
+    long_socket = "/run/" + "s" * 120 + ".sock"
+    result = run("daemon", "--socket", long_socket, "--root", str(tmp_path / "root"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "too long" in result.stderr or "needs root" in result.stderr or "/dev/fuse" in result.stderr

@@ -151,13 +151,13 @@ def _cri_pull(socket: Path, image: str) -> str:
 def test_cri_pull_image_is_lazy(lazy_stack: LazyStack, app: dict) -> None:
     """containerd's CRI plugin set to our snapshotter with snapshot annotations, called like kubelet."""
     address = lazy_stack.registry.address
-    cri = (
-        '[plugins."io.containerd.grpc.v1.cri".containerd]\n'
-        '  snapshotter = "peerpull"\n'
-        "  disable_snapshot_annotations = false\n"
+    # exactly what `peerpull containerd-config` prints, minus the proxy plugin the fixture adds
+    printed = lazy_stack.peerpull("containerd-config").stdout
+    cri = printed[printed.index('[plugins."io.containerd.grpc.v1.cri".containerd]'):] + (
         f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{address}"]\n'
         f'  endpoint = ["http://{address}"]\n'
     )
+    assert 'snapshotter = "peerpull"' in cri and "disable_snapshot_annotations = false" in cri
     layout = lazy_stack.root / "cri"
     images.build_simple_image(layout, {"model/cri.bin": random.Random(11).randbytes(BIG // 2)})
     source = images.push_layout(layout, address, "cri/original")
