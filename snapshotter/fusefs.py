@@ -201,6 +201,9 @@ class LayerFS(pyfuse3.Operations):
         except PeerpullError as exc:
             log.error("fuse_read_failed", layer=layer.digest, inode=fh, offset=off, size=size, error=str(exc))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:  # pyfuse3 ends its main loop on anything but FUSEError: never let one escape
+            log.exception("fuse_read_crashed", layer=layer.digest, inode=fh, offset=off, size=size, error=repr(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
         return None
