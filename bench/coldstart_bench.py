@@ -175,7 +175,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "image_bytes": image_bytes, "link": link.shaping,
         "normal_start_s": normal.start_s, "normal_first_log_s": normal.first_log_s, "normal_ready_s": normal.ready_s,
         "lazy_start_s": lazy.start_s, "lazy_first_log_s": lazy.first_log_s, "lazy_ready_s": lazy.ready_s,
-        "lazy_peer_start_s": lazy_peer.start_s, "lazy_peer_ready_s": lazy_peer.ready_s,
+        "lazy_peer_start_s": lazy_peer.start_s, "lazy_peer_first_log_s": lazy_peer.first_log_s,
+        "lazy_peer_ready_s": lazy_peer.ready_s,
         "registry_bytes_before_start": lazy_start_bytes, "normal_registry_bytes_before_start": normal_start_bytes,
         "lazy_registry_bytes": lazy.registry_wire_bytes, "lazy_peer_registry_bytes": lazy_peer.registry_wire_bytes,
         "lazy_peer_bytes_from_peers": lazy_peer.bytes_by_tier.get("peer", 0.0),
@@ -194,7 +195,8 @@ def print_table(f: dict) -> None:
              f["normal_registry_bytes_before_start"], f["normal_registry_bytes"]),
             ("lazy, cold cache", f["lazy_start_s"], f["lazy_first_log_s"], f["lazy_ready_s"],
              f["registry_bytes_before_start"], f["lazy_registry_bytes"]),
-            ("lazy, warm peer", f["lazy_peer_start_s"], None, f["lazy_peer_ready_s"], None, f["lazy_peer_registry_bytes"])]
+            ("lazy, warm peer", f["lazy_peer_start_s"], f["lazy_peer_first_log_s"], f["lazy_peer_ready_s"], None,
+             f["lazy_peer_registry_bytes"])]
     print(f"\nimage {f['image_bytes'] / 1e9:.2f} GB; registry link: {f['link']}; output: {f['output']}")
     print(f"{'run':28} {'start':>8} {'1st log':>8} {'ready':>8} {'ready vs normal':>16} {'registry MB before start':>25} "
           f"{'registry MB total':>18}")
