@@ -10,12 +10,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from converter.convert import Converter
 from converter.errors import ConfigError, PeerpullError
