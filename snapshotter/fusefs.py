@@ -50,11 +50,19 @@ class LayerFS(pyfuse3.Operations):
 
     # ---- layers -------------------------------------------------------------------------------
 
+    @staticmethod
+    def build_layer(digest: str, slot: int, repository: str, toc: fmt.Toc) -> MountedLayer:
+        """The layer's tree and chunk index (CPU work: callers may run it in a worker thread)."""
+        return MountedLayer(digest, digest.split(":", 1)[1].encode(), LayerTree(slot, toc),
+                            LayerSource.from_toc(repository, digest, toc))
+
     def add_layer(self, digest: str, slot: int, repository: str, toc: fmt.Toc) -> MountedLayer:
+        return self.add_built(self.build_layer(digest, slot, repository, toc))
+
+    def add_built(self, layer: MountedLayer) -> MountedLayer:
+        slot, digest = layer.tree.slot, layer.digest
         if slot in self._by_slot:
             return self._by_slot[slot]
-        layer = MountedLayer(digest, digest.split(":", 1)[1].encode(), LayerTree(slot, toc),
-                             LayerSource.from_toc(repository, digest, toc))
         self._by_name[layer.name] = layer
         self._by_slot[slot] = layer
         log.info("layer_mounted", layer=digest, slot=slot, entries=len(layer.tree.inodes), bytes=layer.tree.bytes)

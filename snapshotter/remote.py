@@ -9,8 +9,10 @@ every chunk. TOCs are kept on disk, so a restarted daemon serves its layers with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import structlog
@@ -30,6 +32,7 @@ LABEL_TARGET = "containerd.io/snapshot.ref"
 LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
 LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
 
 
@@ -45,6 +48,8 @@ class RemoteLayers:
         self._fs = fs
         self._client = client
         self._prefetch = prefetch
+        self._resolving: dict[str, asyncio.Task[LayerRecord]] = {}
+        self._manifests: OrderedDict[str, bytes] = OrderedDict()  # by digest: one fetch per image
 
     def _toc_path(self, digest: str) -> Path:
         return self._dir / (digest.split(":", 1)[1] + ".toc")
@@ -70,17 +75,40 @@ class RemoteLayers:
     async def resolve(self, labels: dict[str, str]) -> LayerRecord:
         """The lazily served layer the labels describe, mounted; NotSeekable for ordinary layers.
 
+        The first layer of an image also starts resolving the layers above it (CRI's
+        `cri.image-layers` label lists them), so their Prepare calls find them ready.
         Registry or format failures propagate: the caller logs them and falls back.
         """
         digest = labels.get(LABEL_LAYER_DIGEST, "")
         image_ref = labels.get(LABEL_IMAGE_REF, "")
         if not digest or not image_ref:
             raise NotSeekable("no layer digest / image reference labels (plain `ctr pull`?)")
+        manifest = labels.get(LABEL_MANIFEST_DIGEST, "")
+        task = self._start(digest, image_ref, manifest)
+        for above in labels.get(LABEL_IMAGE_LAYERS, "").split(",")[1:]:
+            if above.startswith("sha256:") and manifest:
+                self._start(above, image_ref, manifest)
+        return await asyncio.shield(task)
+
+    def _start(self, digest: str, image_ref: str, manifest: str) -> "asyncio.Task[LayerRecord]":
+        task = self._resolving.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve(digest, image_ref, manifest))
+            self._resolving[digest] = task
+            task.add_done_callback(lambda t: self._resolved(digest, t))
+        return task
+
+    def _resolved(self, digest: str, task: "asyncio.Task[LayerRecord]") -> None:
+        self._resolving.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # a look-ahead nobody awaited must not warn; its Prepare will retry
+
+    async def _resolve(self, digest: str, image_ref: str, manifest_digest: str) -> LayerRecord:
         known = self._store.layer(digest)
         if known is not None and self._toc_path(digest).exists():
             return known
         image = ImageReference.parse(image_ref)
-        expected = await self._expected_toc(image, digest, labels.get(LABEL_MANIFEST_DIGEST, ""))
+        expected = await self._expected_toc(image, digest, manifest_digest)
         size = await self._client.blob_size(image, digest)
         if size is None:
             raise NotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
@@ -90,13 +118,14 @@ class RemoteLayers:
             if expected is None and "footer" in str(exc):
                 raise NotSeekable(str(exc)) from None
             raise
-        toc = fmt.decode_toc(frame, footer)
+        toc = await asyncio.to_thread(fmt.decode_toc, frame, footer)
         path = self._toc_path(digest)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(fmt.encode_footer(footer) + frame)
+        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
         os.replace(tmp, path)
         record = self._store.add_layer(digest, f"{image.registry}/{image.repository}", size)
-        self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+        built = await asyncio.to_thread(LayerFS.build_layer, record.digest, record.slot, record.repository, toc)
+        self._fs.add_built(built)
         log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
                  toc_verified=expected is not None)
         return record
@@ -105,9 +134,14 @@ class RemoteLayers:
         """The TOC location the manifest (fetched by its digest) announces; NotSeekable if none."""
         if not manifest_digest:
             return None
-        fetched = await self._client.get_manifest(image.with_digest(manifest_digest))
+        body = self._manifests.get(manifest_digest)
+        if body is None:
+            body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
+            self._manifests[manifest_digest] = body
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
         try:
-            layers = json.loads(fetched.body).get("layers") or []
+            layers = json.loads(body).get("layers") or []
         except (ValueError, AttributeError):
             raise FormatError(f"manifest {manifest_digest} is not an image manifest") from None
         desc = next((d for d in layers if isinstance(d, dict) and d.get("digest") == digest), None)
