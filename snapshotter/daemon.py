@@ -123,6 +123,10 @@ class NodeDaemon:
             server = await serve(self.service, socket_path)
             stack.push_async_callback(server.stop, 5)
             stack.callback(socket_path.unlink, True)
+            if not Path(sc.containerd_address).exists():
+                log.warning("containerd_not_found", address=sc.containerd_address,
+                            hint="start containerd with the snippet of `peerpull containerd-config` in its config; "
+                                 "until then nothing calls this snapshotter")
             log.info("daemon_ready", socket=str(socket_path), mount=str(self.layout.fuse), layers_restored=restored,
                      snapshots=len(store.all()), orphans_removed=orphans, prefetch=sc.prefetch)
             if ready is not None:
