@@ -226,3 +226,15 @@ def test_daemon_restart_keeps_snapshots_and_cleans_stale_mounts(lazy_stack: Lazy
     out = run_container(ctrd, app["target"], ["/bin/busybox", "sha256sum", "/model/weights.bin"], snapshotter="peerpull")
     assert out.split()[0] == app["hashes"]["/model/weights.bin"]
     assert time.monotonic() - started < 120
+
+
+def test_daemon_says_when_containerd_is_missing(tmp_path: Path) -> None:
+    from peerpull.embedded.daemon import EmbeddedDaemon
+    from tests.support.lazy_stack import fuse_missing
+
+    if reason := fuse_missing():
+        pytest.skip(reason)
+    env = {"PEERPULL_SNAPSHOTTER_CONTAINERD_ADDRESS": str(tmp_path / "no-containerd.sock")}
+    with EmbeddedDaemon(tmp_path / "daemon", extra_env=env) as daemon:
+        log = daemon.log_tail(20000)
+    assert '"containerd_not_found"' in log and "peerpull containerd-config" in log
