@@ -70,3 +70,24 @@ def test_bearer_token_auth_from_docker_config(tmp_path: Path, small_layout: Path
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_concurrent_first_requests_all_authenticate(tmp_path: Path, small_layout: Path) -> None:
+    """Requests sent before any credentials were known all get 401; each must retry with the
+    credentials another one obtained meanwhile, not report them refused (the node daemon resolves
+    several layers of an image at once)."""
+    from converter.registry.client import RegistryClient
+    from converter.registry.config import RegistryConfig
+    from converter.registry.reference import ImageReference
+
+    with htpasswd_registry(tmp_path / "registry") as registry:
+        good = write_docker_config(tmp_path / "good", registry.address, USER, PASSWORD)
+        target = f"{registry.address}/private/app:seekable"
+        assert run_peerpull(good, "convert", "--quiet", f"oci:{small_layout}:latest", target).returncode == 0
+
+        async def many() -> set[str]:
+            async with RegistryClient(RegistryConfig(docker_config=str(good / "config.json"))) as client:
+                fetched = await asyncio.gather(*(client.get_manifest(ImageReference.parse(target)) for _ in range(12)))
+            return {f.digest for f in fetched}
+
+        assert len(asyncio.run(many())) == 1

@@ -116,13 +116,17 @@ class Authenticator:
             return cached[0]
         return None
 
-    async def answer(self, registry: str, scope: str, challenge: str) -> bool:
-        """Obtain credentials for a 401 challenge; False when there is nothing new to try."""
+    async def answer(self, registry: str, scope: str, challenge: str, sent: str | None = None) -> bool:
+        """Obtain credentials for a 401 challenge to a request that carried `sent` (its Authorization
+        header, or None); False when there is nothing new to try."""
+        current = self.header(registry, scope)
+        if current is not None and current != sent:
+            return True  # another request obtained credentials meanwhile: retry with those
         scheme, params = parse_challenge(challenge)
         creds = self.credentials(registry)
         if scheme == "basic":
             header = creds.basic_header() if creds else None
-            if header is None or self._headers.get((registry, "*"), ("",))[0] == header:
+            if header is None or header == sent:
                 return False
             self._headers[(registry, "*")] = (header, float("inf"))
             return True

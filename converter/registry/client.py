@@ -102,7 +102,7 @@ class RegistryClient:
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.release()
                 authed = True
-                if await self._auth.answer(ref.registry, scope, challenge):
+                if await self._auth.answer(ref.registry, scope, challenge, hdrs.get("Authorization")):
                     continue
                 raise AuthError(f"{what}: {ref.registry} requires authentication; {self._auth.describe(ref.registry)}")
             if resp.status in _RETRY_STATUS and attempt < retries:
