@@ -32,14 +32,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     url = f"http://{args.node}/v1/warm"
     try:
-        async with aiohttp.ClientSession() as session:
+        # the node answers once the whole image is warm: no total deadline, only for connecting
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.post(url, json={"image": args.image}, headers=auth_headers(config.peer.token)) as resp:
                 text = await resp.text()
                 if resp.status == 401:
                     raise PeerpullError(f"node {args.node} refused the request: set the cluster token (PEERPULL_PEER_TOKEN)")
                 if resp.status != 200:
                     raise PeerpullError(f"node {args.node} could not warm {args.image}: {text.strip()[:300]}")
-    except aiohttp.ClientError as exc:
-        raise RegistryUnreachableError(f"cannot reach node {args.node}: {exc}") from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RegistryUnreachableError(f"cannot reach node {args.node}: {exc or type(exc).__name__}") from None
     print(json.dumps(json.loads(text), indent=2))
     return 0
