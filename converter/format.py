@@ -187,7 +187,14 @@ def _uint(value: Any, what: str, limit: int = 1 << 63) -> int:
     return v
 
 
+_INT_FIELDS = {"mode": 1 << 16, "uid": 1 << 32, "gid": 1 << 32, "mtime_nsec": 10**9, "size": 1 << 63,
+               "devmajor": 1 << 32, "devminor": 1 << 32}
+_STR_FIELDS = frozenset({"uname", "gname", "link"})
+
+
 def _decode_entry(raw: Any, chunk_size: int, data_end: int) -> TocEntry:
+    # One pass over the fields that are present, with exact type checks (bool is not an int here):
+    # a node parses tens of thousands of entries per layer while containerd waits.
     raw = _want(raw, dict, "entry")
     path = _want(raw.get("path"), str, "path")
     if normalize_path(path) != path:
@@ -195,40 +202,55 @@ def _decode_entry(raw: Any, chunk_size: int, data_end: int) -> TocEntry:
     etype = _want(raw.get("type"), str, "type")
     if etype not in ENTRY_TYPES:
         raise FormatError(f"TOC: unknown entry type {etype[:40]!r}")
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        limit = _INT_FIELDS.get(key)
+        if limit is not None:
+            if type(value) is not int or not 0 <= value < limit:
+                raise FormatError(f"TOC: {key} has the wrong type or is out of range")
+            fields[key] = value
+        elif key in _STR_FIELDS:
+            if type(value) is not str:
+                raise FormatError(f"TOC: {key} has the wrong type ({type(value).__name__})")
+            fields[key] = value
+        elif key == "mtime":
+            if type(value) is not int:
+                raise FormatError(f"TOC: mtime has the wrong type ({type(value).__name__})")
+            fields[key] = value
     xattrs = _want(raw.get("xattrs", {}), dict, "xattrs")
     for k, v in xattrs.items():
         _want(k, str, "xattr name")
         _want(v, bytes, "xattr value")
-    entry = TocEntry(
-        path=path, type=etype, mode=_uint(raw.get("mode", 0), "mode", 1 << 16),
-        uid=_uint(raw.get("uid", 0), "uid", 1 << 32), gid=_uint(raw.get("gid", 0), "gid", 1 << 32),
-        uname=_want(raw.get("uname", ""), str, "uname"), gname=_want(raw.get("gname", ""), str, "gname"),
-        mtime=_want(raw.get("mtime", 0), int, "mtime"), mtime_nsec=_uint(raw.get("mtime_nsec", 0), "mtime_nsec", 10**9),
-        size=_uint(raw.get("size", 0), "size"), link=_want(raw.get("link", ""), str, "link"),
-        devmajor=_uint(raw.get("devmajor", 0), "devmajor", 1 << 32),
-        devminor=_uint(raw.get("devminor", 0), "devminor", 1 << 32), xattrs=xattrs,
-    )
+    entry = TocEntry(path=path, type=etype, xattrs=xattrs, **fields)
     chunks_raw = _want(raw.get("chunks", []), list, "chunks")
     if etype != FILE and chunks_raw:
         raise FormatError(f"TOC: {etype} entry {path[:200]!r} has chunks")
     expected_offset = 0
+    append = entry.chunks.append
     for c in chunks_raw:
-        c = _want(c, list, "chunk")
-        if len(c) != 5:
-            raise FormatError("TOC: a chunk has 5 fields")
-        chunk = Chunk(
-            _uint(c[0], "chunk file offset"), _uint(c[1], "chunk length", chunk_size + 1),
-            _uint(c[2], "chunk blob offset"), _uint(c[3], "chunk compressed length"), _want(c[4], bytes, "chunk digest"),
-        )
-        if chunk.file_offset != expected_offset or chunk.length == 0 or len(chunk.digest) != 32:
+        if type(c) is not list or len(c) != 5:
+            raise FormatError("TOC: a chunk is a list of 5 fields")
+        file_offset, length, blob_offset, clen, digest = c
+        if not (type(file_offset) is int and type(length) is int and type(blob_offset) is int
+                and type(clen) is int and type(digest) is bytes):
+            raise FormatError(f"TOC: a chunk of {path[:200]!r} has fields of the wrong type")
+        if file_offset != expected_offset or not 0 < length <= chunk_size or len(digest) != 32:
             raise FormatError(f"TOC: chunks of {path[:200]!r} do not tile the file")
-        if chunk.compressed_length == 0 or chunk.blob_offset + chunk.compressed_length > data_end:
+        if clen <= 0 or blob_offset < 0 or blob_offset + clen > data_end:
             raise FormatError(f"TOC: a chunk of {path[:200]!r} lies outside the layer data")
-        expected_offset += chunk.length
-        entry.chunks.append(chunk)
+        expected_offset += length
+        append(Chunk(file_offset, length, blob_offset, clen, digest))
     if etype == FILE and expected_offset != entry.size:
         raise FormatError(f"TOC: chunks of {path[:200]!r} cover {expected_offset} of {entry.size} bytes")
     return entry
+
+
+def check_frame_size(frame: bytes, limit: int, what: str) -> None:
+    """Refuse a zstd frame whose header announces more than `limit` bytes, before anything is
+    allocated for it (a hostile frame could otherwise ask for any amount of memory)."""
+    size = zstandard.frame_content_size(frame)  # -1 when the header does not say
+    if size > limit:
+        raise FormatError(f"{what}: frame announces {size} bytes, at most {limit} expected")
 
 
 def decode_toc(frame: bytes, footer: Footer) -> Toc:
@@ -239,9 +261,9 @@ def decode_toc(frame: bytes, footer: Footer) -> Toc:
     if magic != TOC_FRAME_MAGIC or size != len(frame) - SKIPPABLE_HEADER.size:
         raise FormatError("TOC frame header mismatch")
     try:
-        packed = zstandard.ZstdDecompressor().decompress(
-            frame[SKIPPABLE_HEADER.size:], max_output_size=footer.toc_uncompressed
-        )
+        body = frame[SKIPPABLE_HEADER.size:]
+        check_frame_size(body, footer.toc_uncompressed, "TOC")
+        packed = zstandard.ZstdDecompressor().decompress(body, max_output_size=footer.toc_uncompressed)
     except zstandard.ZstdError as exc:
         raise FormatError(f"TOC does not decompress: {exc}") from None
     if len(packed) != footer.toc_uncompressed:

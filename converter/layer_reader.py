@@ -108,6 +108,7 @@ def decompress_chunk(frame: bytes, chunk: fmt.Chunk) -> bytes:
     if len(frame) != chunk.compressed_length:
         raise FormatError(f"chunk {chunk.digest_hex}: frame is {len(frame)} bytes, TOC says {chunk.compressed_length}")
     try:
+        fmt.check_frame_size(frame, chunk.length, f"chunk {chunk.digest_hex}")
         # a decompressor per call: instances are not safe to share between threads
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=chunk.length)
     except zstandard.ZstdError as exc:

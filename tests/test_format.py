@@ -298,3 +298,23 @@ def test_fuzz_blob_tail_through_the_reader(cut: int, byte: int) -> None:
         asyncio.run(read_toc(Reader()))  # type: ignore[arg-type]
     except PeerpullError:
         pass
+
+
+def test_a_frame_announcing_a_huge_size_is_refused_before_allocation() -> None:
+    """A hostile peer or registry could send a frame whose header asks for terabytes."""
+    import io
+
+    import zstandard
+
+    from converter.errors import FormatError
+    from converter.layer_reader import decompress_chunk
+
+    buffer = io.BytesIO()
+    writer = zstandard.ZstdCompressor(write_content_size=True).stream_writer(buffer, size=1 << 40, closefd=False)
+    writer.write(b"x" * 100)
+    writer.flush(zstandard.FLUSH_BLOCK)
+    frame = buffer.getvalue()
+    assert zstandard.frame_content_size(frame) == 1 << 40
+    chunk = fmt.Chunk(0, 100, 0, len(frame), bytes(32))
+    with pytest.raises(FormatError, match="announces"):
+        decompress_chunk(frame, chunk)
