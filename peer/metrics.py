@@ -7,6 +7,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 TIERS = ("cache", "peer", "origin")
 
 
+def parse_exposition(text: str) -> dict[str, float]:
+    """A /metrics page as `name{labels}` → value (what benchmarks, `peerpull run` and tests read)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def by_tier(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """One per-tier counter of a parsed page, e.g. by_tier(m, "peerpull_chunk_bytes_total")."""
+    return {tier: metrics.get(f'{name}{{tier="{tier}"}}', 0.0) for tier in TIERS}
+
+
 class PeerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

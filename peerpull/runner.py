@@ -29,6 +29,7 @@ from converter.image_source import parse_manifest
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
+from peer.metrics import by_tier, parse_exposition
 from peerpull.embedded.containerd import EmbeddedContainerd
 from peerpull.embedded.daemon import EmbeddedDaemon
 from snapshotter.containerd_client import ContainerdClient
@@ -88,24 +89,12 @@ async def _image_facts(client: RegistryClient, ref: ImageReference) -> tuple[int
 
 
 def _metrics(url: str) -> dict[str, float]:
+    """The daemon's metrics, or nothing when it cannot be reached (bytes by tier then read 0)."""
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
-            text = resp.read().decode()
+            return parse_exposition(resp.read().decode())
     except OSError:
         return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass
-    return out
-
-
-def _tiers(metrics: dict[str, float], name: str) -> dict[str, float]:
-    return {t: metrics.get(f'{name}{{tier="{t}"}}', 0.0) for t in ("cache", "peer", "origin")}
 
 
 class _Ctr:
@@ -264,9 +253,9 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             await _run_container(ctr, opts, argv, t0, result, log)
         if opts.mode == "lazy":
             after = _metrics(metrics_url)
-            b0, b1 = _tiers(before, "peerpull_chunk_bytes_total"), _tiers(after, "peerpull_chunk_bytes_total")
+            b0, b1 = by_tier(before, "peerpull_chunk_bytes_total"), by_tier(after, "peerpull_chunk_bytes_total")
             result.bytes_by_tier = {t: b1[t] - b0[t] for t in b1}
-            w0, w1 = _tiers(before, "peerpull_chunk_wire_bytes_total"), _tiers(after, "peerpull_chunk_wire_bytes_total")
+            w0, w1 = by_tier(before, "peerpull_chunk_wire_bytes_total"), by_tier(after, "peerpull_chunk_wire_bytes_total")
             result.registry_wire_bytes = w1["origin"] - w0["origin"]
         else:
             result.bytes_by_tier = {"cache": 0.0, "peer": 0.0, "origin": float(image_bytes)}

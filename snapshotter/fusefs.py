@@ -74,9 +74,6 @@ class LayerFS(pyfuse3.Operations):
             self._by_slot.pop(layer.tree.slot, None)
             log.info("layer_unmounted", layer=digest)
 
-    def layer_count(self) -> int:
-        return len(self._by_name)
-
     def _node(self, ino: int) -> tuple[MountedLayer, Inode]:
         layer = self._by_slot.get(ino >> 32)
         node = layer.tree.inodes.get(ino) if layer is not None else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from converter.errors import PeerpullError
+from peer.metrics import parse_exposition
 from peerpull.embedded.process import spawn_logged, stop_process
 from peerpull.embedded.registry import free_port
 
@@ -69,21 +70,7 @@ class EmbeddedDaemon:
     def metrics(self) -> dict[str, float]:
         """The daemon's Prometheus metrics, `name{labels}` → value."""
         with urllib.request.urlopen(f"http://{self.peer_address}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    continue
-        return out
-
-    def tier_bytes(self) -> dict[str, float]:
-        """Chunk bytes served to this node's readers so far, by tier (cache, peer, origin)."""
-        m = self.metrics()
-        return {tier: m.get(f'peerpull_chunk_bytes_total{{tier="{tier}"}}', 0.0) for tier in ("cache", "peer", "origin")}
+            return parse_exposition(resp.read().decode())
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from peer.metrics import parse_exposition
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
 from peerpull.embedded.process import spawn_logged, stop_process
 from peerpull.embedded.registry import free_port
@@ -67,11 +68,7 @@ class NodeProcess:
 
     def metric(self, name: str, labels: str = "") -> float:
         _, _, body = self.request("/metrics", token=None)
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in body.decode().splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return parse_exposition(body.decode()).get(f"{name}{{{labels}}}" if labels else name, 0.0)
 
     def wait_members(self, count: int, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
