@@ -25,10 +25,10 @@ from converter.image_source import parse_manifest
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from snapshotter.containerd_client import ContainerdClient, descriptor
-from snapshotter.remote import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET
+from snapshotter.remote import (LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+                                LABEL_TARGET)
 
 log = structlog.get_logger(__name__)
-LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
 _MAX_LAYERS_LABEL = 4000  # containerd limits a label to 4096 bytes
 
 

@@ -17,6 +17,7 @@ import proto
 from tests.support import images
 from tests.support.containerd import ContainerdProcess, pull_image, run_container
 from tests.support.lazy_stack import LazyStack
+from snapshotter.daemon import mounted_at
 from snapshotter.remote import LABEL_IMAGE_REF, LABEL_REMOTE
 from tests.support.tree import container_tree
 
@@ -184,14 +185,6 @@ def daemon_snapshots(stack: LazyStack) -> list:
         return [i for resp in stub.List(snap.ListSnapshotsRequest(snapshotter="peerpull")) for i in resp.info]
 
 
-def _fuse_mounted(path: Path) -> str | None:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == str(path):
-            return fields[2]
-    return None
-
-
 def _list_after_restart(ctrd: ContainerdProcess) -> str:
     """containerd re-dials a restarted proxy snapshotter with a backoff of up to 3 s: allow for it."""
     deadline = time.monotonic() + 15
@@ -209,14 +202,14 @@ def test_daemon_restart_keeps_snapshots_and_cleans_stale_mounts(lazy_stack: Lazy
     listed_before = ctrd.ctr("snapshots", "--snapshotter", "peerpull", "ls").stdout
     # clean stop: SIGTERM unmounts
     assert daemon.stop() == 0
-    assert _fuse_mounted(daemon.fuse_mount) is None
+    assert mounted_at(daemon.fuse_mount) is None
     daemon.start()
     assert _list_after_restart(ctrd) == listed_before
     out = run_container(ctrd, app["target"], ["/bin/busybox", "sha256sum", "/app/m150.py"], snapshotter="peerpull")
     assert out.split()[0] == app["hashes"]["/app/m150.py"]
     # crash: the FUSE mount is left behind, dead; the next start detaches it and serves again
     daemon.stop(kill=True)
-    assert _fuse_mounted(daemon.fuse_mount) == "fuse.peerpull"
+    assert mounted_at(daemon.fuse_mount) == "fuse.peerpull"
     with pytest.raises(OSError):
         os.listdir(daemon.fuse_mount)
     daemon.start()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 from typing import Any
 
+from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped
 from peerpull.config import PeerpullConfig
 from snapshotter.daemon import NodeDaemon
 
@@ -29,8 +28,6 @@ examples:
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    from peerpull.commands.peer_cmd import add_peer_options
-
     p = commands.add_parser("daemon", help="run the node daemon: containerd snapshotter, FUSE mount, peer server",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", metavar="DIR", help="snapshots, metadata and the FUSE mount (default /var/lib/peerpull/snapshotter)")
@@ -43,13 +40,4 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
-    daemon = NodeDaemon(config)
-    task = asyncio.ensure_future(daemon.run())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    return 0
+    return await run_until_stopped(NodeDaemon(config).run())

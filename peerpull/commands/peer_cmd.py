@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 from peer.node import PeerNode
@@ -55,9 +56,9 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dns-name", metavar="NAME", help="DNS name listing the nodes (with --discovery dns)")
 
 
-async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
-    node = PeerNode(config.peer, config.registry)
-    task = asyncio.ensure_future(node.run())
+async def run_until_stopped(service: Coroutine[Any, Any, None]) -> int:
+    """Run a long-lived service until SIGTERM or Ctrl-C cancels it (its own teardown then runs)."""
+    task = asyncio.ensure_future(service)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
@@ -67,3 +68,6 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
         pass
     return 0
 
+
+async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    return await run_until_stopped(PeerNode(config.peer, config.registry).run())
