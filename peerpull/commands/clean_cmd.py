@@ -12,6 +12,7 @@ from typing import Any
 
 from converter.errors import ConfigError
 from peerpull.config import PeerpullConfig
+from peerpull.embedded.process import unmount_under
 from peerpull.runner import DEFAULT_WORK_ROOT, RUN_LABEL
 
 DESCRIPTION = f"""\
@@ -62,15 +63,12 @@ def clean_work_root(root: Path) -> tuple[int, int, int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if any(line.split()[1].startswith(r) for r in roots)]
-    for target in sorted(mounts, key=len, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True)
+    unmounted = unmount_under(*roots)
     entries = sum(1 for _ in root.iterdir())
     for r in roots[1:]:
         shutil.rmtree(r, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
-    return len(set(pids)), len(mounts), entries
+    return len(set(pids)), unmounted, entries
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:

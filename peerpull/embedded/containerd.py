@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from peerpull.embedded.process import spawn_logged, stop_process
+from peerpull.embedded.process import spawn_logged, stop_process, unmount_under
 from converter.errors import ConfigError, PeerpullError
 
 NAMESPACE = "peerpull"
@@ -77,18 +77,8 @@ class EmbeddedContainerd:
     def stop(self) -> None:
         stop_process(self._proc, 10)
         self._proc = None
-        self._unmount_leftovers()
-
-    def _unmount_leftovers(self) -> None:
-        # Only mounts under our own root: overlay rootfs of containers that did not exit cleanly.
-        try:
-            mounts = Path("/proc/self/mounts").read_text().splitlines()
-        except OSError:
-            return
-        prefix = str(self.root.resolve())
-        targets = [line.split()[1] for line in mounts if len(line.split()) > 1 and line.split()[1].startswith(prefix)]
-        for target in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
+        # only mounts under our own root: overlay rootfs of containers that did not exit cleanly
+        unmount_under(str(self.root.resolve()))
 
     def __enter__(self) -> "EmbeddedContainerd":
         return self.start()

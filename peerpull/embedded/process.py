@@ -1,4 +1,5 @@
-"""Starting and stopping the embedded helper processes (registry, containerd)."""
+"""Starting and stopping the embedded helper processes (registry, containerd), and detaching the
+mounts they leave behind."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def unmount_under(*prefixes: str) -> int:
+    """Lazily detach every mount whose target lies under one of `prefixes`, deepest first;
+    returns how many there were."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return 0
+    targets = [f[1] for f in (line.split() for line in lines) if len(f) > 1 and f[1].startswith(prefixes)]
+    for target in sorted(targets, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+    return len(targets)
