@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass
 
 from converter import format as fmt
+from converter.settings import setting
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    chunk_size: int = fmt.DEFAULT_CHUNK_SIZE
-    compression_level: int = fmt.DEFAULT_COMPRESSION_LEVEL
-    jobs: int = max(1, os.cpu_count() or 1)  # layers converted at once
+    chunk_size: int = setting(fmt.DEFAULT_CHUNK_SIZE, lo=fmt.MIN_CHUNK_SIZE, hi=fmt.MAX_CHUNK_SIZE)
+    compression_level: int = setting(fmt.DEFAULT_COMPRESSION_LEVEL, lo=1, hi=22)
+    jobs: int = setting(max(1, os.cpu_count() or 1), lo=1, hi=256)  # layers converted at once
     work_dir: str | None = None  # where converted layers wait for upload; None: the system temp dir

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.settings import setting
+
+DISCOVERY_MODES = ("zeroconf", "static", "dns", "none")
+
 
 @dataclass(frozen=True)
 class PeerConfig:
     node_id: str = ""  # empty: the host name
     cache_dir: str = "/var/lib/peerpull/cache"
-    cache_max_bytes: int = 20 << 30
+    cache_max_bytes: int = setting(20 << 30, lo=64 << 20)
     listen_host: str = "0.0.0.0"
-    listen_port: int = 7470
+    listen_port: int = setting(7470, lo=0, hi=65535)
     advertise_host: str = ""  # address peers reach us on; empty: listen_host, or the first non-loopback address
     token: str = ""  # shared cluster token; empty: peer endpoints are open
-    discovery: str = "zeroconf"  # zeroconf | static | dns | none
+    discovery: str = setting("zeroconf", choices=DISCOVERY_MODES)
     static_peers: tuple[str, ...] = ()  # host:port of other nodes
     dns_name: str = ""  # e.g. peerpull.kube-system.svc.cluster.local (a headless Service)
-    dns_port: int = 7470
-    discovery_interval_s: float = 5.0
-    health_interval_s: float = 2.0
-    peer_timeout_s: float = 10.0
-    failure_skip_s: float = 30.0  # a peer that failed is not asked again for this long
-    origin_max_inflight: int = 8  # concurrent Range requests per registry
-    coalesce_max_bytes: int = 8 << 20  # adjacent chunks merged into one Range request up to this size
-    prefetch_parallel: int = 64  # chunks in flight for warm-up/prefetch: queued ones coalesce at the origin
-    max_concurrent_serves: int = 64  # peer requests served at once; more wait
+    dns_port: int = setting(7470, lo=1, hi=65535)
+    discovery_interval_s: float = setting(5.0, lo=0.05, hi=3600)
+    health_interval_s: float = setting(2.0, lo=0.05, hi=3600)
+    peer_timeout_s: float = setting(10.0, lo=0.05, hi=600)
+    failure_skip_s: float = setting(30.0, lo=0.0, hi=3600)  # a peer that failed is not asked again for this long
+    origin_max_inflight: int = setting(8, lo=1, hi=1024)  # concurrent Range requests per registry
+    # adjacent chunks merged into one Range request up to this size
+    coalesce_max_bytes: int = setting(8 << 20, lo=64 << 10, hi=256 << 20)
+    # chunks in flight for warm-up/prefetch: queued ones coalesce at the origin
+    prefetch_parallel: int = setting(64, lo=1, hi=4096)
+    max_concurrent_serves: int = setting(64, lo=1, hi=4096)  # peer requests served at once; more wait

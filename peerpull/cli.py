@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from converter.errors import PeerpullError
 from peerpull import __version__
-from peerpull.config import PeerpullConfig, load_config
+from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
 from peerpull.logs import configure_logging
 
 EXIT_INTERNAL = 70
@@ -38,9 +40,9 @@ def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     g = parser.add_argument_group("global options")
     g.add_argument("--config", metavar="FILE", default=d(None),
                    help="TOML config file (default: $PEERPULL_CONFIG or /etc/peerpull/config.toml if present)")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d(None),
+    g.add_argument("--log-level", choices=LOG_LEVELS, default=d(None),
                    help="log verbosity (default: info)")
-    g.add_argument("--log-format", choices=("auto", "console", "json"), default=d(None),
+    g.add_argument("--log-format", choices=LOG_FORMATS, default=d(None),
                    help="log format; auto = console on a terminal, JSON otherwise")
     g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=d([]),
                    help="use plain HTTP for this registry (repeatable); loopback registries always use plain HTTP")
@@ -58,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start huge container images in seconds: convert images to seekable zstd layers, "
         "serve them lazily to containerd and share every chunk across the cluster.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit codes: 0 ok, 2 bad configuration or usage, 3 malformed data, 4 registry error, "
-        "5 registry unreachable, 6 authentication refused, 7 not found, 8 unsupported input, "
-        "70 internal error, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 the operation failed (e.g. a container exited non-zero, a node could not "
+        "warm an image), 2 bad configuration or usage, 3 malformed data, 4 registry error, "
+        "5 registry or node unreachable, 6 authentication refused, 7 not found, 8 unsupported input, "
+        "9 already exists, 10 wrong state, 70 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
@@ -112,6 +115,22 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
     return (ours or leaves or [group])[0]
 
 
+def _json_errors(args: argparse.Namespace, config: PeerpullConfig | None) -> bool:
+    chosen = (config.log.format if config is not None else None) or getattr(args, "log_format", None) or "auto"
+    return chosen == "json" or (chosen == "auto" and not sys.stderr.isatty())
+
+
+def report_error(message: str, code: int, as_json: bool) -> None:
+    """The final line of a failed command, alone, in the log format in use."""
+    sys.stderr.flush()
+    if as_json:
+        line = json.dumps({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "error",
+                           "event": "command_failed", "error": message, "exit_code": code})
+    else:
+        line = f"peerpull: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, trailing = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
     args.trailing = trailing
+    config: PeerpullConfig | None = None
     try:
-        config: PeerpullConfig = load_config(args.config, _flags_to_config(args))
+        config = load_config(args.config, _flags_to_config(args))
         configure_logging(config.log)
         handler: Callable[[argparse.Namespace, PeerpullConfig], Any] = args.handler
         try:
@@ -131,14 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # from TaskGroups: report the first real cause
             raise _first_cause(group) from None
     except PeerpullError as exc:
-        print(f"peerpull: error: {exc}", file=sys.stderr)
+        report_error(" ".join(str(exc).split()), exc.exit_code, _json_errors(args, config))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("peerpull: interrupted", file=sys.stderr)
+        report_error("interrupted", EXIT_INTERRUPTED, _json_errors(args, config))
         return EXIT_INTERRUPTED
     except Exception as exc:  # the one place unexpected errors are turned into a line
         if args.debug:
             raise
-        print(f"peerpull: internal error: {type(exc).__name__}: {exc} (run again with --debug for details)", file=sys.stderr)
+        report_error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                     "(run again with --debug for details)", EXIT_INTERNAL, _json_errors(args, config))
         return EXIT_INTERNAL
 

@@ -7,7 +7,9 @@ Each subsystem gets only its own frozen section. Environment variables are named
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -18,17 +20,23 @@ from typing import Any, Mapping
 from converter.config import ConvertConfig
 from converter.errors import ConfigError
 from converter.registry.config import RegistryConfig
+from converter.settings import check_section, setting
 from peer.config import PeerConfig
-from snapshotter.config import PREFETCH_MODES, SnapshotterConfig
+from snapshotter.config import SnapshotterConfig
 
 DEFAULT_CONFIG_PATH = "/etc/peerpull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+ENV_PREFIX = "PEERPULL_"
+# environment variables of ours that are not config keys
+_OTHER_ENV = frozenset({"PEERPULL_CONFIG", "PEERPULL_VENV"})
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "auto"  # auto: console on a terminal, JSON otherwise; or "console" / "json"
+    level: str = setting("info", choices=LOG_LEVELS)
+    format: str = setting("auto", choices=LOG_FORMATS)  # auto: console on a terminal, JSON otherwise
 
 
 @dataclass(frozen=True)
@@ -99,45 +107,34 @@ def _apply(config: PeerpullConfig, overrides: Mapping[str, Mapping[str, Any]], s
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """`PEERPULL_<SECTION>_<KEY>` variables; any other `PEERPULL_*` name is a mistake (a typo
+    such as PEERPULL_PEER_TOKN would otherwise leave a node open without a word)."""
     out: dict[str, dict[str, str]] = {}
+    known: dict[str, tuple[str, str]] = {}
     for f in dataclasses.fields(PeerpullConfig):
-        hints = _section_types(typing.get_type_hints(PeerpullConfig)[f.name])
-        for key in hints:
-            name = f"PEERPULL_{f.name}_{key}".upper()
-            if name in environ:
-                out.setdefault(f.name, {})[key] = environ[name]
+        for key in _section_types(typing.get_type_hints(PeerpullConfig)[f.name]):
+            known[f"{ENV_PREFIX}{f.name}_{key}".upper()] = (f.name, key)
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _OTHER_ENV:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"environment: unknown variable {name}{hint}")
+        section, key = known[name]
+        out.setdefault(section, {})[key] = value
     return out
 
 
 def validate(config: PeerpullConfig) -> PeerpullConfig:
-    """Check cross-field rules once, at start-up."""
-    from converter import format as fmt
-
-    c = config.convert
-    if not fmt.MIN_CHUNK_SIZE <= c.chunk_size <= fmt.MAX_CHUNK_SIZE:
-        raise ConfigError(f"convert.chunk_size must be between {fmt.MIN_CHUNK_SIZE} and {fmt.MAX_CHUNK_SIZE}")
-    if not 1 <= c.compression_level <= 22:
-        raise ConfigError("convert.compression_level must be between 1 and 22")
-    if c.jobs < 1:
-        raise ConfigError("convert.jobs must be at least 1")
-    if config.log.level not in LOG_LEVELS:
-        raise ConfigError(f"log.level must be one of {', '.join(LOG_LEVELS)}")
-    if config.log.format not in ("auto", "console", "json"):
-        raise ConfigError("log.format must be auto, console or json")
-    p = config.peer
-    if p.discovery not in ("zeroconf", "static", "dns", "none"):
-        raise ConfigError("peer.discovery must be zeroconf, static, dns or none")
-    if not 0 <= p.listen_port < 65536 or p.cache_max_bytes < (64 << 20):
-        raise ConfigError("peer.listen_port must be a port number and peer.cache_max_bytes at least 64 MiB")
-    if min(p.origin_max_inflight, p.prefetch_parallel, p.max_concurrent_serves) < 1:
-        raise ConfigError("peer concurrency limits must be at least 1")
-    s = config.snapshotter
-    if s.prefetch not in PREFETCH_MODES:
-        raise ConfigError(f"snapshotter.prefetch must be one of {', '.join(PREFETCH_MODES)}")
-    if not s.name or s.memory_cache_bytes < (16 << 20) or s.fuse_max_tasks < 8:
-        raise ConfigError("snapshotter.name must be set, memory_cache_bytes at least 16 MiB, fuse_max_tasks at least 8")
-    if config.registry.retries < 0:
-        raise ConfigError("registry.retries must be 0 or more")
+    """Check every section's declared bounds and the cross-field rules once, at start-up."""
+    for f in dataclasses.fields(PeerpullConfig):
+        check_section(getattr(config, f.name), f.name)
+    if not config.snapshotter.name:
+        raise ConfigError("snapshotter.name must be set")
+    if not _PLATFORM_RE.match(config.registry.platform):
+        raise ConfigError(f"registry.platform must look like os/arch[/variant], e.g. linux/amd64 "
+                          f"(got {config.registry.platform!r})")
     return config
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.settings import setting
+
 PREFETCH_MODES = ("none", "file", "layer")
 
 
@@ -20,7 +22,10 @@ class SnapshotterConfig:
     # reads from a layer, fetch the layer's large files (chunks of 256 KiB and more: most of the bytes
     # in few requests) in the background. Background fetches queue behind on-demand reads at the
     # origin and never take its last slots. On 2 cores `layer` slowed `import torch` (CPU contention).
-    prefetch: str = "file"
-    memory_cache_bytes: int = 256 << 20  # decompressed chunks kept in memory for the FUSE read path
-    fuse_read_ahead_kb: int = 1024  # kernel readahead on the FUSE mount (the default 128 halves throughput)
-    fuse_max_tasks: int = 512  # concurrent FUSE requests served (readers block on fetches, not on each other)
+    prefetch: str = setting("file", choices=PREFETCH_MODES)
+    # decompressed chunks kept in memory for the FUSE read path
+    memory_cache_bytes: int = setting(256 << 20, lo=16 << 20, hi=64 << 30)
+    # kernel readahead on the FUSE mount (the default 128 halves throughput)
+    fuse_read_ahead_kb: int = setting(1024, lo=0, hi=1 << 20)
+    # concurrent FUSE requests served (readers block on fetches, not on each other)
+    fuse_max_tasks: int = setting(512, lo=8, hi=65536)

@@ -94,7 +94,7 @@ class RegistryClient:
                     os_error = getattr(exc, "os_error", None)
                     reason = (os_error.strerror if os_error is not None and os_error.strerror else str(exc)) or type(exc).__name__
                     raise RegistryUnreachableError(f"cannot reach registry {ref.registry}: {reason}") from None
-                log.info("registry_retry", registry=ref.registry, error=type(exc).__name__, attempt=attempt + 1)
+                log.debug("registry_retry", registry=ref.registry, error=type(exc).__name__, attempt=attempt + 1)
                 await self._backoff(attempt)
                 attempt += 1
                 continue
@@ -108,7 +108,7 @@ class RegistryClient:
             if resp.status in _RETRY_STATUS and attempt < retries:
                 retry_after = resp.headers.get("Retry-After")
                 resp.release()
-                log.info("registry_retry", registry=ref.registry, status=resp.status, attempt=attempt + 1)
+                log.debug("registry_retry", registry=ref.registry, status=resp.status, attempt=attempt + 1)
                 await self._backoff(attempt, retry_after)
                 attempt += 1
                 continue
@@ -227,7 +227,7 @@ class RegistryClient:
                 failures += 1
                 if failures > self._config.retries:
                     raise RegistryUnreachableError(f"{what}: download kept failing ({type(exc).__name__})") from None
-                log.info("blob_download_resumed", registry=ref.registry, digest=digest, offset=check.size,
+                log.debug("blob_download_resumed", registry=ref.registry, digest=digest, offset=check.size,
                          error=type(exc).__name__)
                 await self._backoff(failures - 1)
         if check.digest != digest:
@@ -310,7 +310,7 @@ class RegistryClient:
                 # an upload is not idempotent mid-way: start it again from the beginning
                 if isinstance(exc, (AuthError, NotFoundError)) or attempt == self._config.retries:
                     raise
-                log.info("blob_upload_restarted", registry=ref.registry, digest=digest, error=str(exc))
+                log.debug("blob_upload_restarted", registry=ref.registry, digest=digest, error=str(exc))
                 await self._backoff(attempt)
         raise AssertionError("unreachable")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.settings import setting
+
 
 @dataclass(frozen=True)
 class RegistryConfig:
@@ -16,9 +18,9 @@ class RegistryConfig:
     insecure_hosts: tuple[str, ...] = ()
     docker_config: str | None = None  # path to a docker config.json; None: $DOCKER_CONFIG or ~/.docker
     platform: str = "linux/amd64"
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    retries: int = 4
-    backoff_base_s: float = 0.2
-    max_connections_per_host: int = 8
-    upload_chunk_bytes: int = 16 * 1024 * 1024
+    connect_timeout_s: float = setting(10.0, lo=0.1, hi=600)
+    read_timeout_s: float = setting(60.0, lo=0.1, hi=3600)  # idle: no byte for this long
+    retries: int = setting(4, lo=0, hi=20)
+    backoff_base_s: float = setting(0.2, lo=0.0, hi=30)
+    max_connections_per_host: int = setting(8, lo=1, hi=1024)
+    upload_chunk_bytes: int = setting(16 * 1024 * 1024, lo=64 << 10, hi=1 << 30)
