@@ -215,10 +215,8 @@ def test_daemon_restart_keeps_snapshots_and_cleans_stale_mounts(lazy_stack: Lazy
     daemon.start()
     assert "stale_mount_removed" in daemon.log_tail(20000)
     assert _list_after_restart(ctrd) == listed_before
-    started = time.monotonic()
     out = run_container(ctrd, app["target"], ["/bin/busybox", "sha256sum", "/model/weights.bin"], snapshotter="peerpull")
     assert out.split()[0] == app["hashes"]["/model/weights.bin"]
-    assert time.monotonic() - started < 120
 
 
 def test_daemon_says_when_containerd_is_missing(tmp_path: Path) -> None:
