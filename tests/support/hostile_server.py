@@ -34,6 +34,7 @@ class Rule:
     mode: str
     interval: float = 5.0
     content_type: str = "application/json"
+    header: str = ""  # only requests carrying this header (e.g. "range"); empty: all
 
 
 @dataclass
@@ -62,11 +63,13 @@ class HostileServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json") -> None:
-        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all)."""
+    def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json",
+            header: str = "") -> None:
+        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all) and,
+        with `header`, that carries that request header (e.g. only the Range reads of a blob)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode}")
-        self.rules.append(Rule(pattern, mode, interval, content_type))
+        self.rules.append(Rule(pattern, mode, interval, content_type, header.lower()))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class HostileServer:
                     headers[name.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
             self.seen.append(Seen(method, path, headers))
-            rule = next((r for r in self.rules if r.pattern in path), None)
+            rule = next((r for r in self.rules if r.pattern in path and (not r.header or r.header in headers)), None)
             if rule is None:
                 await self._forward(writer, method, path, headers, body)
             else:
