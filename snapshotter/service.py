@@ -26,7 +26,7 @@ from converter.errors import (AlreadyExistsError, ConfigError, FailedPreconditio
                               PeerpullError)
 from snapshotter import filters
 from snapshotter.mounts import Layout, MountSpec, mounts_for
-from snapshotter.remote import LABEL_REMOTE, LABEL_TARGET, NotSeekable, RemoteLayers
+from snapshotter.remote import LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, NotSeekable, RemoteLayers
 from snapshotter.store import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotStore
 
 log = structlog.get_logger(__name__)
@@ -138,9 +138,9 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
         except NotSeekable as exc:
             log.debug("layer_not_lazy", target=target, reason=str(exc))
             return False
-        except (PeerpullError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("lazy_layer_fallback", target=target, key=key, error=str(exc),
-                        hint="containerd downloads this layer instead")
+        except Exception as exc:  # whatever failed, the layer still arrives the ordinary way
+            log.warning("lazy_layer_fallback", target=target, key=key, layer=labels.get(LABEL_LAYER_DIGEST, ""),
+                        error=str(exc) or type(exc).__name__, hint="containerd downloads this layer instead")
             self._on_fallback(type(exc).__name__)
             return False
         committed = {**labels, LABEL_REMOTE: record.digest}
