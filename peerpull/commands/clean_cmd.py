@@ -1,8 +1,10 @@
 """`peerpull clean`: remove what `peerpull run` left behind, and nothing else.
 
 Only directories carrying the marker `peerpull run` wrote (see peerpull.embedded.setup_marker)
-are set-ups. Processes end only by their recorded PID and start time (pidfd); the containerd
-shims of a set-up only if their working directory is a bundle in that set-up's containerd state.
+are set-ups. Processes end only by their recorded PID and start time (pidfd). Containers are
+stopped through the set-up's own containerd while it lives; otherwise its shims are recognised by
+their working directory (a task bundle in the set-up's containerd state) and their containers'
+init by having such a shim as parent.
 Mounts are detached only below the set-up's own directories, and nothing is deleted while a mount
 is left below it.
 """
@@ -106,29 +108,44 @@ def _stop_tasks(marker: SetupMarker, inside: list[str]) -> None:
         pass  # the shims are ended below
 
 
-def _shim_is_ours(bundle: str) -> Any:
-    """containerd starts each shim in its task's bundle directory: that names it, not its argv."""
-    def check(pid: int) -> bool:
-        try:
-            return os.path.realpath(f"/proc/{pid}/cwd") == bundle
-        except OSError:
-            return False
-    return check
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
 
 
-def _end_shims(inside: list[str]) -> int:
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rfind(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _end_containers(inside: list[str]) -> int:
+    """The shims of the set-up's containerd and their containers, when containerd is gone.
+
+    containerd starts each shim in its task's bundle directory, under the set-up's state dir: that
+    working directory names a shim (never its argv). A container's init is ended only if its
+    parent is such a shim; the container's other processes go with its PID namespace."""
+    bundles = {os.path.dirname(p) for d in inside
+               for p in glob.glob(os.path.join(glob.escape(d), "state", "io.containerd.runtime.v2.task", "*", "*",
+                                               "config.json"))}
+    bundles = {b for b in bundles if not os.path.islink(b) and os.path.realpath(b) == b}
+    if not bundles:
+        return 0
+    shims = [(int(e.name), cwd) for e in os.scandir("/proc") if e.name.isdigit()
+             for cwd in [_cwd(int(e.name))] if cwd in bundles]
     ended = 0
-    for d in inside:
-        for pidfile in glob.glob(os.path.join(glob.escape(d), "state", "io.containerd.runtime.v2.task", "*", "*",
-                                              "shim.pid")):
-            bundle = os.path.dirname(pidfile)
-            if os.path.islink(bundle) or os.path.realpath(bundle) != bundle:
-                continue
-            try:
-                pid = int(Path(pidfile).read_text().strip())
-            except (OSError, ValueError):
-                continue
-            ended += end_process(pid, _shim_is_ours(bundle), grace_s=2.0)
+    for shim, bundle in shims:
+        try:
+            init = int(Path(bundle, "init.pid").read_text().strip())
+        except (OSError, ValueError):
+            init = 0
+        if init:
+            ended += end_process(init, lambda pid, shim=shim: _parent(pid) == shim and _cwd(shim) == bundle, 2.0)
+        ended += end_process(shim, lambda pid, bundle=bundle: _cwd(pid) == bundle, 2.0)
     return ended
 
 
@@ -138,7 +155,7 @@ def clean_setup(marker: SetupMarker, say: Any) -> tuple[int, int]:
     for d in outside:
         say(f"{marker.path}: not removing {d} (not a directory peerpull run creates)")
     _stop_tasks(marker, inside)
-    ended = _end_shims(inside)
+    ended = _end_containers(inside)
     for proc in reversed(marker.processes):  # containerd before the daemon it uses
         ended += end_process(proc.pid, started_at(proc.start_time))
     dirs = [marker.path, *inside]
