@@ -27,7 +27,7 @@ from peerpull.commands.run_cmd import global_args, print_results
 from peerpull.config import PeerpullConfig
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
 from peerpull.embedded.registry import EmbeddedRegistry
-from peerpull.runner import RunOptions, run_image
+from peerpull.runner import RunOptions, RunResult, run_image
 
 DESCRIPTION = """\
 Run the whole path on a private set-up under a temporary directory — its own Distribution
@@ -87,6 +87,13 @@ def _push_layout(layout: Path, ref: str) -> None:
                    check=True, capture_output=True)
 
 
+def require_lazy(result: RunResult) -> None:
+    """The quickstart demonstrates lazy pulling: a lazy run that downloaded layers in full fails it."""
+    if result.fallback_layers:
+        raise PeerpullError(f"the converted image did not run lazily: {len(result.fallback_layers)} of {result.layers} "
+                            f"layers fell back to a full download ({'; '.join(result.fallback_reasons) or 'unknown'})")
+
+
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     if os.geteuid() != 0:
         raise ConfigError("quickstart starts its own containerd and needs root")
@@ -119,9 +126,7 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
                 results.append(await run_image(opts, config.registry, lambda text: console.print(f"  [dim]│[/] {text}")))
         print_results(results, console)
         normal, lazy = results
-        if lazy.fallback_layers:
-            raise PeerpullError(f"the converted image did not run lazily: {len(lazy.fallback_layers)} of {lazy.layers} "
-                                f"layers fell back to a full download ({'; '.join(lazy.fallback_reasons) or 'unknown'})")
+        require_lazy(lazy)
         ratio = normal.ready_s / lazy.ready_s if normal.ready_s and lazy.ready_s else 0.0
         console.print(f"time to completion: normal {normal.ready_s:.2f} s, lazy {lazy.ready_s:.2f} s ({ratio:.1f}x); "
                       f"registry bytes: normal {normal.registry_wire_bytes / 1e6:.1f} MB, "
