@@ -38,6 +38,9 @@ than two components) are refused (exit 2).
 With --address it also removes the containers `peerpull run` created in that containerd (label
 {RUN_LABEL}). Images and snapshots in a given containerd are left alone (remove them with ctr).
 
+exit codes: 0 removed (or nothing found), 2 refused (a system directory, a marker that is not
+ours, not root), 10 a mount below a set-up could not be detached (nothing of it deleted).
+
 examples:
   peerpull clean
   peerpull clean --work-root /var/tmp/peerpull-run/1234-abcdef
