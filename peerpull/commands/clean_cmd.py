@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,8 +33,8 @@ interrupted run) with their processes and mounts. A set-up is a directory holdin
 {DEFAULT_WORK_ROOT}). Anything else is left alone: directories without a valid marker are skipped
 with one line, processes are ended only by the PIDs the marker recorded after checking they are
 still the same processes, and only the directories run created are removed. With no set-up found
-it says so and exits 0. System directories (/, /tmp, /var/tmp, /run, $HOME, any path of fewer
-than two components) are refused (exit 2).
+it says so and exits 0. System directories (/, /tmp, /var/tmp, /run, $HOME or any user's home,
+any path of fewer than two components) are refused (exit 2).
 
 With --address it also removes the containers `peerpull run` created in that containerd (label
 {RUN_LABEL}). Images and snapshots in a given containerd are left alone (remove them with ctr).
@@ -65,7 +66,8 @@ def refuse_system_dir(root: Path) -> str:
     """The real path of `root`, or ConfigError if it is a directory clean must never work on."""
     real = os.path.realpath(root)
     home = os.path.realpath(os.path.expanduser("~"))
-    if len(Path(real).parts) < 3 or real in _REFUSED or real in (home, os.path.dirname(home)):
+    homes = {os.path.realpath(user.pw_dir) for user in pwd.getpwall() if user.pw_dir}
+    if len(Path(real).parts) < 3 or real in _REFUSED or real in (home, os.path.dirname(home)) or real in homes:
         raise ConfigError(f"--work-root {root} is a system directory; refusing to clean it "
                           f"(give a set-up directory, e.g. {DEFAULT_WORK_ROOT}/<run>)")
     return real
