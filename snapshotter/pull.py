@@ -7,6 +7,10 @@ metadata knows it) with the layer digest and image reference labels. The daemon 
 ALREADY_EXISTS for layers it serves lazily; any other layer is downloaded, unpacked by
 containerd's applier and committed, exactly as `ctr pull` would. Finally the image record points
 at the manifest. Everything is created under a lease and kept afterwards by GC labels.
+
+The report tells the two kinds of full downloads apart: `ordinary` layers carry no peerpull
+annotations (never lazy), `fallbacks` are seekable layers the daemon did not serve lazily (it
+logs why, and counts it in peerpull_chunk_errors_total{tier="lazy"}).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import structlog
 
 from converter.errors import AlreadyExistsError, DigestMismatchError, FormatError
 from converter.image_source import parse_manifest
+from converter.layer_reader import location_from_annotations
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from snapshotter.containerd_client import ContainerdClient, descriptor
@@ -39,10 +44,11 @@ class PullReport:
     layers: int = 0
     lazy: int = 0
     downloaded: int = 0
-    downloaded_bytes: int = 0
+    downloaded_bytes: int = 0  # bytes fetched from the registry for full layers (0 for content already present)
     already_present: int = 0
     seconds: float = 0.0
-    fallbacks: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # seekable layers downloaded in full
+    ordinary: list[str] = field(default_factory=list)  # layers that are not seekable, downloaded in full
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -113,9 +119,11 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
                 say(f"layer {i + 1}/{len(layers)} {desc['digest'][:19]}: lazy")
                 parent = chain
                 continue
-            say(f"layer {i + 1}/{len(layers)} {desc['digest'][:19]}: not seekable, downloading {desc['size']} bytes")
+            seekable = location_from_annotations(desc.get("annotations")) is not None
+            why = "not served lazily" if seekable else "not seekable"
+            say(f"layer {i + 1}/{len(layers)} {desc['digest'][:19]}: {why}, downloading {desc['size']} bytes")
             try:
-                await _download_layer(registry, ctrd, ref, desc, source_label)
+                fetched = await _download_layer(registry, ctrd, ref, desc, source_label)
                 applied = await ctrd.apply(descriptor(desc["mediaType"], desc["digest"], desc["size"]), mounts)
                 if applied != diff_ids[i]:
                     raise DigestMismatchError(f"layer {desc['digest']} unpacked to {applied}, config says {diff_ids[i]}")
@@ -127,8 +135,8 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
                     pass
                 raise
             report.downloaded += 1
-            report.downloaded_bytes += int(desc["size"])
-            report.fallbacks.append(desc["digest"])
+            report.downloaded_bytes += fetched
+            (report.fallbacks if seekable else report.ordinary).append(desc["digest"])
             parent = chain
 
         target = index or top
@@ -137,7 +145,11 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
         await ctrd.delete_lease()
     report.seconds = round(time.monotonic() - started, 3)
     log.info("image_pulled", image=str(ref), layers=report.layers, lazy=report.lazy, downloaded=report.downloaded,
-             downloaded_bytes=report.downloaded_bytes, present=report.already_present, seconds=report.seconds)
+             downloaded_bytes=report.downloaded_bytes, present=report.already_present, fallbacks=len(report.fallbacks),
+             seconds=report.seconds)
+    if report.fallbacks:
+        log.warning("lazy_pull_fell_back", image=str(ref), layers=len(report.fallbacks), of=report.layers,
+                    hint="the daemon could not serve these seekable layers lazily; its log says why")
     return report
 
 
@@ -149,7 +161,9 @@ async def _put_blob(ctrd: ContainerdClient, digest: str, data: bytes, labels: di
 
 
 async def _download_layer(registry: RegistryClient, ctrd: ContainerdClient, ref: ImageReference, desc: dict,
-                          labels: dict[str, str]) -> None:
+                          labels: dict[str, str]) -> int:
+    """Bytes fetched from the registry: the layer's size, or 0 when containerd already had it."""
     if await ctrd.content_exists(desc["digest"]):
-        return
+        return 0
     await ctrd.write_content(desc["digest"], int(desc["size"]), registry.stream_blob(ref, desc["digest"]), labels)
+    return int(desc["size"])

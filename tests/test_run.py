@@ -1,17 +1,24 @@
-"""`peerpull run` (both modes, completion and readiness) and `peerpull clean`, on private set-ups."""
+"""`peerpull run` (both modes, completion and readiness, global options reaching its daemon,
+fallbacks reported) and `peerpull clean` of a kept set-up, on private set-ups."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.registry import free_port
+from converter.registry.config import RegistryConfig
+from peerpull.embedded.registry import EmbeddedRegistry, free_port
+from peerpull.runner import RunOptions, run_image
 from tests.support import images
+from tests.support.cli import assert_one_line_error, peerpull_cmd
+from tests.support.local_address import non_loopback_address
 from tests.support.lazy_stack import LazyStack
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -79,3 +86,76 @@ def test_clean_removes_a_kept_set_up(web_image: dict[str, str], tmp_path: Path) 
     assert not work_root.exists()
     mounts = Path("/proc/self/mounts").read_text()
     assert str(work_root) not in mounts
+
+
+@pytest.fixture(scope="module")
+def insecure_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A seekable image on a registry at a non-loopback address, which speaks plain HTTP only:
+    reachable only with --insecure-registry. Yields (registry address, image)."""
+    root = tmp_path_factory.mktemp("insecure")
+    with non_loopback_address() as host, EmbeddedRegistry(root / "registry", host=host) as registry:
+        layout = root / "layout"
+        images.build_simple_image(layout, {"data/blob.bin": os.urandom(4 << 20)}, cmd=["/bin/busybox", "echo", "hi"])
+        source = images.push_layout(layout, registry.address, "insecure/app")
+        target = f"{registry.address}/insecure/app:seekable"
+        r = _run("--insecure-registry", registry.address, "convert", "--quiet", source, target)
+        assert r.returncode == 0, r.stderr[-3000:]
+        yield registry.address, target
+
+
+def test_run_passes_insecure_registry_to_its_daemon(insecure_image: tuple[str, str]) -> None:
+    """The private daemon must get --insecure-registry too, or every layer falls back to a full download."""
+    address, image = insecure_image
+    r = _run("--insecure-registry", address, "run", image, "--json", "-", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["output"] == "hi" and res["exit_code"] == 0
+    assert res["layers"] == res["lazy_layers"] == 2 and res["fallback_layers"] == [], res
+    assert res["mode_summary"] == "lazy" and res["bytes_by_tier"]["download"] == 0
+    assert res["registry_wire_bytes"] > 0 and res["bytes_by_tier"]["origin"] > 0, res
+
+
+def test_a_daemon_without_the_insecure_setting_is_reported_as_fallback(insecure_image: tuple[str, str],
+                                                                       tmp_path: Path) -> None:
+    """The issue's case, forced: the daemon alone lacks the setting (its TLS handshake fails on a
+    plain-HTTP registry), so pull downloads both layers; the result names them and the daemon's reason."""
+    address, image = insecure_image
+    opts = RunOptions(image, work_dir=str(tmp_path / "setup"), daemon_env={"PEERPULL_REGISTRY_INSECURE_HOSTS": ""})
+    res = asyncio.run(run_image(opts, RegistryConfig(insecure_hosts=(address,))))
+    assert res.exit_code == 0 and res.output == "hi"
+    assert res.lazy_layers == 0 and len(res.fallback_layers) == 2, res
+    assert res.mode_summary == "lazy (2 of 2 layers fell back)"
+    assert res.fallback_reasons and all(address in reason for reason in res.fallback_reasons), res.fallback_reasons
+    assert res.bytes_by_tier["download"] > 0 and res.registry_wire_bytes >= res.bytes_by_tier["download"]
+    assert not (tmp_path / "setup").exists()
+
+
+def test_run_reports_layers_that_fell_back(web_image: dict[str, str], tmp_path: Path) -> None:
+    """Lazy mode on an image that was never converted: every layer is downloaded in full, and the
+    summary, the JSON and the bytes say so (exit 0 with a warning line)."""
+    out = tmp_path / "fell-back.json"
+    r = _run("run", web_image["source"], "--json", str(out), "--", "echo", "ran anyway")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["output"] == "ran anyway"
+    assert res["lazy_layers"] == 0 and len(res["fallback_layers"]) == res["layers"] == 2, res
+    assert res["mode_summary"] == "lazy (2 of 2 layers fell back)"
+    assert any("not seekable" in reason for reason in res["fallback_reasons"]), res
+    assert res["bytes_by_tier"]["download"] > 24 << 20 and res["registry_wire_bytes"] >= res["bytes_by_tier"]["download"]
+    assert "lazy (2 of 2 layers fell back)" in r.stdout and "warning: " in r.stdout
+
+
+def test_run_checks_the_json_path_before_any_work(web_image: dict[str, str], tmp_path: Path) -> None:
+    work = tmp_path / "never-made"
+    r = peerpull_cmd("run", web_image["target"], "--work-dir", str(work), "--json", str(tmp_path / "no" / "such" / "x.json"))
+    assert_one_line_error(r, 2, "--json")
+    assert not work.exists()
+
+
+def test_run_refuses_a_work_dir_holding_other_files(web_image: dict[str, str], tmp_path: Path) -> None:
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep\n")
+    r = peerpull_cmd("run", web_image["target"], "--work-dir", str(work))
+    assert_one_line_error(r, 2, "is not empty")
+    assert (work / "notes.txt").read_text() == "keep\n"

@@ -23,11 +23,11 @@ from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peerpull.commands.convert_cmd import print_summary
 from peerpull.commands.inspect_cmd import print_table
-from peerpull.commands.run_cmd import print_results
+from peerpull.commands.run_cmd import global_args, print_results
 from peerpull.config import PeerpullConfig
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
 from peerpull.embedded.registry import EmbeddedRegistry
-from peerpull.runner import RunOptions, run_image
+from peerpull.runner import RunOptions, RunResult, run_image
 
 DESCRIPTION = """\
 Run the whole path on a private set-up under a temporary directory — its own Distribution
@@ -40,7 +40,9 @@ registry on 127.0.0.1 and its own containerd instance, never the host's:
      lazily (peerpull daemon as containerd's snapshotter, FUSE), each on a fresh private
      containerd, and print time to start, first log line and completion, and bytes by tier.
 
-Needs root (containerd), and the packages scripts/setup.sh installs.
+It fails (exit 1, one line naming the cause) if the converted image did not run lazily: when any
+of its layers fell back to a full download (the daemon could not serve it), or if the outputs
+differ. Needs root (containerd), and the packages scripts/setup.sh installs.
 """
 
 ENTRYPOINT = ["/bin/busybox", "sh", "-c",
@@ -85,10 +87,20 @@ def _push_layout(layout: Path, ref: str) -> None:
                    check=True, capture_output=True)
 
 
+def require_lazy(result: RunResult) -> None:
+    """The quickstart demonstrates lazy pulling: a lazy run that downloaded layers in full fails it."""
+    if result.fallback_layers:
+        raise PeerpullError(f"the converted image did not run lazily: {len(result.fallback_layers)} of {result.layers} "
+                            f"layers fell back to a full download ({'; '.join(result.fallback_reasons) or 'unknown'})")
+
+
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     if os.geteuid() != 0:
         raise ConfigError("quickstart starts its own containerd and needs root")
     console = Console(width=None if sys.stdout.isatty() else 140)
+    if args.work_dir and Path(args.work_dir).is_dir() and any(Path(args.work_dir).iterdir()):
+        raise ConfigError(f"--work-dir {args.work_dir} is not empty (quickstart deletes it afterwards); "
+                          "give a new or empty directory")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="peerpull-quickstart-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -109,10 +121,12 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
                           "each on a fresh private containerd")
             results = []
             for image, mode in ((original, "normal"), (seekable, "lazy")):
-                results.append(await run_image(RunOptions(image, mode=mode, work_dir=str(work / f"run-{mode}")),
-                                               config.registry, lambda text: console.print(f"  [dim]│[/] {text}")))
+                opts = RunOptions(image, mode=mode, work_dir=str(work / f"run-{mode}"),
+                                  global_args=global_args(args, config))
+                results.append(await run_image(opts, config.registry, lambda text: console.print(f"  [dim]│[/] {text}")))
         print_results(results, console)
         normal, lazy = results
+        require_lazy(lazy)
         ratio = normal.ready_s / lazy.ready_s if normal.ready_s and lazy.ready_s else 0.0
         console.print(f"time to completion: normal {normal.ready_s:.2f} s, lazy {lazy.ready_s:.2f} s ({ratio:.1f}x); "
                       f"registry bytes: normal {normal.registry_wire_bytes / 1e6:.1f} MB, "

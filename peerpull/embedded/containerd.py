@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Callable
 
 from peerpull.embedded.process import spawn_logged, stop_process, unmount_under
 from converter.errors import ConfigError, PeerpullError
@@ -20,7 +21,7 @@ NAMESPACE = "peerpull"
 
 class EmbeddedContainerd:
     def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", on_spawn: Callable[[int], None] | None = None) -> None:
         self.root = Path(root)
         self.socket = self.root / "containerd.sock"
         self.ttrpc_socket = self.root / "containerd-ttrpc.sock"
@@ -29,6 +30,7 @@ class EmbeddedContainerd:
         self._enable_cri = enable_cri
         self._extra = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
+        self._on_spawn = on_spawn  # told the PID at once (peerpull run records it for peerpull clean)
 
     def config_text(self) -> str:
         disabled = [] if self._enable_cri else ['"io.containerd.grpc.v1.cri"']
@@ -56,6 +58,8 @@ class EmbeddedContainerd:
         config = self.root / "config.toml"
         config.write_text(self.config_text())
         self._proc = spawn_logged(["containerd", "--config", str(config)], self.log_path)
+        if self._on_spawn is not None:
+            self._on_spawn(self._proc.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

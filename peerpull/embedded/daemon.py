@@ -1,8 +1,13 @@
 """A private `peerpull daemon` process under a directory (its own root, cache, socket and peer
-port), for `peerpull run`, the quickstart, benchmarks and tests."""
+port), for `peerpull run`, the quickstart, benchmarks and tests.
+
+`global_args` are peerpull's global options for the child (e.g. `--config FILE`, `--log-level`),
+`extra_env` its `PEERPULL_*` settings: what the caller was configured with reaches the daemon.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Callable
 
 from converter.errors import PeerpullError
 from peer.metrics import parse_exposition
@@ -22,7 +28,8 @@ from peerpull.embedded.registry import free_port
 class EmbeddedDaemon:
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None, discovery: str = "none",
                  peers: list[str] | None = None, extra_env: dict[str, str] | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, global_args: list[str] | None = None,
+                 on_spawn: Callable[[int], None] | None = None) -> None:
         self.root = Path(root).absolute()
         self.host = host
         self.port = port or free_port(host)
@@ -31,7 +38,9 @@ class EmbeddedDaemon:
         self.socket = self._sock_dir / "snapshotter.sock"
         self.log_path = self.root / "daemon.log"
         self.fuse_mount = self.root / "snapshotter" / "fuse"
-        cmd = [sys.executable, "-m", "peerpull", "--log-format", "json", "daemon",
+        self.sock_dir = self._sock_dir
+        self._on_spawn = on_spawn
+        cmd = [sys.executable, "-m", "peerpull", *(global_args or []), "--log-format", "json", "daemon",
                "--root", str(self.root / "snapshotter"), "--socket", str(self.socket),
                "--listen", f"{host}:{self.port}", "--advertise", host, "--node-id", f"node-{self.port}",
                "--cache-dir", str(self.root / "cache"), "--discovery", discovery]
@@ -48,6 +57,8 @@ class EmbeddedDaemon:
     def start(self, timeout_s: float = 30.0) -> "EmbeddedDaemon":
         self.root.mkdir(parents=True, exist_ok=True)
         self._proc = spawn_logged(self._cmd, self.log_path, env=self._env)
+        if self._on_spawn is not None:
+            self._on_spawn(self._proc.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -71,6 +82,23 @@ class EmbeddedDaemon:
         """The daemon's Prometheus metrics, `name{labels}` → value."""
         with urllib.request.urlopen(f"http://{self.peer_address}/metrics", timeout=10) as resp:
             return parse_exposition(resp.read().decode())
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The daemon's JSON log records with event `name` (e.g. lazy_layer_fallback), oldest first."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            if f'"{name}"' in line:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == name:
+                    out.append(record)
+        return out
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
