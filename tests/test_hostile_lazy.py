@@ -79,11 +79,8 @@ def test_a_hostile_range_read_falls_back_and_the_image_runs(node: Node, mode: st
                         snapshotter="peerpull")
     assert out.split()[0] == str(len(payload))
 
-    log = node.daemon.log_tail(200_000)
-    fallbacks = [json.loads(line) for line in log.splitlines() if '"lazy_layer_fallback"' in line]
-    assert any(unique in json.dumps(f) for f in fallbacks), fallbacks[-3:]
+    fallbacks = [f for f in node.daemon.events("lazy_layer_fallback") if f.get("layer") == unique]
+    assert fallbacks and fallbacks[-1]["error"], node.daemon.log_tail()
     assert image.layers  # the layout was built as asked
     daemon_pid = node.daemon.pid
-    assert daemon_pid is not None and _vm_hwm_mb(daemon_pid) < 400
-    status = node.daemon.health()
-    assert status["node_id"]
+    assert daemon_pid is not None and _vm_hwm_mb(daemon_pid) < 400  # still running, memory bounded

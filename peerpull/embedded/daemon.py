@@ -54,6 +54,11 @@ class EmbeddedDaemon:
     def peer_address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The daemon process while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def start(self, timeout_s: float = 30.0) -> "EmbeddedDaemon":
         self.root.mkdir(parents=True, exist_ok=True)
         self._proc = spawn_logged(self._cmd, self.log_path, env=self._env)
