@@ -19,6 +19,8 @@ DESCRIPTION = """\
 Show an image's layers and, for seekable layers, what their table of contents holds. Only the
 manifest and each TOC are read (ranged reads of the blob tails): nothing is downloaded.
 Exit status is 0 whether or not the image is seekable; use --json to script on it.
+A registry gets 60 s per request, retries included (PEERPULL_REGISTRY_REQUEST_DEADLINE_S); a manifest
+above 4 MiB or a TOC above its footer's size is refused (docs/format.md, "Registry limits").
 """
 
 
