@@ -349,6 +349,7 @@ class RegistryClient:
                 return None
             size = _content_length(resp)
             if size is None:
+                self.faults["bad_length"] += 1
                 raise RegistryError(f"{what}: registry {ref.registry} answered HEAD without a valid Content-Length")
             if size >= MAX_BLOB_BYTES:
                 self.faults["oversized"] += 1
