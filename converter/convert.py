@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from converter import untrusted
 from converter import format as fmt
 from converter.config import ConvertConfig
 from converter.errors import FormatError
@@ -107,7 +108,7 @@ def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any
 
 def config_diff_ids(config_body: bytes, what: str) -> list[str]:
     try:
-        diff_ids = json.loads(config_body)["rootfs"]["diff_ids"]
+        diff_ids = untrusted.loads(config_body)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise FormatError(f"{what}: image config has no rootfs.diff_ids") from None
     if not isinstance(diff_ids, list):
@@ -117,7 +118,7 @@ def config_diff_ids(config_body: bytes, what: str) -> list[str]:
 
 def rewrite_config(config_body: bytes, diff_ids: list[str]) -> bytes:
     """The config with `rootfs.diff_ids` set to `diff_ids`; the same bytes when they already match."""
-    config = json.loads(config_body)
+    config = untrusted.loads(config_body)
     if config["rootfs"]["diff_ids"] == diff_ids:
         return config_body
     config["rootfs"]["diff_ids"] = diff_ids

@@ -6,12 +6,12 @@ platform), small blobs in memory, and large blobs as a verified stream.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
+from converter import untrusted
 from converter.digest import DigestWriter, parse_digest, sha256_digest
 from converter.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
 from converter.registry import media_types as mt
@@ -54,7 +54,7 @@ def _check_descriptor(desc: Any, what: str) -> None:
 def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
     """Decode an image manifest and check the fields the converter relies on."""
     try:
-        manifest = json.loads(body)
+        manifest = untrusted.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise FormatError(f"{what}: manifest is not valid JSON") from None
     if not isinstance(manifest, dict):
@@ -176,7 +176,7 @@ class LayoutSource:
 
     async def resolve(self) -> ResolvedImage:
         try:
-            index = json.loads((self._root / "index.json").read_bytes())
+            index = untrusted.loads((self._root / "index.json").read_bytes())
         except (OSError, ValueError) as exc:
             raise FormatError(f"{self.description}: index.json is unreadable or not JSON ({type(exc).__name__})") from None
         chosen = self._pick(self._descriptors(index, "index.json"), self.description)
@@ -187,7 +187,7 @@ class LayoutSource:
             if media_type in (mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST):
                 self._tag = None
                 try:
-                    nested = json.loads(body)
+                    nested = untrusted.loads(body)
                 except ValueError:
                     raise FormatError(f"{self.description}: index {chosen['digest']} is not JSON") from None
                 chosen = self._pick(self._descriptors(nested, f"index {chosen['digest']}"), self.description)

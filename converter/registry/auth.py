@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from converter import untrusted
 from converter.errors import AuthError, ConfigError, RegistryUnreachableError
 
 log = structlog.get_logger(__name__)
@@ -162,7 +163,7 @@ class Authenticator:
                     raw += block
                 if len(raw) > MAX_TOKEN_BYTES:
                     raise AuthError(f"token server {realm} sent an answer larger than {MAX_TOKEN_BYTES >> 10} KiB")
-                body = json.loads(raw)
+                body = untrusted.loads(raw)
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise RegistryUnreachableError(f"cannot reach token server {realm}: {reason}") from None

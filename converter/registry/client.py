@@ -25,6 +25,7 @@ from urllib.parse import urlencode, urljoin
 import aiohttp
 import structlog
 
+from converter import untrusted
 from converter.digest import DigestWriter, sha256_digest, verify_bytes
 from converter.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
                               RegistryUnreachableError, UnsupportedError)
@@ -72,7 +73,7 @@ class _Stall(Exception):
 
 def _error_detail(body: bytes) -> str:
     try:
-        errors = json.loads(body).get("errors") or []
+        errors = untrusted.loads(body).get("errors") or []
         return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors[:2])
     except (ValueError, AttributeError, TypeError):
         return ""
@@ -288,7 +289,7 @@ class RegistryClient:
             verify_bytes(body, ref.digest, what)
         media_type = content_type.split(";")[0].strip()
         try:
-            doc = json.loads(body)
+            doc = untrusted.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise FormatError(f"{what}: not valid JSON") from None
         if not isinstance(doc, dict):
@@ -304,7 +305,7 @@ class RegistryClient:
             if self._config.platform:
                 await self._check_platform(ref, fetched)
             return fetched, None
-        entries = json.loads(fetched.body).get("manifests")
+        entries = untrusted.loads(fetched.body).get("manifests")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise FormatError(f"index {ref}: 'manifests' is not a list of descriptors")
         wanted = self._config.index_platform
@@ -317,7 +318,7 @@ class RegistryClient:
 
     async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest) -> None:
         try:
-            config = json.loads(fetched.body).get("config") or {}
+            config = untrusted.loads(fetched.body).get("config") or {}
             digest = config["digest"]
         except (ValueError, AttributeError, KeyError, TypeError):
             return  # not an image manifest: the caller says so

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from converter import untrusted
 from converter.errors import UnsupportedError
 
 
@@ -25,7 +25,7 @@ def matches(platform: dict[str, Any], wanted: str) -> bool:
 def check_config_platform(config_body: bytes, wanted: str, what: str) -> None:
     """A single-platform image chosen with an explicit platform must be of that platform."""
     try:
-        config = json.loads(config_body)
+        config = untrusted.loads(config_body)
     except (ValueError, UnicodeDecodeError):
         return  # the converter reports a malformed config where it reads it
     if isinstance(config, dict) and not matches(config, wanted):
