@@ -31,7 +31,7 @@ class RegistryConfig:
     connect_timeout_s: float = setting(10.0, lo=0.05, hi=600)
     read_timeout_s: float = setting(20.0, lo=0.05, hi=3600)  # idle: no byte for this long
     request_deadline_s: float = setting(60.0, lo=0.1, hi=3600)  # a bounded request, retries included
-    min_speed_bytes_s: int = setting(1024, lo=1, hi=1 << 30)  # a blob stream slower than this stalls
+    min_speed_bytes_s: int = setting(16 << 10, lo=1, hi=1 << 30)  # a blob stream slower than this stalls
     retries: int = setting(4, lo=0, hi=20)
     backoff_base_s: float = setting(0.2, lo=0.0, hi=30)
     backoff_max_s: float = setting(10.0, lo=0.0, hi=300)  # no single wait between retries is longer
