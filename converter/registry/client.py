@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 
 from converter import untrusted
-from converter.digest import DigestWriter, sha256_digest, verify_bytes
+from converter.digest import DigestWriter, is_digest, sha256_digest, verify_bytes
 from converter.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
                               RegistryUnreachableError, UnsupportedError)
 from converter.registry import media_types as mt
@@ -77,6 +77,11 @@ def _error_detail(body: bytes) -> str:
         return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors[:2])
     except (ValueError, AttributeError, TypeError):
         return ""
+
+
+def well_formed_digest(value: object) -> bool:
+    """A `sha256:<64 hex>` string, with nothing after it (not even the newline a `$` regex lets by)."""
+    return isinstance(value, str) and len(value) == 71 and is_digest(value)
 
 
 def _content_length(resp: aiohttp.ClientResponse) -> int | None:
@@ -234,8 +239,8 @@ class RegistryClient:
                    announced: int | None = None) -> RegistryError:
         resp.close()
         self.faults["oversized"] += 1
-        sent = f"announced {announced} bytes" if announced is not None else "sent more"
-        return RegistryError(f"{what}: registry {ref.registry} {sent}, above the {_human(limit)} limit")
+        sent = f"announced {announced} bytes" if announced is not None else "kept sending"
+        return RegistryError(f"{what}: registry {ref.registry} {sent}, more than the {_human(limit)} limit")
 
     async def _read_limited(self, resp: aiohttp.ClientResponse, limit: int, ref: ImageReference, what: str) -> bytes:
         """The whole body, refused as soon as it passes `limit` bytes (announced or received)."""
@@ -310,7 +315,7 @@ class RegistryClient:
             raise FormatError(f"index {ref}: 'manifests' is not a list of descriptors")
         wanted = self._config.index_platform
         for entry in entries:
-            if matches(entry.get("platform") or {}, wanted) and isinstance(entry.get("digest"), str):
+            if matches(entry.get("platform") or {}, wanted) and well_formed_digest(entry.get("digest")):
                 return await self.get_manifest(ref.with_digest(entry["digest"])), fetched
         have = ", ".join(sorted({describe(e.get("platform") or {}) for e in entries}))
         raise UnsupportedError(f"{ref} has no image for {wanted} (it has: {have or 'none'}); "
