@@ -17,11 +17,13 @@ from rich.table import Table
 from converter.convert import ConvertReport, Converter
 from converter.errors import ConfigError
 from converter.image_source import LayoutSource, open_source
-from converter.registry.client import RegistryClient
+from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, RegistryClient
+from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
 from peerpull.config import PeerpullConfig
 
-DESCRIPTION = """\
+_R = RegistryConfig()
+DESCRIPTION = f"""\
 Convert an image into a seekable image: every layer becomes independent zstd frames (one per
 file chunk) with a table of contents at its end, still a valid tar+zstd layer, so nodes without
 peerpull run the same tag unchanged. Layers are converted in parallel and pushed to DST.
@@ -32,9 +34,13 @@ seekable converts nothing and says so. Credentials come from docker's config.jso
 DST equal to SRC (same registry, repository and tag) overwrites the tag: that needs --force.
 The --work-dir and --json outputs are checked writable before any work starts.
 
-Registry limits (docs/format.md, "Registry limits"): manifests 4 MiB, configs 8 MiB, blobs their
-descriptor's size; connect 10 s, idle read 20 s, 60 s per bounded request, retries included
-(PEERPULL_REGISTRY_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S, _REQUEST_DEADLINE_S, _MIN_SPEED_BYTES_S).
+--platform picks from a multi-platform image (default linux/amd64); given explicitly, a
+single-platform image of another platform is refused (exit 8) naming the one it has.
+
+Registry limits (docs/format.md §10): manifests {MAX_MANIFEST_BYTES >> 20} MiB, configs {MAX_CONFIG_BYTES >> 20} MiB, layers their
+descriptor's size; connect {_R.connect_timeout_s:g} s, idle read {_R.read_timeout_s:g} s, {_R.request_deadline_s:g} s per bounded request with
+retries; a layer download slower than {_R.min_speed_bytes_s} bytes/s resumes (PEERPULL_REGISTRY_CONNECT_TIMEOUT_S,
+_READ_TIMEOUT_S, _REQUEST_DEADLINE_S, _MIN_SPEED_BYTES_S, _RETRIES).
 
 examples:
   peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable
