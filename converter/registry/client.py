@@ -236,23 +236,25 @@ class RegistryClient:
                 f"(registry.request_deadline_s, env PEERPULL_REGISTRY_REQUEST_DEADLINE_S)") from None
 
     def _oversized(self, resp: aiohttp.ClientResponse, ref: ImageReference, what: str, limit: int,
-                   announced: int | None = None) -> RegistryError:
+                   announced: int | None = None, asked: bool = False) -> RegistryError:
         resp.close()
         self.faults["oversized"] += 1
         sent = f"announced {announced} bytes" if announced is not None else "kept sending"
-        return RegistryError(f"{what}: registry {ref.registry} {sent}, more than the {_human(limit)} limit")
+        bound = f"the {limit} bytes asked for" if asked else f"the {_human(limit)} limit"
+        return RegistryError(f"{what}: registry {ref.registry} {sent}, more than {bound}")
 
-    async def _read_limited(self, resp: aiohttp.ClientResponse, limit: int, ref: ImageReference, what: str) -> bytes:
+    async def _read_limited(self, resp: aiohttp.ClientResponse, limit: int, ref: ImageReference, what: str,
+                            asked: bool = False) -> bytes:
         """The whole body, refused as soon as it passes `limit` bytes (announced or received)."""
         announced = _content_length(resp)
         if announced is not None and announced > limit:
-            raise self._oversized(resp, ref, what, limit, announced)
+            raise self._oversized(resp, ref, what, limit, announced, asked)
         parts: list[bytes] = []
         size = 0
         while block := await resp.content.read(1 << 20):
             size += len(block)
             if size > limit:
-                raise self._oversized(resp, ref, what, limit)
+                raise self._oversized(resp, ref, what, limit, asked=asked)
             parts.append(block)
         resp.release()
         return b"".join(parts)
@@ -458,7 +460,7 @@ class RegistryClient:
                     resp.close()
                     self.faults["bad_range"] += 1
                     raise RegistryError(f"{what}: registry {ref.registry} answered a range from {start}, not {offset}")
-                return await self._read_limited(resp, length, ref, what)
+                return await self._read_limited(resp, length, ref, what, asked=True)
             total = _content_length(resp)
             if total is None or total > MAX_IGNORED_RANGE_BYTES:
                 resp.close()
