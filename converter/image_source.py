@@ -49,6 +49,19 @@ def _check_descriptor(desc: Any, what: str) -> None:
     size = desc.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < MAX_BLOB_BYTES:
         raise FormatError(f"{what}: descriptor of {desc['digest']} has an impossible size {size!r}")
+    _check_annotations(desc, f"{what}: descriptor of {desc['digest']}")
+
+
+def _check_annotations(doc: dict[str, Any], what: str) -> None:
+    annotations = doc.get("annotations")
+    if annotations is not None and not (isinstance(annotations, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())):
+        raise FormatError(f"{what}: 'annotations' is not a map of strings")
+
+
+def _annotations(desc: dict[str, Any]) -> dict[str, Any]:
+    annotations = desc.get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
@@ -70,6 +83,7 @@ def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
         raise FormatError(f"{what}: manifest lacks config or layers")
     for desc in [config, *layers]:
         _check_descriptor(desc, f"{what}: manifest")
+    _check_annotations(manifest, f"{what}: manifest")
     return manifest
 
 
@@ -158,7 +172,7 @@ class LayoutSource:
 
     def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:
         if self._tag is not None:
-            tagged = [d for d in descriptors if (d.get("annotations") or {}).get("org.opencontainers.image.ref.name") == self._tag]
+            tagged = [d for d in descriptors if _annotations(d).get("org.opencontainers.image.ref.name") == self._tag]
             if not tagged:
                 raise NotFoundError(f"{what}: no image tagged {self._tag!r}")
             descriptors = tagged

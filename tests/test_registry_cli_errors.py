@@ -105,3 +105,32 @@ def test_an_explicit_platform_the_image_lacks_names_what_it_has(plain: str, layo
     ok = peerpull_cmd("--platform", "linux/amd64", "inspect", plain)
     assert ok.returncode == 0, ok.stderr
     assert peerpull_cmd("inspect", plain).returncode == 0  # the default takes a single-platform image as it is
+
+
+@pytest.mark.parametrize("damage", ["entry-annotations-list", "entry-platform-string", "manifest-annotations-list",
+                                    "deep-json"])
+def test_a_layout_with_malformed_fields_is_a_format_error(layout: Path, tmp_path: Path, registry_session,
+                                                          damage: str) -> None:
+    from converter.digest import sha256_digest
+
+    bad = _copy_layout(layout, tmp_path / "bad")
+    index = json.loads((bad / "index.json").read_text())
+    entry = index["manifests"][0]
+    if damage == "entry-annotations-list":
+        entry["annotations"] = ["org.opencontainers.image.ref.name"]
+        needle = "annotations"
+    elif damage == "entry-platform-string":
+        index["manifests"] = [dict(entry, platform="linux/amd64"), dict(entry, platform=["x"])]
+        needle = "none for linux/amd64"
+    else:
+        blob = bad / "blobs" / "sha256" / entry["digest"][7:]
+        body = b"[" * 100_000 if damage == "deep-json" else json.dumps(
+            dict(json.loads(blob.read_bytes()), annotations=["a"])).encode()
+        digest = sha256_digest(body)
+        (bad / "blobs" / "sha256" / digest[7:]).write_bytes(body)
+        entry.update(digest=digest, size=len(body))
+        needle = "not valid JSON" if damage == "deep-json" else "annotations"
+    (bad / "index.json").write_text(json.dumps(index))
+    result = peerpull_cmd("convert", f"oci:{bad}", f"{registry_session.address}/errors/malformed:1")
+    assert result.returncode in (3, 7), result.stderr
+    assert_one_line_error(result, result.returncode, needle)

@@ -8,14 +8,18 @@ from converter import untrusted
 from converter.errors import UnsupportedError
 
 
-def describe(platform: dict[str, Any]) -> str:
+def describe(platform: Any) -> str:
+    if not isinstance(platform, dict):
+        return "?/?"
     text = f"{platform.get('os') or '?'}/{platform.get('architecture') or '?'}"
     return text + (f"/{platform['variant']}" if platform.get("variant") else "")
 
 
-def matches(platform: dict[str, Any], wanted: str) -> bool:
+def matches(platform: Any, wanted: str) -> bool:
     """True when `platform` (an index entry's or a config's) is `wanted`; a variant is compared only
     when `wanted` names one."""
+    if not isinstance(platform, dict):
+        return False
     os_, _, rest = wanted.partition("/")
     arch, _, variant = rest.partition("/")
     return (platform.get("os") == os_ and platform.get("architecture") == arch
