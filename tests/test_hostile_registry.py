@@ -249,3 +249,19 @@ def test_convert_with_default_settings_against_an_endless_config(images, registr
                           f"{registry_session.address}/hostile/default-out:1", timeout=GUARD_S, env=env)
     check_cli_failure(m, "endless", hostile.address)
     assert "8 MiB" in final_error(m.stderr).message
+
+
+class _HttpsClient(RegistryClient):
+    """Speaks TLS to a registry that serves plain HTTP: what a missing --insecure-registry does."""
+
+    def _base(self, ref: ImageReference) -> str:
+        return super()._base(ref).replace("http://", "https://", 1)
+
+
+async def test_tls_to_a_plain_http_registry_names_the_flag(images, registry_session) -> None:
+    ref = ImageReference.parse(images["plain"].ref)
+    async with _HttpsClient(FAST) as client:
+        with pytest.raises(RegistryError, match=f"--insecure-registry {registry_session.address}") as caught:
+            await asyncio.wait_for(client.get_manifest(ref), GUARD_S)
+        assert "\n" not in str(caught.value)
+        assert client.faults["tls"] == 1 and client.faults["retry"] == 0  # another attempt would not help
