@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from converter import untrusted
 from converter import format as fmt
 from converter.config import ConvertConfig
 from converter.errors import FormatError
@@ -107,7 +108,7 @@ def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any
 
 def config_diff_ids(config_body: bytes, what: str) -> list[str]:
     try:
-        diff_ids = json.loads(config_body)["rootfs"]["diff_ids"]
+        diff_ids = untrusted.loads(config_body)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         raise FormatError(f"{what}: image config has no rootfs.diff_ids") from None
     if not isinstance(diff_ids, list):
@@ -117,7 +118,7 @@ def config_diff_ids(config_body: bytes, what: str) -> list[str]:
 
 def rewrite_config(config_body: bytes, diff_ids: list[str]) -> bytes:
     """The config with `rootfs.diff_ids` set to `diff_ids`; the same bytes when they already match."""
-    config = json.loads(config_body)
+    config = untrusted.loads(config_body)
     if config["rootfs"]["diff_ids"] == diff_ids:
         return config_body
     config["rootfs"]["diff_ids"] = diff_ids
@@ -139,14 +140,18 @@ class Converter:
         layers = image.manifest["layers"]
         for desc in layers:
             mt.layer_compression(desc.get("mediaType", ""))  # refuse foreign/unknown layers before any work
+        # the config first: a bad one fails the conversion before any layer work
+        config_body = await source.read_blob(image.manifest["config"]["digest"])
         report.already_seekable = all(is_seekable_descriptor(d) for d in layers)
-        log.info("convert_started", source=source.description, destination=str(dest), layers=len(layers),
+        if not report.already_seekable and len(config_diff_ids(config_body, f"image {image.digest}")) != len(layers):
+            raise FormatError(f"image {image.digest}: its config lists a different number of diff_ids than "
+                              f"its {len(layers)} layers")
+        log.debug("convert_started", source=source.description, destination=str(dest), layers=len(layers),
                  already_seekable=report.already_seekable)
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._layer(source, dest, d)) for d in layers]
         outcomes = [t.result() for t in tasks]
         report.layers = [o.report for o in outcomes]
-        config_body = await source.read_blob(image.manifest["config"]["digest"])
         if report.already_seekable:
             body, media_type = image.body, image.media_type
             await self._client.push_blob_bytes(dest, config_body)
@@ -154,7 +159,7 @@ class Converter:
             body, media_type = await self._new_manifest(image, dest, config_body, outcomes)
         report.manifest_digest = await self._client.push_manifest(dest, body, media_type)
         report.seconds = time.monotonic() - started
-        log.info("convert_finished", destination=str(dest), manifest=report.manifest_digest,
+        log.debug("convert_finished", destination=str(dest), manifest=report.manifest_digest,
                  seconds=round(report.seconds, 2))
         return report
 
@@ -193,7 +198,7 @@ class Converter:
             return
         with self._temp_file() as path:
             with open(path, "wb") as f:
-                async for block in source.stream_blob(digest):
+                async for block in source.stream_blob(digest, desc["size"]):
                     await asyncio.to_thread(f.write, block)
             await self._client.push_blob_file(dest, digest, path, desc["size"], mount_from=source.registry_ref)
 
@@ -207,7 +212,7 @@ class Converter:
         compression = mt.layer_compression(desc["mediaType"])
         what = f"layer {digest}"
         loop = asyncio.get_running_loop()
-        stream = source.stream_blob(digest)
+        stream = source.stream_blob(digest, desc["size"])
         self._progress.layer_started(digest, desc["size"])
         reader = AsyncIterReader(stream, loop, on_bytes=lambda n: self._progress.layer_advanced(digest, n))
 
@@ -229,7 +234,7 @@ class Converter:
             await self._client.push_blob_file(dest, result.digest, path, result.size)
         self._progress.layer_finished(digest)
         seconds = time.monotonic() - started
-        log.info("layer_converted", source_digest=digest, digest=result.digest, uncompressed=result.uncompressed_size,
+        log.debug("layer_converted", source_digest=digest, digest=result.digest, uncompressed=result.uncompressed_size,
                  chunks=result.chunks, entries=result.entries, seconds=round(seconds, 2))
         report = LayerReport(
             source_digest=digest, source_size=desc["size"], digest=result.digest, size=result.size, converted=True,

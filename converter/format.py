@@ -148,6 +148,8 @@ def decode_footer(tail: bytes, blob_size: int) -> Footer:
         raise FormatError("footer locates the TOC outside the blob")
     if toc_uncompressed > MAX_TOC_BYTES:
         raise FormatError(f"TOC claims {toc_uncompressed} bytes, above the {MAX_TOC_BYTES} limit")
+    if toc_length > MAX_TOC_BYTES:  # read before it is decompressed: bounded on its own
+        raise FormatError(f"TOC frame claims {toc_length} bytes, above the {MAX_TOC_BYTES} limit")
     return Footer(toc_offset, toc_length, toc_uncompressed)
 
 

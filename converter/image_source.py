@@ -6,16 +6,19 @@ platform), small blobs in memory, and large blobs as a verified stream.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
+from converter import untrusted
 from converter.digest import DigestWriter, parse_digest, sha256_digest
 from converter.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
 from converter.registry import media_types as mt
-from converter.registry.client import FetchedManifest, RegistryClient
+from converter.registry.client import (MAX_BLOB_BYTES, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest,
+                                       RegistryClient, well_formed_digest)
+from converter.registry.config import DEFAULT_PLATFORM
+from converter.registry.platform import check_config_platform, describe, matches
 from converter.registry.reference import ImageReference
 
 LAYOUT_PREFIX = "oci:"
@@ -35,15 +38,36 @@ class ImageSource(Protocol):
 
     async def resolve(self) -> ResolvedImage: ...
 
-    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes: ...
+    async def read_blob(self, digest: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes: ...
 
-    def stream_blob(self, digest: str) -> AsyncIterator[bytes]: ...
+    def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]: ...
+
+
+def _check_descriptor(desc: Any, what: str) -> None:
+    if not isinstance(desc, dict) or not well_formed_digest(desc.get("digest")):
+        raise FormatError(f"{what}: malformed descriptor (no well-formed sha256 digest)")
+    size = desc.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < MAX_BLOB_BYTES:
+        raise FormatError(f"{what}: descriptor of {desc['digest']} has an impossible size {size!r}")
+    _check_annotations(desc, f"{what}: descriptor of {desc['digest']}")
+
+
+def _check_annotations(doc: dict[str, Any], what: str) -> None:
+    annotations = doc.get("annotations")
+    if annotations is not None and not (isinstance(annotations, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())):
+        raise FormatError(f"{what}: 'annotations' is not a map of strings")
+
+
+def _annotations(desc: dict[str, Any]) -> dict[str, Any]:
+    annotations = desc.get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
 
 
 def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
     """Decode an image manifest and check the fields the converter relies on."""
     try:
-        manifest = json.loads(body)
+        manifest = untrusted.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise FormatError(f"{what}: manifest is not valid JSON") from None
     if not isinstance(manifest, dict):
@@ -58,9 +82,8 @@ def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(layers, list):
         raise FormatError(f"{what}: manifest lacks config or layers")
     for desc in [config, *layers]:
-        if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str) or not isinstance(desc.get("size"), int):
-            raise FormatError(f"{what}: manifest has a malformed descriptor")
-        parse_digest(desc["digest"])
+        _check_descriptor(desc, f"{what}: manifest")
+    _check_annotations(manifest, f"{what}: manifest")
     return manifest
 
 
@@ -74,11 +97,11 @@ class RegistrySource:
         fetched, _index = await self._client.resolve_image(self.registry_ref)
         return _resolved(fetched, self.description)
 
-    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes:
+    async def read_blob(self, digest: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
         return await self._client.get_blob_bytes(self.registry_ref, digest, max_bytes=max_bytes)
 
-    def stream_blob(self, digest: str) -> AsyncIterator[bytes]:
-        return self._client.stream_blob(self.registry_ref, digest)
+    def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:
+        return self._client.stream_blob(self.registry_ref, digest, size=size)
 
 
 def _resolved(fetched: FetchedManifest, what: str) -> ResolvedImage:
@@ -86,14 +109,16 @@ def _resolved(fetched: FetchedManifest, what: str) -> ResolvedImage:
 
 
 class LayoutSource:
-    """An OCI image layout directory (`oci:DIR[:TAG]`), as written by skopeo, umoci or buildkit."""
+    """An OCI image layout directory (`oci:DIR[:TAG]`), as written by skopeo, umoci or buildkit.
+
+    Every descriptor's size must be its blob's size: a layout that lies is refused before any work."""
 
     registry_ref = None
 
     def __init__(self, root: Path, tag: str | None, platform: str) -> None:
         self._root = root
         self._tag = tag
-        self._platform = platform
+        self._platform = platform  # "": linux/amd64 from an index, a single image as it is
         self.description = f"{LAYOUT_PREFIX}{root}" + (f":{tag}" if tag else "")
         if not (root / "index.json").is_file():
             raise ConfigError(f"{root} is not an OCI image layout (no index.json)")
@@ -102,7 +127,16 @@ class LayoutSource:
         algo, _, hexpart = parse_digest(digest).partition(":")
         return self._root / "blobs" / algo / hexpart
 
-    async def read_blob(self, digest: str, max_bytes: int = 64 << 20) -> bytes:
+    def _check_size(self, desc: dict[str, Any]) -> None:
+        try:
+            actual = self._blob_path(desc["digest"]).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.description}: blob {desc['digest']} is missing") from None
+        if actual != desc["size"]:
+            raise FormatError(f"{self.description}: descriptor of {desc['digest']} says {desc['size']} bytes, "
+                              f"the blob has {actual}")
+
+    async def read_blob(self, digest: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
         path = self._blob_path(digest)
         try:
             if path.stat().st_size > max_bytes:
@@ -114,7 +148,7 @@ class LayoutSource:
             raise DigestMismatchError(f"{self.description}: blob {digest} is corrupt")
         return data
 
-    async def stream_blob(self, digest: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:  # type: ignore[override]
         path = self._blob_path(digest)
         check = DigestWriter()
         try:
@@ -125,40 +159,65 @@ class LayoutSource:
             while block := f.read(1 << 20):
                 check.update(block)
                 yield block
-        if check.digest != digest:
+        if check.digest != digest or (size is not None and check.size != size):
             raise DigestMismatchError(f"{self.description}: blob {digest} is truncated or corrupt")
+
+    def _descriptors(self, doc: Any, where: str) -> list[dict[str, Any]]:
+        manifests = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(manifests, list):
+            raise FormatError(f"{self.description}: {where}'s 'manifests' is not a list")
+        for desc in manifests:
+            _check_descriptor(desc, f"{self.description}: {where}")
+        return manifests
 
     def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:
         if self._tag is not None:
-            tagged = [d for d in descriptors if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == self._tag]
+            tagged = [d for d in descriptors if _annotations(d).get("org.opencontainers.image.ref.name") == self._tag]
             if not tagged:
                 raise NotFoundError(f"{what}: no image tagged {self._tag!r}")
             descriptors = tagged
+        if not descriptors:
+            raise NotFoundError(f"{what}: the layout holds no image")
         if len(descriptors) == 1:
             return descriptors[0]
-        wanted = self._platform.split("/")
+        wanted = self._platform or DEFAULT_PLATFORM
         for d in descriptors:
-            p = d.get("platform") or {}
-            have = [p.get("os"), p.get("architecture")] + ([p["variant"]] if p.get("variant") else [])
-            if have[: len(wanted)] == wanted:
+            if matches(d.get("platform") or {}, wanted):
                 return d
-        raise NotFoundError(f"{what}: {len(descriptors)} images and none for {self._platform}; name a tag")
+        have = ", ".join(sorted({describe(d.get("platform") or {}) for d in descriptors}))
+        raise NotFoundError(f"{what}: {len(descriptors)} images and none for {wanted} (it has: {have}); "
+                            "name a tag or choose one with --platform")
 
     async def resolve(self) -> ResolvedImage:
         try:
-            index = json.loads((self._root / "index.json").read_bytes())
-            descriptors = index["manifests"]
-        except (ValueError, KeyError, TypeError):
-            raise FormatError(f"{self.description}: index.json is malformed") from None
-        chosen = self._pick(descriptors, self.description)
+            index = untrusted.loads((self._root / "index.json").read_bytes())
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{self.description}: index.json is unreadable or not JSON ({type(exc).__name__})") from None
+        chosen = self._pick(self._descriptors(index, "index.json"), self.description)
         for _ in range(4):  # an index may point at a nested index
-            body = await self.read_blob(chosen["digest"])
+            self._check_size(chosen)
+            body = await self.read_blob(chosen["digest"], max_bytes=MAX_MANIFEST_BYTES)
             media_type = chosen.get("mediaType", "")
             if media_type in (mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST):
                 self._tag = None
-                chosen = self._pick(json.loads(body).get("manifests", []), self.description)
+                try:
+                    nested = untrusted.loads(body)
+                except ValueError:
+                    raise FormatError(f"{self.description}: index {chosen['digest']} is not JSON") from None
+                chosen = self._pick(self._descriptors(nested, f"index {chosen['digest']}"), self.description)
                 continue
-            return _resolved(FetchedManifest(media_type, body, chosen["digest"]), self.description)
+            image = _resolved(FetchedManifest(media_type, body, chosen["digest"]), self.description)
+            for desc in [image.manifest["config"], *image.manifest["layers"]]:
+                self._check_size(desc)
+            platform = chosen.get("platform")
+            if self._platform and isinstance(platform, dict):
+                if not matches(platform, self._platform):
+                    raise UnsupportedError(f"{self.description} has no image for {self._platform} "
+                                           f"(it has: {describe(platform)}); choose one of those with --platform")
+            elif self._platform:
+                check_config_platform(await self.read_blob(image.manifest["config"]["digest"]), self._platform,
+                                      self.description)
+            return image
         raise FormatError(f"{self.description}: indexes nested too deeply")
 
 

@@ -56,13 +56,17 @@ def location_from_annotations(annotations: dict[str, str] | None) -> TocLocation
     if not annotations or fmt.ANNOTATION_TOC_DIGEST not in annotations:
         return None
     try:
-        return TocLocation(
+        location = TocLocation(
             digest=annotations[fmt.ANNOTATION_TOC_DIGEST],
             offset=int(annotations[fmt.ANNOTATION_TOC_OFFSET]),
             length=int(annotations[fmt.ANNOTATION_TOC_LENGTH]),
         )
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         raise FormatError("layer annotations name a TOC but its offset/length are missing or not numbers") from None
+    if location.offset < 0 or not 0 < location.length <= fmt.MAX_TOC_BYTES:
+        raise FormatError(f"layer annotations place the TOC at {location.offset} with {location.length} bytes "
+                          f"(at most {fmt.MAX_TOC_BYTES})")
+    return location
 
 
 async def _read_exact(reader: RangeReader, offset: int, length: int, what: str) -> bytes:

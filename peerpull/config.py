@@ -132,7 +132,7 @@ def validate(config: PeerpullConfig) -> PeerpullConfig:
         check_section(getattr(config, f.name), f.name)
     if not config.snapshotter.name:
         raise ConfigError("snapshotter.name must be set")
-    if not _PLATFORM_RE.match(config.registry.platform):
+    if config.registry.platform and not _PLATFORM_RE.match(config.registry.platform):  # "": the default
         raise ConfigError(f"registry.platform must look like os/arch[/variant], e.g. linux/amd64 "
                           f"(got {config.registry.platform!r})")
     return config

@@ -113,5 +113,8 @@ def test_converting_a_seekable_image_is_a_noop(registry_session, converted: dict
     assert "already seekable" in out.stdout
     manifest, _, _ = asyncio.run(fetch_image(f"{registry_session.address}/corner/copy:1"))
     assert all(desc["mediaType"] == mt.OCI_LAYER_ZSTD for desc in manifest["layers"])
-    report = json.loads(peerpull("convert", converted["target"], converted["target"], "--json", "-", "--quiet").stdout)
+    refused = peerpull("convert", converted["target"], converted["target"], "--quiet", check=False)
+    assert refused.returncode == 2 and "--force" in refused.stderr.strip().splitlines()[-1]
+    report = json.loads(peerpull("convert", converted["target"], converted["target"], "--force", "--json", "-",
+                                 "--quiet").stdout)
     assert report["already_seekable"] is True and report["manifest_digest"] == converted["manifest"]

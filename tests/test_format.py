@@ -318,3 +318,19 @@ def test_a_frame_announcing_a_huge_size_is_refused_before_allocation() -> None:
     chunk = fmt.Chunk(0, 100, 0, len(frame), bytes(32))
     with pytest.raises(FormatError, match="announces"):
         decompress_chunk(frame, chunk)
+
+
+def test_a_footer_or_annotation_placing_a_huge_toc_is_refused_before_reading() -> None:
+    from converter.layer_reader import location_from_annotations
+
+    toc_length = fmt.MAX_TOC_BYTES + 1
+    blob_size = 1 << 40
+    footer = fmt.encode_footer(fmt.Footer(blob_size - toc_length - fmt.FOOTER_SIZE, toc_length, 1000))
+    with pytest.raises(FormatError, match="TOC frame claims"):
+        fmt.decode_footer(footer, blob_size)
+    base = {fmt.ANNOTATION_TOC_DIGEST: "sha256:" + "0" * 64, fmt.ANNOTATION_TOC_OFFSET: "10"}
+    for length in (str(fmt.MAX_TOC_BYTES + 1), "0", "-5"):
+        with pytest.raises(FormatError, match="TOC"):
+            location_from_annotations({**base, fmt.ANNOTATION_TOC_LENGTH: length})
+    with pytest.raises(FormatError, match="TOC"):
+        location_from_annotations({**base, fmt.ANNOTATION_TOC_OFFSET: "-1", fmt.ANNOTATION_TOC_LENGTH: "100"})

@@ -18,10 +18,12 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from converter import untrusted
 from converter.errors import AuthError, ConfigError, RegistryUnreachableError
 
 log = structlog.get_logger(__name__)
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
+MAX_TOKEN_BYTES = 1 << 20  # a token answer is a few KiB
 
 
 @dataclass(frozen=True)
@@ -156,9 +158,15 @@ class Authenticator:
                     raise AuthError(f"token server {realm} refused {self.describe(registry)} for {registry}")
                 if resp.status != 200:
                     raise AuthError(f"token server {realm} answered HTTP {resp.status} for {registry}")
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise RegistryUnreachableError(f"cannot reach token server {realm}: {exc}") from None
+                raw = b""
+                while len(raw) <= MAX_TOKEN_BYTES and (block := await resp.content.read(1 << 16)):
+                    raw += block
+                if len(raw) > MAX_TOKEN_BYTES:
+                    raise AuthError(f"token server {realm} sent an answer larger than {MAX_TOKEN_BYTES >> 10} KiB")
+                body = untrusted.loads(raw)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise RegistryUnreachableError(f"cannot reach token server {realm}: {reason}") from None
         except ValueError:
             raise AuthError(f"token server {realm} sent a malformed answer") from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None

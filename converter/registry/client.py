@@ -1,32 +1,35 @@
-"""OCI Distribution v2 client on one aiohttp session: manifests, blobs, Range reads, pushes.
+"""OCI Distribution v2 client: manifests, blobs, Range reads, pushes (on RegistryTransport).
 
-Hand-written (see auth.py for why). Every request retries with exponential backoff on 429/5xx
-and connection errors; failures become one-line errors from the project's taxonomy.
+Hand-written (see auth.py for why). Limits: manifests and indexes 4 MiB (containerd's limit),
+configs 8 MiB, ranges exactly the bytes asked for, whole-blob downloads their descriptor's size
+(never 1 TiB or more), HEAD sizes below 1 TiB. Bounded operations finish within the deadline;
+whole-blob downloads resume after a drop or a stall instead (see RegistryConfig and transport.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import AsyncIterator, Callable
 from urllib.parse import urlencode, urljoin
 
 import aiohttp
-import structlog
 
+from converter import untrusted
 from converter.digest import DigestWriter, sha256_digest, verify_bytes
 from converter.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
                               RegistryUnreachableError, UnsupportedError)
 from converter.registry import media_types as mt
-from converter.registry.auth import Authenticator
-from converter.registry.config import RegistryConfig
+from converter.registry.platform import check_config_platform, describe, matches
 from converter.registry.reference import ImageReference
+from converter.registry.transport import (_FINAL_KINDS, _NET_ERRORS, MAX_BLOB_BYTES, MAX_CONFIG_BYTES,
+                                          MAX_ERROR_BODY_BYTES, MAX_IGNORED_RANGE_BYTES, MAX_MANIFEST_BYTES,
+                                          MAX_RANGE_BYTES, RegistryTransport, _content_length, _RESET_AFTER_BYTES,
+                                          _Stall, _Tries, log, well_formed_digest)
 
-log = structlog.get_logger(__name__)
-_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+__all__ = ["FetchedManifest", "RegistryClient", "MAX_BLOB_BYTES", "MAX_CONFIG_BYTES", "MAX_ERROR_BODY_BYTES",
+           "MAX_MANIFEST_BYTES", "MAX_RANGE_BYTES", "well_formed_digest"]
 
 
 @dataclass(frozen=True)
@@ -36,222 +39,192 @@ class FetchedManifest:
     digest: str
 
 
-def _error_detail(body: bytes) -> str:
-    try:
-        errors = json.loads(body).get("errors") or []
-        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors[:2])
-    except (ValueError, AttributeError, TypeError):
-        return ""
 
-
-class RegistryClient:
-    def __init__(self, config: RegistryConfig) -> None:
-        self._config = config
-        self._session: aiohttp.ClientSession | None = None
-        self._auth: Authenticator | None = None
-
-    async def __aenter__(self) -> "RegistryClient":
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._config.connect_timeout_s,
-                                        sock_read=self._config.read_timeout_s)
-        connector = aiohttp.TCPConnector(limit_per_host=self._config.max_connections_per_host)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
-        self._auth = Authenticator(self._session, self._config.docker_config)
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    # ---- plumbing ------------------------------------------------------------------------
-
-    def _base(self, ref: ImageReference) -> str:
-        plain = ref.is_loopback or ref.registry in self._config.insecure_hosts
-        return f"{'http' if plain else 'https'}://{ref.api_host}/v2/{ref.repository}"
-
-    async def _backoff(self, attempt: int, retry_after: str | None = None) -> None:
-        delay = self._config.backoff_base_s * (2 ** attempt)
-        if retry_after and retry_after.isdigit():
-            delay = max(delay, min(float(retry_after), 30.0))
-        await asyncio.sleep(delay)
-
-    async def _request(
-        self, method: str, ref: ImageReference, url: str, *, what: str, headers: dict[str, str] | None = None,
-        body: bytes | None = None, push: bool = False, extra_scope: str = "", retries: int | None = None,
-    ) -> aiohttp.ClientResponse:
-        """Send one request (with auth and retries); the caller owns and must release the response."""
-        assert self._session is not None and self._auth is not None, "use RegistryClient as an async context manager"
-        scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}" + (f" {extra_scope}" if extra_scope else "")
-        retries = self._config.retries if retries is None else retries
-        attempt, authed = 0, False
-        while True:
-            hdrs = dict(headers or {})
-            if (auth := self._auth.header(ref.registry, scope)) is not None:
-                hdrs["Authorization"] = auth
-            try:
-                resp = await self._session.request(method, url, headers=hdrs, data=body)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-                if attempt >= retries:
-                    os_error = getattr(exc, "os_error", None)
-                    reason = (os_error.strerror if os_error is not None and os_error.strerror else str(exc)) or type(exc).__name__
-                    raise RegistryUnreachableError(f"cannot reach registry {ref.registry}: {reason}") from None
-                log.debug("registry_retry", registry=ref.registry, error=type(exc).__name__, attempt=attempt + 1)
-                await self._backoff(attempt)
-                attempt += 1
-                continue
-            if resp.status == 401 and not authed:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.release()
-                authed = True
-                if await self._auth.answer(ref.registry, scope, challenge, hdrs.get("Authorization")):
-                    continue
-                raise AuthError(f"{what}: {ref.registry} requires authentication; {self._auth.describe(ref.registry)}")
-            if resp.status in _RETRY_STATUS and attempt < retries:
-                retry_after = resp.headers.get("Retry-After")
-                resp.release()
-                log.debug("registry_retry", registry=ref.registry, status=resp.status, attempt=attempt + 1)
-                await self._backoff(attempt, retry_after)
-                attempt += 1
-                continue
-            return resp
-
-    async def _fail(self, resp: aiohttp.ClientResponse, ref: ImageReference, what: str) -> RegistryError:
-        try:
-            body = await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        resp.release()
-        detail = _error_detail(body)
-        suffix = f" ({detail})" if detail else ""
-        if resp.status in (401, 403):
-            assert self._auth is not None
-            return AuthError(f"{what}: {ref.registry} refused access (HTTP {resp.status}) with "
-                             f"{self._auth.describe(ref.registry)}{suffix}")
-        if resp.status == 404:
-            return NotFoundError(f"{what} not found{suffix}")
-        if resp.status in _RETRY_STATUS:
-            return RegistryError(f"{what}: {ref.registry} kept failing (HTTP {resp.status}) after retries{suffix}")
-        return RegistryError(f"{what}: {ref.registry} answered HTTP {resp.status}{suffix}")
+class RegistryClient(RegistryTransport):
+    """`async with RegistryClient(config) as client:` one session for every registry it talks to;
+    `client.faults` counts registry faults by kind (for peerpull's metrics)."""
 
     # ---- manifests -----------------------------------------------------------------------
 
     async def get_manifest(self, ref: ImageReference) -> FetchedManifest:
         what = f"manifest {ref}"
-        resp = await self._request("GET", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what,
-                                   headers={"Accept": mt.ACCEPT_MANIFESTS})
-        if resp.status != 200:
-            raise await self._fail(resp, ref, what)
-        async with resp:
-            body = await resp.read()
-        if len(body) > 8 << 20:
-            raise FormatError(f"{what}: manifest larger than 8 MiB")
+
+        async def read(resp: aiohttp.ClientResponse) -> tuple[str, bytes]:
+            return resp.headers.get("Content-Type", ""), await self._read_limited(resp, MAX_MANIFEST_BYTES, ref, what)
+
+        content_type, body = await self._bounded(
+            "GET", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what, ok=(200,), read=read,
+            headers={"Accept": mt.ACCEPT_MANIFESTS})
         if ref.digest:
             verify_bytes(body, ref.digest, what)
-        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = content_type.split(";")[0].strip()
         try:
-            media_type = json.loads(body).get("mediaType") or media_type
-        except (ValueError, AttributeError):
+            doc = untrusted.loads(body)
+        except (ValueError, UnicodeDecodeError):
             raise FormatError(f"{what}: not valid JSON") from None
-        return FetchedManifest(media_type, body, sha256_digest(body))
+        if not isinstance(doc, dict):
+            raise FormatError(f"{what}: not a JSON object")
+        return FetchedManifest(doc.get("mediaType") or media_type, body, sha256_digest(body))
 
     async def resolve_image(self, ref: ImageReference) -> tuple[FetchedManifest, FetchedManifest | None]:
+        """The image manifest of `ref` for the configured platform, and the index it came from (if any).
+
+        With an explicitly configured platform, a single-platform image must be of that platform."""
         fetched = await self.get_manifest(ref)
         if fetched.media_type not in mt.INDEX_TYPES:
+            if self._config.platform:
+                await self._check_platform(ref, fetched)
             return fetched, None
-        entries = json.loads(fetched.body).get("manifests") or []
-        os_, _, arch_variant = self._config.platform.partition("/")
-        arch, _, variant = arch_variant.partition("/")
+        entries = untrusted.loads(fetched.body).get("manifests")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise FormatError(f"index {ref}: 'manifests' is not a list of descriptors")
+        wanted = self._config.index_platform
         for entry in entries:
-            p = entry.get("platform") or {}
-            if p.get("os") == os_ and p.get("architecture") == arch and (not variant or p.get("variant") == variant):
+            if matches(entry.get("platform") or {}, wanted) and well_formed_digest(entry.get("digest")):
                 return await self.get_manifest(ref.with_digest(entry["digest"])), fetched
-        have = ", ".join(sorted({f"{(e.get('platform') or {}).get('os')}/{(e.get('platform') or {}).get('architecture')}"
-                                 for e in entries}))
-        raise UnsupportedError(f"{ref} has no image for {self._config.platform} (it has: {have or 'none'})")
+        have = ", ".join(sorted({describe(e.get("platform") or {}) for e in entries}))
+        raise UnsupportedError(f"{ref} has no image for {wanted} (it has: {have or 'none'}); "
+                               "choose one of those with --platform")
+
+    async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest) -> None:
+        try:
+            config = untrusted.loads(fetched.body).get("config") or {}
+            digest = config["digest"]
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return  # not an image manifest: the caller says so
+        check_config_platform(await self.get_blob_bytes(ref, digest), self._config.platform, str(ref))
 
     async def push_manifest(self, ref: ImageReference, body: bytes, media_type: str) -> str:
         what = f"push of manifest {ref}"
-        resp = await self._request("PUT", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what,
-                                   headers={"Content-Type": media_type}, body=body, push=True)
-        if resp.status not in (200, 201):
-            raise await self._fail(resp, ref, what)
-        resp.release()
+        await self._bounded("PUT", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what, ok=(200, 201),
+                            read=self._discard(ref, what), headers={"Content-Type": media_type}, body=body, push=True)
         return sha256_digest(body)
 
     # ---- blobs ---------------------------------------------------------------------------
 
     async def blob_size(self, ref: ImageReference, digest: str) -> int | None:
+        """The blob's size from a HEAD request; None when the registry does not have it."""
         what = f"blob {digest} in {ref.registry}/{ref.repository}"
-        resp = await self._request("HEAD", ref, f"{self._base(ref)}/blobs/{digest}", what=what)
-        resp.release()
-        if resp.status == 404:
-            return None
-        if resp.status != 200:
-            raise await self._fail(resp, ref, what)
-        return int(resp.headers.get("Content-Length", "0"))
 
-    async def get_blob_bytes(self, ref: ImageReference, digest: str, max_bytes: int = 64 << 20) -> bytes:
-        what = f"blob {digest} in {ref.registry}/{ref.repository}"
-        parts: list[bytes] = []
-        size = 0
-        async for block in self.stream_blob(ref, digest):
-            size += len(block)
-            if size > max_bytes:
-                raise FormatError(f"{what} is larger than {max_bytes} bytes")
-            parts.append(block)
-        return b"".join(parts)
+        async def read(resp: aiohttp.ClientResponse) -> int | None:
+            resp.close()  # a HEAD answer has no body: whatever a server sends after it is not for us
+            if resp.status == 404:
+                return None
+            size = _content_length(resp)
+            if size is None:
+                self.faults["bad_length"] += 1
+                raise RegistryError(f"{what}: registry {ref.registry} answered HEAD without a valid Content-Length")
+            if size >= MAX_BLOB_BYTES:
+                self.faults["oversized"] += 1
+                raise RegistryError(f"{what}: registry {ref.registry} claims {size} bytes, above the 1 TiB limit")
+            return size
 
-    async def stream_blob(self, ref: ImageReference, digest: str, chunk_bytes: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The whole blob in blocks. A dropped connection resumes with a Range request; the digest
-        is checked at the end and `DigestMismatchError` means the blob was truncated or corrupt."""
+        return await self._bounded("HEAD", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200, 404), read=read)
+
+    async def get_blob_bytes(self, ref: ImageReference, digest: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+        """A small blob (a config) read whole, within the deadline, at most `max_bytes`, verified."""
         what = f"blob {digest} in {ref.registry}/{ref.repository}"
+
+        async def read(resp: aiohttp.ClientResponse) -> bytes:
+            return await self._read_limited(resp, max_bytes, ref, what)
+
+        data = await self._bounded("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200,), read=read)
+        actual = sha256_digest(data)
+        if actual != digest:
+            self.faults["digest"] += 1
+            raise DigestMismatchError(f"{what} is truncated or corrupt: {len(data)} bytes hash to {actual}")
+        return data
+
+    async def stream_blob(self, ref: ImageReference, digest: str, chunk_bytes: int = 1 << 20,
+                          size: int | None = None) -> AsyncIterator[bytes]:
+        """The whole blob in blocks, at most `size` bytes (its descriptor's) or 1 TiB. A dropped or
+        stalled connection resumes with a Range request; the digest is checked at the end and
+        `DigestMismatchError` means the blob was truncated or corrupt."""
+        what = f"blob {digest} in {ref.registry}/{ref.repository}"
+        limit = size if size is not None else MAX_BLOB_BYTES - 1
         check = DigestWriter()
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             headers = {"Range": f"bytes={check.size}-"} if check.size else {}
-            resp = await self._request("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, headers=headers)
-            if resp.status not in (200, 206):
-                raise await self._fail(resp, ref, what)
+            started_at = check.size
+            resp = await self._stream_start(ref, digest, what, headers)
             skip = check.size if resp.status == 200 else 0  # server ignored Range: drop what we have
+            announced = _content_length(resp)
+            if announced is not None and announced - skip + check.size > limit:
+                raise self._oversized(resp, ref, what, limit, announced)
             try:
                 async with resp:
+                    window_start, window_bytes = loop.time(), 0
                     async for block in resp.content.iter_chunked(chunk_bytes):
+                        now = loop.time()
+                        window_bytes += len(block)
+                        if now - window_start >= self._config.read_timeout_s:
+                            if window_bytes < self._config.min_speed_bytes_s * (now - window_start):
+                                raise _Stall(f"slower than {self._config.min_speed_bytes_s} bytes/s "
+                                             f"(registry.min_speed_bytes_s)")
+                            window_start, window_bytes = now, 0
                         if skip:
                             cut = min(skip, len(block))
                             block, skip = block[cut:], skip - cut
                             if not block:
                                 continue
+                        if check.size + len(block) > limit:
+                            raise self._oversized(resp, ref, what, limit)
                         check.update(block)
                         yield block
                 break
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except _NET_ERRORS as exc:
+                kind, reason = self._classify(exc, ref)
+                self.faults[kind] += 1
+                if check.size - started_at >= _RESET_AFTER_BYTES:
+                    failures = 0
                 failures += 1
-                if failures > self._config.retries:
-                    raise RegistryUnreachableError(f"{what}: download kept failing ({type(exc).__name__})") from None
-                log.debug("blob_download_resumed", registry=ref.registry, digest=digest, offset=check.size,
-                         error=type(exc).__name__)
-                await self._backoff(failures - 1)
+                tries = _Tries(self._config.retries, None, failures - 1)
+                if kind in _FINAL_KINDS or not await self._pause(tries, ref, kind):
+                    raise RegistryUnreachableError(f"{what}: download kept failing: {reason}") from None
+                log.debug("blob_download_resumed", registry=ref.registry, digest=digest, offset=check.size, fault=kind)
+        if size is not None and check.size != size:
+            self.faults["truncated"] += 1
+            raise DigestMismatchError(f"{what} is truncated: {check.size} bytes, its descriptor says {size}")
         if check.digest != digest:
+            self.faults["digest"] += 1
             raise DigestMismatchError(f"{what} is truncated or corrupt: {check.size} bytes hash to {check.digest}")
 
+    async def _stream_start(self, ref: ImageReference, digest: str, what: str,
+                            headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """The response of a blob download, headers received within the deadline; the body is the caller's."""
+        async def keep(resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+            return resp
+
+        return await self._bounded("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200, 206),
+                                   read=keep, headers=headers)
+
     async def read_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of a blob in one request: never more, fewer only at its end."""
         what = f"blob {digest} in {ref.registry}/{ref.repository}"
         if length <= 0:
             return b""
-        resp = await self._request("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what,
-                                   headers={"Range": f"bytes={offset}-{offset + length - 1}"})
-        if resp.status == 200:
-            total = int(resp.headers.get("Content-Length", "-1"))
-            if not 0 <= total <= 16 << 20:
-                resp.release()
+        if offset < 0 or length > MAX_RANGE_BYTES:
+            raise FormatError(f"{what}: refusing to read {length} bytes at offset {offset} in one range")
+
+        async def read(resp: aiohttp.ClientResponse) -> bytes:
+            if resp.status == 206:
+                start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
+                if start.isdigit() and int(start) != offset:
+                    resp.close()
+                    self.faults["bad_range"] += 1
+                    raise RegistryError(f"{what}: registry {ref.registry} answered a range from {start}, not {offset}")
+                return await self._read_limited(resp, length, ref, what, asked=True)
+            total = _content_length(resp)
+            if total is None or total > MAX_IGNORED_RANGE_BYTES:
+                resp.close()
+                self.faults["no_range"] += 1
                 raise RegistryError(f"{what}: {ref.registry} ignores HTTP Range requests")
-        elif resp.status != 206:
-            raise await self._fail(resp, ref, what)
-        try:
-            async with resp:
-                data = await resp.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise RegistryUnreachableError(f"{what}: range read failed ({type(exc).__name__})") from None
-        return data[offset:offset + length] if resp.status == 200 else data
+            return (await self._read_limited(resp, total, ref, what))[offset:offset + length]
+
+        return await self._bounded("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200, 206),
+                                   read=read, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
 
     # ---- pushes --------------------------------------------------------------------------
 
@@ -263,23 +236,27 @@ class RegistryClient:
         if mount_from is not None and mount_from.registry == ref.registry and mount_from.repository != ref.repository:
             url += "?" + urlencode({"mount": digest, "from": mount_from.repository})
             extra = f"repository:{mount_from.repository}:pull"
-        resp = await self._request("POST", ref, url, what=what, push=True, extra_scope=extra)
-        if resp.status == 201:
-            resp.release()
+        discard = self._discard(ref, what)
+
+        async def read(resp: aiohttp.ClientResponse) -> tuple[int, str]:
+            return resp.status, await discard(resp)
+
+        status, location = await self._bounded("POST", ref, url, what=what, ok=(201, 202), read=read, push=True,
+                                               extra_scope=extra)
+        if status == 201:
             return None
-        if resp.status != 202 or "Location" not in resp.headers:
-            raise await self._fail(resp, ref, what)
-        resp.release()
-        return urljoin(url, resp.headers["Location"])
+        if not location:
+            raise RegistryError(f"{what}: {ref.registry} started an upload without a Location")
+        return urljoin(url, location)
 
     async def _send(self, ref: ImageReference, method: str, url: str, body: bytes, headers: dict[str, str],
                     ok: tuple[int, ...]) -> str:
         what = f"upload to {ref.registry}/{ref.repository}"
-        resp = await self._request(method, ref, url, what=what, headers=headers, body=body, push=True, retries=0)
-        if resp.status not in ok:
-            raise await self._fail(resp, ref, what)
-        resp.release()
-        return urljoin(url, resp.headers.get("Location", url))
+        # the body must go out at no less than the minimum speed, on top of the usual deadline
+        seconds = self._config.request_deadline_s + len(body) / self._config.min_speed_bytes_s
+        location = await self._bounded(method, ref, url, what=what, ok=ok, read=self._discard(ref, what),
+                                       headers=headers, body=body, push=True, retries=0, deadline_s=seconds)
+        return urljoin(url, location or url)
 
     async def _upload(self, ref: ImageReference, digest: str, size: int, read: Callable[[int, int], bytes],
                       mount_from: ImageReference | None) -> bool:
@@ -290,6 +267,8 @@ class RegistryClient:
         offset = 0
         while offset < size:
             piece = await asyncio.to_thread(read, offset, min(step, size - offset))
+            if not piece:
+                raise FormatError(f"blob {digest}: its source ended at {offset} of {size} bytes")
             headers = {"Content-Type": "application/octet-stream",
                        "Content-Range": f"{offset}-{offset + len(piece) - 1}"}
             location = await self._send(ref, "PATCH", location, piece, headers, (202,))
@@ -301,18 +280,22 @@ class RegistryClient:
 
     async def _upload_with_retries(self, ref: ImageReference, digest: str, size: int,
                                    read: Callable[[int, int], bytes], mount_from: ImageReference | None) -> bool:
-        if await self.blob_size(ref, digest) is not None:
+        have = await self.blob_size(ref, digest)
+        if have is not None:
+            if have != size:
+                self.faults["size_mismatch"] += 1
+                raise RegistryError(f"registry {ref.registry} has blob {digest} with {have} bytes, "
+                                    f"not {size}: the registry is inconsistent")
             return False
-        for attempt in range(self._config.retries + 1):
+        tries = _Tries(self._config.retries, None)
+        while True:
             try:
                 return await self._upload(ref, digest, size, read, mount_from)
-            except (RegistryUnreachableError, RegistryError) as exc:
+            except RegistryError as exc:
                 # an upload is not idempotent mid-way: start it again from the beginning
-                if isinstance(exc, (AuthError, NotFoundError)) or attempt == self._config.retries:
+                if isinstance(exc, (AuthError, NotFoundError)) or not await self._pause(tries, ref, "upload"):
                     raise
                 log.debug("blob_upload_restarted", registry=ref.registry, digest=digest, error=str(exc))
-                await self._backoff(attempt)
-        raise AssertionError("unreachable")
 
     async def push_blob_file(self, ref: ImageReference, digest: str, path: Path, size: int,
                              mount_from: ImageReference | None = None) -> bool:
@@ -328,4 +311,3 @@ class RegistryClient:
         digest = sha256_digest(data)
         await self._upload_with_retries(ref, digest, len(data), lambda o, n: data[o:o + n], None)
         return digest
-

@@ -33,8 +33,9 @@ class ImageReference:
             if not is_digest(digest):
                 raise ConfigError(f"invalid image reference {original!r}: bad digest")
         first, sep, rest = text.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
+        if sep and ("." in first or ":" in first or first.startswith("[") or first == "localhost"):
             registry, path = first, rest
+            _check_host(registry, original)
         else:
             registry, path = DOCKER_HUB, text
         tag = None
@@ -90,3 +91,26 @@ class ImageReference:
         if self.digest:
             text += f"@{self.digest}"
         return text
+
+
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+def _check_host(registry: str, original: str) -> None:
+    """`host[:port]` or `[v6]:port`: a valid name or address and a port in 1..65535."""
+    if registry.startswith("["):
+        host, _, rest = registry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+        if rest and port is None:
+            raise ConfigError(f"invalid image reference {original!r}: bad registry {registry!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"invalid image reference {original!r}: bad IPv6 address {host!r}") from None
+    else:
+        host, sep, port_text = registry.partition(":")
+        port = port_text if sep else None
+        if not _HOST.match(host):
+            raise ConfigError(f"invalid image reference {original!r}: bad registry host {host!r}")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"invalid image reference {original!r}: port {port!r} is not in 1..65535")

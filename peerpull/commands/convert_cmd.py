@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from dataclasses import asdict
 from typing import Any
 
@@ -13,12 +15,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from converter.convert import ConvertReport, Converter
-from converter.image_source import open_source
-from converter.registry.client import RegistryClient
+from converter.errors import ConfigError
+from converter.image_source import LayoutSource, open_source
+from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, RegistryClient
+from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
 from peerpull.config import PeerpullConfig
 
-DESCRIPTION = """\
+_R = RegistryConfig()
+DESCRIPTION = f"""\
 Convert an image into a seekable image: every layer becomes independent zstd frames (one per
 file chunk) with a table of contents at its end, still a valid tar+zstd layer, so nodes without
 peerpull run the same tag unchanged. Layers are converted in parallel and pushed to DST.
@@ -26,6 +31,16 @@ peerpull run the same tag unchanged. Layers are converted in parallel and pushed
 SRC is a registry reference (host[:port]/repo:tag or @sha256:...) or an OCI image layout
 directory (oci:DIR[:TAG]). DST is a registry reference. Converting an image that is already
 seekable converts nothing and says so. Credentials come from docker's config.json.
+DST equal to SRC (same registry, repository and tag) overwrites the tag: that needs --force.
+The --work-dir and --json outputs are checked writable before any work starts.
+
+--platform picks from a multi-platform image (default linux/amd64); given explicitly, a
+single-platform image of another platform is refused (exit 8) naming the one it has.
+
+Registry limits (docs/format.md §10): manifests {MAX_MANIFEST_BYTES >> 20} MiB, configs {MAX_CONFIG_BYTES >> 20} MiB, layers their
+descriptor's size; connect {_R.connect_timeout_s:g} s, idle read {_R.read_timeout_s:g} s, {_R.request_deadline_s:g} s per bounded request with
+retries; a layer download slower than {_R.min_speed_bytes_s} bytes/s resumes (PEERPULL_REGISTRY_CONNECT_TIMEOUT_S,
+_READ_TIMEOUT_S, _REQUEST_DEADLINE_S, _MIN_SPEED_BYTES_S, _RETRIES).
 
 examples:
   peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable
@@ -46,6 +61,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--work-dir", metavar="DIR", help="where converted layers wait for upload (default: system temp dir)")
     p.add_argument("--json", metavar="FILE", help="also write the conversion report as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    p.add_argument("--force", action="store_true", help="allow DST to be the same image reference as SRC")
     p.set_defaults(handler=run)
     return p
 
@@ -99,11 +115,42 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def check_writable_file(path: str, what: str) -> None:
+    """Fail now, before any work, when `path` cannot be written (it is left as it was)."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write it ({exc.strerror or type(exc).__name__}); "
+                          "choose a writable path") from None
+    if not existed:
+        os.unlink(path)
+
+
+def check_writable_dir(path: str | None, what: str) -> None:
+    directory = path or tempfile.gettempdir()
+    try:
+        fd, name = tempfile.mkstemp(prefix=".peerpull-check-", dir=directory)
+    except OSError as exc:
+        raise ConfigError(f"{what} {directory}: cannot write there ({exc.strerror or type(exc).__name__}); "
+                          "choose a writable directory with --work-dir") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     dest = ImageReference.parse(args.destination)
     show = sys.stderr.isatty() and not args.quiet
+    check_writable_dir(config.convert.work_dir, "work dir")
+    if args.json and args.json != "-":
+        check_writable_file(args.json, "--json")
     async with RegistryClient(config.registry) as client:
         source = open_source(args.source, client, config.registry.platform)
+        if (not args.force and not isinstance(source, LayoutSource) and source.registry_ref is not None
+                and str(source.registry_ref) == str(dest)):
+            raise ConfigError(f"destination {dest} is the source image: converting would overwrite it; "
+                              "pass --force to do so, or choose another tag")
         if show:
             columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
             with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -117,6 +164,10 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+            try:
+                with open(args.json, "w") as f:
+                    f.write(text + "\n")
+            except OSError as exc:
+                raise ConfigError(f"--json {args.json}: cannot write the report ({exc.strerror}); the image "
+                                  f"was pushed as {report.destination}") from None
     return 0

@@ -12,13 +12,17 @@ from rich.table import Table
 
 from converter.image_source import open_source
 from converter.inspect import ImageInfo, inspect_image
-from converter.registry.client import RegistryClient
+from converter.registry.client import MAX_MANIFEST_BYTES, RegistryClient
+from converter.registry.config import RegistryConfig
 from peerpull.config import PeerpullConfig
 
-DESCRIPTION = """\
+_R = RegistryConfig()
+DESCRIPTION = f"""\
 Show an image's layers and, for seekable layers, what their table of contents holds. Only the
 manifest and each TOC are read (ranged reads of the blob tails): nothing is downloaded.
 Exit status is 0 whether or not the image is seekable; use --json to script on it.
+A registry gets {_R.request_deadline_s:g} s per request, retries included (PEERPULL_REGISTRY_REQUEST_DEADLINE_S);
+a manifest above {MAX_MANIFEST_BYTES >> 20} MiB, or a TOC larger than its footer says, is refused (docs/format.md §10).
 """
 
 

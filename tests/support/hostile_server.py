@@ -12,6 +12,8 @@ Modes:
   garbage       bytes that are not HTTP, then close (a TLS port, a wrong service)
   endless       a 200 whose chunked body never ends (as fast as the reader takes it)
   huge          a 200 (or HEAD answer) announcing an enormous Content-Length, then an endless body
+  oversend      the upstream's honest answer (status and headers) with 64 KiB of junk appended to
+                its body and counted in Content-Length: a 206 that sends more than the range asked
 Every connection is bounded by the test that uses it: stop() closes them all.
 """
 
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-MODES = ("silent", "drip", "drip_headers", "garbage", "endless", "huge")
+MODES = ("silent", "drip", "drip_headers", "garbage", "endless", "huge", "oversend")
+OVERSEND_BYTES = 64 << 10
 HUGE_LENGTH = 1 << 40
 _MAX_HEADER_BYTES = 64 << 10
 
@@ -34,6 +37,7 @@ class Rule:
     mode: str
     interval: float = 5.0
     content_type: str = "application/json"
+    length: int = 1_000_000  # the Content-Length a drip announces
     header: str = ""  # only requests carrying this header (e.g. "range"); empty: all
 
 
@@ -64,12 +68,13 @@ class HostileServer:
         return f"{self.host}:{self.port}"
 
     def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json",
-            header: str = "") -> None:
-        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all) and,
-        with `header`, that carries that request header (e.g. only the Range reads of a blob)."""
+            length: int = 1_000_000, header: str = "") -> None:
+        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all);
+        `length` is the Content-Length a drip announces (e.g. a blob's true size); with `header`,
+        only requests carrying that request header (e.g. only the Range reads of a blob)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode}")
-        self.rules.append(Rule(pattern, mode, interval, content_type, header.lower()))
+        self.rules.append(Rule(pattern, mode, interval, content_type, length, header.lower()))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -135,11 +140,13 @@ class HostileServer:
             body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
             self.seen.append(Seen(method, path, headers))
             rule = next((r for r in self.rules if r.pattern in path and (not r.header or r.header in headers)), None)
-            if rule is None:
-                await self._forward(writer, method, path, headers, body)
+            if rule is None or rule.mode == "oversend":
+                await self._forward(writer, method, path, headers, body, extra=OVERSEND_BYTES if rule else 0)
             else:
                 await self._misbehave(writer, rule, method)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass
+        except asyncio.CancelledError:  # stop(): end quietly, so asyncio's stream callback logs nothing
             pass
         finally:
             self._writers.discard(writer)
@@ -159,7 +166,7 @@ class HostileServer:
                 await asyncio.sleep(rule.interval)
             return
         if rule.mode == "drip":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: 1000000\r\n\r\n".encode())
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: {rule.length}\r\n\r\n".encode())
             await writer.drain()
             while True:
                 await asyncio.sleep(rule.interval)
@@ -185,7 +192,7 @@ class HostileServer:
                 await writer.drain()
 
     async def _forward(self, writer: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str],
-                       body: bytes) -> None:
+                       body: bytes, extra: int = 0) -> None:
         if not self.upstream:
             writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             await writer.drain()
@@ -195,6 +202,8 @@ class HostileServer:
         async with self._session.request(method, self.upstream + path, headers=out, data=body or None,
                                          allow_redirects=False) as resp:
             payload = await resp.read()
+            if extra and method != "HEAD":
+                payload += b"\xee" * extra
             lines = [f"HTTP/1.1 {resp.status} {resp.reason or ''}"]
             for name, value in resp.headers.items():
                 if name.lower() in ("content-length", "transfer-encoding", "connection"):
