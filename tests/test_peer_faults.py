@@ -15,7 +15,7 @@ from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
-from peer.client import PeerClient
+from peer.client import PROTOCOL_HEADER, PROTOCOL_VERSION, PeerClient
 from peer.config import PeerConfig
 from peer.fetcher import ChunkFetcher
 from peer.membership import Membership
@@ -44,20 +44,27 @@ class BadPeer:
 
     def __init__(self, mode: str, node_id: str = "bad-peer") -> None:
         self.mode, self.node_id, self.served = mode, node_id, 0
+        self.released = asyncio.Event()  # set at teardown: a "hang" lasts until then
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"node_id": self.node_id, "protocol": "1"})
+        return web.json_response({"node_id": self.node_id, "protocol": PROTOCOL_VERSION})
 
     async def chunks(self, request: web.Request) -> web.StreamResponse:
         refs = [ChunkRef.unpack(item) for item in msgpack.unpackb(await request.read())]
         self.served += len(refs)
         if self.mode == "hang":
-            await asyncio.sleep(3)  # beyond the 1 s peer timeout
-        body = msgpack.packb([["origin", random.Random(r.digest).randbytes(r.compressed_length)] for r in refs])
-        if self.mode == "corrupt":
-            return web.Response(body=body)
-        response = web.StreamResponse(headers={"Content-Length": str(len(body))})
+            await self.released.wait()  # never answers while the reader waits
+        items = [[i, "origin", random.Random(r.digest).randbytes(r.compressed_length)] for i, r in enumerate(refs)]
+        if self.mode == "oversized":  # more bytes than any frame of the chunk can take
+            items = [[i, "origin", b"\0" * (2 * r.length + 4096)] for i, r in enumerate(refs)]
+        body = b"".join(msgpack.packb(item) for item in items)
+        response = web.StreamResponse(headers={PROTOCOL_HEADER: PROTOCOL_VERSION})
+        response.enable_chunked_encoding()
         await response.prepare(request)
+        if self.mode in ("corrupt", "oversized"):
+            await response.write(body)
+            await response.write_eof()
+            return response
         await response.write(body[: len(body) // 2])  # "cut": dies mid-body
         assert request.transport is not None
         request.transport.close()
@@ -102,17 +109,18 @@ async def reference_bytes(image: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["corrupt", "cut", "hang"])
+@pytest.mark.parametrize("mode", ["corrupt", "cut", "hang", "oversized"])
 async def test_a_misbehaving_owner_is_skipped_and_the_origin_serves(image: str, tmp_path: Path, mode: str) -> None:
     bad = BadPeer(mode)
     runner, address = await serve_local(bad.app())
     try:
         metrics, data = await read_all(tmp_path, image, RegistryConfig(), {address})
     finally:
+        bad.released.set()
         await runner.cleanup()
     assert data == await reference_bytes(image)
     assert bad.served >= 1
-    reasons = {"corrupt": "bad_bytes", "cut": "truncated", "hang": "timeout"}
+    reasons = {"corrupt": "bad_bytes", "cut": "truncated", "hang": "timeout", "oversized": "oversized"}
     assert metrics.errors.labels("peer", reasons[mode])._value.get() >= 1
     assert metrics.requests.labels("peer")._value.get() == 0
 
