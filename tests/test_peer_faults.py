@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +26,7 @@ from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
 from peer.ring import owners
 from peer.warm import image_chunks
+from peerpull.embedded.registry import free_port
 from tests.support.aio_site import serve_local
 from tests.support.fault_proxy import FaultProxy
 from tests.support.peer_cluster import build_cluster_image
@@ -165,3 +169,93 @@ def test_rendezvous_owners_are_stable_when_members_change() -> None:
     assert all(four[d] == "d" for d in moved)  # only chunks the newcomer now owns move
     assert 0.15 < len(moved) / len(digests) < 0.35
     assert {three[d] for d in digests} == {"a", "b", "c"}
+
+
+class KillingRelay:
+    """A TCP relay to a node process that SIGKILLs the process once `after` answer bytes went
+    through: the node dies for real while it streams an answer (bytes past that point are lost
+    with it)."""
+
+    def __init__(self, target: tuple[str, int], pid: int, after: int) -> None:
+        self.target, self.pid, self.after = target, pid, after
+        self.relayed = 0
+        self.killed = asyncio.Event()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+                if count:
+                    self.relayed += len(data)
+                    if self.relayed >= self.after and not self.killed.is_set():
+                        os.kill(self.pid, signal.SIGKILL)
+                        self.killed.set()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pump(reader, up_writer, False), self._pump(up_reader, writer, True))
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+class OwnerAlways(Membership):
+    """Every chunk's owner is the one peer (so every request goes to the node that will die)."""
+
+    def candidates_for(self, digest: str):
+        return [m for m in self.alive() if m.skip_until <= time.monotonic()][:1]
+
+
+def test_a_peer_process_killed_mid_answer_falls_through_to_the_origin(registry, tmp_path: Path) -> None:
+    from tests.support.peer_cluster import TOKEN, NodeProcess
+
+    build_cluster_image(tmp_path / "layout", big_bytes=12 << 20, small_files=10)
+    image = f"{registry.address}/faults/killed:1"
+    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{tmp_path / 'layout'}:latest", image)
+    node = NodeProcess(tmp_path, "doomed", free_port(), [], discovery="none").start()
+    try:
+        node.wait_members(1)
+        assert node.warm(image)["tiers"]  # its cache holds every chunk: it will answer at once
+        assert node.proc is not None
+
+        async def read() -> tuple[PeerMetrics, dict[str, bytes], KillingRelay]:
+            relay = KillingRelay((node.host, node.port), node.proc.pid, after=1 << 20)
+            address = await relay.start()
+            metrics = PeerMetrics()
+            async with RegistryClient(RegistryConfig()) as client, aiohttp.ClientSession() as session:
+                refs, _ = await image_chunks(client, image)
+                peers = PeerClient(session, TOKEN, 30.0, read_timeout_s=10.0)
+                membership = OwnerAlways("me", peers, health_interval_s=60, failure_skip_s=60)
+                membership.set_candidates({address})
+                await membership.check_once()
+                assert membership.alive()
+                cache = ChunkCache(str(tmp_path / "reader-cache"), 1 << 30)
+                fetcher = ChunkFetcher(cache, OriginSource(client, PeerConfig()), metrics, membership, peers)
+                data = dict(zip([r.digest for r in refs], await asyncio.gather(*(fetcher.get(r) for r in refs))))
+                await fetcher.flush()
+                cache.close()
+            await relay.close()
+            return metrics, data, relay
+
+        metrics, data, relay = asyncio.run(read())
+        assert relay.killed.is_set() and node.proc.wait(10) == -signal.SIGKILL
+        assert data == asyncio.run(reference_bytes(image))  # every chunk verified, from one tier or the other
+        assert metrics.errors.labels("peer", "truncated")._value.get() >= 1  # it died mid-answer
+        assert metrics.requests.labels("peer")._value.get() >= 1 and metrics.requests.labels("origin")._value.get() >= 1
+    finally:
+        node.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
@@ -61,7 +60,7 @@ def _node_error(message: str, code: int) -> PeerpullError:
     return PeerpullError(message)
 
 
-async def _warm(args: argparse.Namespace, config: PeerpullConfig, deadline: float) -> dict[str, Any]:
+async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, Any]:
     url = f"http://{args.node}/v1/warm"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.connect_timeout, sock_read=args.idle_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -74,18 +73,18 @@ async def _warm(args: argparse.Namespace, config: PeerpullConfig, deadline: floa
             if resp.status != 200:
                 text = (await resp.content.read(4096)).decode(errors="replace")
                 raise PeerpullError(f"node {args.node} could not warm {args.image}: HTTP {resp.status} {text.strip()[:300]}")
+            buffered = b""
             while True:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                try:
-                    line = await resp.content.readline()  # sock_read bounds each wait
-                except ValueError:  # longer than aiohttp's line limit
-                    raise PeerpullError(f"node {args.node} sent a malformed warm-up answer") from None
-                if not line:
-                    raise PeerpullError(f"node {args.node} ended the warm-up of {args.image} without a report "
-                                        "(did it restart? see its log)")
-                if len(line) > MAX_LINE or not line.endswith(b"\n"):
-                    raise PeerpullError(f"node {args.node} sent a malformed warm-up answer")
+                if b"\n" not in buffered:
+                    if len(buffered) > MAX_LINE:
+                        raise PeerpullError(f"node {args.node} sent a malformed warm-up answer (a line over 1 MiB)")
+                    data = await resp.content.readany()  # sock_read bounds each wait
+                    if not data:
+                        raise PeerpullError(f"node {args.node} ended the warm-up of {args.image} without a report "
+                                            "(did it restart? see its log)")
+                    buffered += data
+                    continue
+                line, _, buffered = buffered.partition(b"\n")
                 try:
                     record = json.loads(line)
                 except ValueError:
@@ -108,10 +107,9 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     for name in ("timeout", "idle_timeout", "connect_timeout"):
         if not 0 < getattr(args, name) <= 7 * 86400:
             raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 604800 seconds")
-    deadline = time.monotonic() + args.timeout
     try:
         async with asyncio.timeout(args.timeout):
-            report = await _warm(args, config, deadline)
+            report = await _warm(args, config)
     except aiohttp.ConnectionTimeoutError:
         raise RegistryUnreachableError(f"cannot reach node {args.node}: no connection within "
                                        f"{args.connect_timeout:g} s (--connect-timeout)") from None
