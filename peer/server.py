@@ -155,7 +155,14 @@ class PeerServer:
 
         async def emit(index: int, tier: str, frame: bytes) -> None:
             async with write_lock:
-                await response.write(msgpack.packb([index, tier, frame], use_bin_type=True))
+                try:  # a client that stops reading must not hold its share of the byte budget for ever
+                    async with asyncio.timeout(self._config.header_timeout_s):
+                        await response.write(msgpack.packb([index, tier, frame], use_bin_type=True))
+                except TimeoutError:
+                    self._metrics.refused.labels("slow_reader").inc()
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("the client stopped reading") from None
             if tier:
                 self._metrics.served.labels(tier).inc()
                 self._metrics.served_bytes.inc(len(frame))

@@ -234,3 +234,26 @@ def test_five_hundred_clients_at_once_and_a_good_peer_alongside(node: NodeProces
         verify_all(items, refs)
         assert crowd_done.result(timeout=300) == [4] * 500
     assert node.rss_mb("VmHWM") < RSS_LIMIT_MB
+
+
+@pytest.mark.parametrize("node", [{"PEERPULL_PEER_HEADER_TIMEOUT_S": "2", "PEERPULL_PEER_SERVE_TOTAL_BYTES": str(4 << 20),
+                                   "PEERPULL_PEER_SERVE_CONNECTION_BYTES": str(1 << 20)}], indirect=True)
+def test_clients_that_never_read_their_answers_cannot_starve_the_others(node: NodeProcess, image) -> None:
+    refs = image[1]
+    body = msgpack.packb([r.pack() for r in refs], use_bin_type=True)
+    request = (f"POST /v1/chunks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    readers_that_stall = []
+    try:
+        for _ in range(12):  # each asks for everything and reads nothing: together more than the total budget
+            s = socket.create_connection((node.host, node.port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request)
+            readers_that_stall.append(s)
+        status, items = node.chunks(refs, timeout=120)  # served once the stalled ones are cut off
+        assert status == 200
+        verify_all(items, refs)
+        assert node.metric("peerpull_peer_requests_refused_total", 'reason="slow_reader"') >= 1
+    finally:
+        for s in readers_that_stall:
+            s.close()
