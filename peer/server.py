@@ -212,8 +212,8 @@ class PeerServer:
         except TimeoutError:
             self._metrics.refused.labels("origin_timeout").inc()
             log.warning("peer_serve_failed", digest=ref.digest, error="origin deadline passed")
-        except PeerpullError as exc:
-            log.warning("peer_serve_failed", digest=ref.digest, error=str(exc))
+        except Exception as exc:  # whatever went wrong at the origin, this chunk is "unavailable" to the asker
+            log.warning("peer_serve_failed", digest=ref.digest, error=f"{type(exc).__name__}: {exc}")
         async with self._held(budget, len(frame)):
             await emit(index, tier, frame)
 
