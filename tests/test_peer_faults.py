@@ -18,7 +18,7 @@ from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
-from peer.client import PROTOCOL_HEADER, PROTOCOL_VERSION, PeerClient
+from peer.client import PROTOCOL_HEADER, PROTOCOL_VERSION, PeerClient, PeerFetchError
 from peer.config import PeerConfig
 from peer.fetcher import ChunkFetcher
 from peer.membership import Membership
@@ -29,6 +29,7 @@ from peer.warm import image_chunks
 from peerpull.embedded.registry import free_port
 from tests.support.aio_site import serve_local
 from tests.support.fault_proxy import FaultProxy
+from tests.support.hostile_server import HostileServer
 from tests.support.peer_cluster import build_cluster_image
 from tests.test_convert import peerpull
 
@@ -259,3 +260,20 @@ def test_a_peer_process_killed_mid_answer_falls_through_to_the_origin(registry, 
         assert metrics.requests.labels("peer")._value.get() >= 1 and metrics.requests.labels("origin")._value.get() >= 1
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("mode, reasons", [
+    ("silent", {"timeout"}), ("drip", {"malformed"}), ("drip_headers", {"timeout"}), ("garbage", None),
+    ("endless", {"malformed", "oversized"}), ("huge", {"malformed", "oversized"}),  # whichever bound trips first
+])
+async def test_the_peer_client_gives_up_on_every_hostile_mode_within_its_deadline(mode: str, reasons: set[str] | None) -> None:
+    ref = ChunkRef("sha256:" + "a" * 64, 65536, "127.0.0.1:1/x", "sha256:" + "b" * 64, 0, 70000)
+    with HostileServer() as peer:
+        peer.add("/v1/chunks", mode, interval=0.3, headers={PROTOCOL_HEADER: PROTOCOL_VERSION})
+        async with aiohttp.ClientSession() as session:
+            client = PeerClient(session, "", timeout_s=3.0, connect_timeout_s=1.0, read_timeout_s=1.0)
+            with pytest.raises(PeerFetchError) as caught:
+                # the outer bound only turns a hang (the bug) into a failure; the client's own deadlines end it
+                await asyncio.wait_for(client.fetch_frame(peer.address, ref), 60)
+    if reasons is not None:
+        assert caught.value.reason in reasons, caught.value

@@ -34,6 +34,10 @@ class Rule:
     mode: str
     interval: float = 5.0
     content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (drip, endless, huge)
+
+    def extra(self) -> str:
+        return "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
 
 
 @dataclass
@@ -62,11 +66,13 @@ class HostileServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json") -> None:
-        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all)."""
+    def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json",
+            headers: dict[str, str] | None = None) -> None:
+        """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all);
+        `headers` are added to the answer's headers (e.g. a protocol version the client checks)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode}")
-        self.rules.append(Rule(pattern, mode, interval, content_type))
+        self.rules.append(Rule(pattern, mode, interval, content_type, dict(headers or {})))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -156,14 +162,16 @@ class HostileServer:
                 await asyncio.sleep(rule.interval)
             return
         if rule.mode == "drip":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: 1000000\r\n\r\n".encode())
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         "Content-Length: 1000000\r\n\r\n".encode())
             await writer.drain()
             while True:
                 await asyncio.sleep(rule.interval)
                 writer.write(b" ")
                 await writer.drain()
         if rule.mode == "endless":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nTransfer-Encoding: chunked\r\n"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         "Transfer-Encoding: chunked\r\n"
                          "Docker-Content-Digest: sha256:" .encode() + b"0" * 64 + b"\r\n\r\n")
             piece = b"[" * 65536
             frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
@@ -171,7 +179,8 @@ class HostileServer:
                 writer.write(frame)
                 await writer.drain()
         if rule.mode == "huge":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: {HUGE_LENGTH}\r\n"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         f"Content-Length: {HUGE_LENGTH}\r\n"
                          "Accept-Ranges: bytes\r\n\r\n".encode())
             await writer.drain()
             if method == "HEAD":
