@@ -25,6 +25,8 @@ TIER_HEADER = "X-Peerpull-Tier"
 HOP_HEADER = "X-Peerpull-Hop"
 CHUNKS_CONTENT_TYPE = "application/x-peerpull-chunks"
 ITEM_OVERHEAD = 32  # msgpack framing of one [index, tier, frame] item
+HEARTBEAT = (-1, "", b"")  # an item the server sends while it waits for the origin: keeps idle timeouts quiet
+MAX_HEARTBEATS_BYTES = 64 << 10  # what heartbeats may add to an answer's size bound
 
 
 class PeerFetchError(PeerpullError):
@@ -100,7 +102,7 @@ class PeerClient:
     async def _post(self, address: str, refs: list[ChunkRef], waiters: _Waiters) -> None:
         body = msgpack.packb([ref.pack() for ref in refs], use_bin_type=True)
         limits = [frame_limit(ref) for ref in refs]
-        total_limit = sum(limits) + ITEM_OVERHEAD * len(refs) + 1024
+        total_limit = sum(limits) + ITEM_OVERHEAD * len(refs) + MAX_HEARTBEATS_BYTES
         unpacker = msgpack.Unpacker(raw=False, max_bin_len=max(limits), max_buffer_size=max(limits) + (4 << 20))
         pending = dict(enumerate(refs))  # index → ref, until its item arrives
         received = 0
@@ -116,10 +118,8 @@ class PeerClient:
                     if received > total_limit:
                         raise PeerFetchError(f"peer {address} sent more than was asked for", "oversized")
                     unpacker.feed(data)
-                    for item in unpacker:
+                    for item in unpacker:  # read to the end: the connection is then reused
                         self._deliver(address, item, pending, waiters, limits)
-                    if not pending:
-                        break
         except msgpack.BufferFull:
             raise PeerFetchError(f"peer {address} sent an oversized item", "oversized") from None
         except (ValueError, msgpack.UnpackException):
@@ -138,6 +138,8 @@ class PeerClient:
     @staticmethod
     def _deliver(address: str, item: object, pending: dict[int, ChunkRef], waiters: _Waiters,
                  limits: list[int]) -> None:
+        if item == list(HEARTBEAT):
+            return
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int) and item[0] in pending
                 and isinstance(item[1], str) and isinstance(item[2], bytes) and len(item[2]) <= limits[item[0]]):
             raise ValueError("malformed item")

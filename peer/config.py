@@ -30,7 +30,7 @@ class PeerConfig:
     health_interval_s: float = setting(2.0, lo=0.05, hi=3600)
     peer_timeout_s: float = setting(10.0, lo=0.05, hi=600)  # overall deadline of one request to a peer
     peer_connect_timeout_s: float = setting(2.0, lo=0.05, hi=120)
-    peer_read_timeout_s: float = setting(5.0, lo=0.05, hi=600)  # idle: no byte from the peer for this long
+    peer_read_timeout_s: float = setting(5.0, lo=1.0, hi=600)  # idle: no byte from the peer (it sends heartbeats)
     failure_skip_s: float = setting(30.0, lo=0.0, hi=3600)  # a peer that failed is not asked again for this long
     origin_max_inflight: int = setting(8, lo=1, hi=1024)  # concurrent Range requests per registry
     # adjacent chunks merged into one Range request up to this size

@@ -30,7 +30,7 @@ from converter.registry.reference import ImageReference
 from peer.budget import ByteBudget
 from peer.cache import ChunkCache
 from peer.chunk import MAX_HINT_BYTES, ChunkRef
-from peer.client import CHUNKS_CONTENT_TYPE, MAX_BATCH, PROTOCOL_HEADER, PROTOCOL_VERSION
+from peer.client import CHUNKS_CONTENT_TYPE, HEARTBEAT, MAX_BATCH, PROTOCOL_HEADER, PROTOCOL_VERSION
 from peer.config import PeerConfig
 from peer.fetcher import ChunkFetcher
 from peer.metrics import PeerMetrics
@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 WarmHandler = Callable[[str, WarmProgress], Awaitable[dict[str, object]]]
 OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
 HIT_GROUP = 16  # cache hits loaded per worker hop
+HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's idle timeout (>= 1 s)
 
 
 def _error_line(exc: BaseException) -> dict[str, object]:
@@ -167,13 +168,21 @@ class PeerServer:
                 self._metrics.served.labels(tier).inc()
                 self._metrics.served_bytes.inc(len(frame))
 
+        async def heartbeat(misses: list[asyncio.Task[None]]) -> None:
+            waiting = set(misses)
+            while waiting:
+                _, waiting = await asyncio.wait(waiting, timeout=HEARTBEAT_S)
+                if waiting and not write_lock.locked():
+                    await emit(*HEARTBEAT)
+
         abandoned = False
+        misses: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as group:
                 maybe = [(i, r) for i, r in wanted if self._cache.might_have(r.digest)]
                 for index, ref in wanted:
                     if not self._cache.might_have(ref.digest):
-                        group.create_task(self._serve_miss(index, ref, budget, emit))
+                        misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
                 for start in range(0, len(maybe), HIT_GROUP):
                     part = maybe[start:start + HIT_GROUP]
                     size = sum(r.compressed_length for _, r in part)
@@ -182,10 +191,12 @@ class PeerServer:
                             self._cache_pool, self._cache.load_many, [r for _, r in part])
                         for (index, ref), hit in zip(part, loaded):
                             if hit is None:
-                                group.create_task(self._serve_miss(index, ref, budget, emit))
+                                misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
                             else:
                                 await emit(index, "cache", hit[0])
                         del loaded
+                if misses:
+                    group.create_task(heartbeat(misses))
         except* ConnectionError:  # the asker went away (or died) mid-answer: nothing more to do for it
             abandoned = True
         if abandoned:

@@ -277,3 +277,36 @@ async def test_the_peer_client_gives_up_on_every_hostile_mode_within_its_deadlin
                 await asyncio.wait_for(client.fetch_frame(peer.address, ref), 60)
     if reasons is not None:
         assert caught.value.reason in reasons, caught.value
+
+
+async def test_a_slow_origin_at_the_owner_does_not_trip_the_askers_idle_timeout(image: str, tmp_path: Path) -> None:
+    """The owner's misses take longer than the asker's idle timeout: heartbeats keep the answer alive."""
+    from peer.node import PeerNode
+
+    class SlowOrigin:
+        def __init__(self, inner: OriginSource) -> None:
+            self.inner = inner
+
+        async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
+            frame = await self.inner.fetch_frame(ref, background)
+            await asyncio.sleep(1.5)  # fault injection: a slow registry (longer than the 1 s idle timeout)
+            return frame
+
+    owner_config = PeerConfig(cache_dir=str(tmp_path / "owner"), listen_host="127.0.0.1", listen_port=free_port(),
+                              discovery="none", trusted_registries=("*",))
+    owner = PeerNode(owner_config, RegistryConfig())
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(owner.run(ready))
+    await ready.wait()
+    try:
+        assert owner.fetcher is not None
+        owner.fetcher._origin = SlowOrigin(owner.fetcher._origin)  # type: ignore[attr-defined]
+        async with RegistryClient(RegistryConfig()) as client, aiohttp.ClientSession() as session:
+            refs, _ = await image_chunks(client, image)
+            peers = PeerClient(session, "", timeout_s=30.0, read_timeout_s=1.0)
+            address = f"127.0.0.1:{owner_config.listen_port}"
+            frames = await asyncio.gather(*(peers.fetch_frame(address, r) for r in refs[:8]))
+        assert [tier for _, tier in frames] == ["origin"] * 8
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
