@@ -217,7 +217,7 @@ def test_five_hundred_clients_at_once_and_a_good_peer_alongside(node: NodeProces
         body = msgpack.packb([r.pack() for r in mine], use_bin_type=True)
         async with session.post(f"http://{node.address}/v1/chunks", data=body, headers=headers) as resp:
             assert resp.status == 200
-            items = {i: (t, f) for i, t, f in msgpack.Unpacker(io.BytesIO(await resp.read()), raw=False)}
+            items = {i: (t, f) for i, t, f in msgpack.Unpacker(io.BytesIO(await resp.read()), raw=False) if i != -1}
         if n % 25 == 0:
             verify_all(items, mine)
         return len(items)

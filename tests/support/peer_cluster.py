@@ -78,6 +78,8 @@ class NodeProcess:
             return status, {}
         items = {}
         for index, tier, frame in msgpack.Unpacker(io.BytesIO(raw), raw=False):
+            if index == -1:  # a heartbeat while misses wait for the origin
+                continue
             assert index not in items, f"index {index} answered twice"
             items[index] = (tier, frame)
         return status, items
