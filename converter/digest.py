@@ -8,12 +8,13 @@ import re
 from converter.errors import DigestMismatchError, FormatError
 
 SHA256_PREFIX = "sha256:"
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def is_digest(value: str) -> bool:
     """True when `value` is a well-formed `sha256:<64 lowercase hex>` digest."""
-    return bool(_DIGEST_RE.match(value))
+    # fullmatch: `$` would also accept a trailing newline
+    return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None
 
 
 def parse_digest(value: str) -> str:

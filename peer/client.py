@@ -1,9 +1,17 @@
-"""Asking another node for a chunk: one aiohttp session, explicit timeouts, bounded answers."""
+"""Asking another node for chunks: one aiohttp session, explicit timeouts, bounded answers.
+
+Every request has a connect timeout, an idle read timeout (no byte for that long) and an overall
+deadline. An answer is a stream of msgpack items, read as it arrives: each item resolves its
+chunk at once, no item may be larger than its chunk's frame can be, and the whole answer no
+larger than the frames requested, so a peer can neither stall a reader forever nor make it
+buffer more than it asked for.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import aiohttp
 import msgpack
@@ -11,9 +19,14 @@ import msgpack
 from converter.errors import PeerpullError
 from peer.chunk import ChunkRef
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"  # 2: /v1/chunks answers are a stream of [index, tier, frame]
+PROTOCOL_HEADER = "X-Peerpull-Protocol"
 TIER_HEADER = "X-Peerpull-Tier"
 HOP_HEADER = "X-Peerpull-Hop"
+CHUNKS_CONTENT_TYPE = "application/x-peerpull-chunks"
+ITEM_OVERHEAD = 32  # msgpack framing of one [index, tier, frame] item
+HEARTBEAT = (-1, "", b"")  # an item the server sends while it waits for the origin: keeps idle timeouts quiet
+MAX_HEARTBEATS_BYTES = 64 << 10  # what heartbeats may add to an answer's size bound
 
 
 class PeerFetchError(PeerpullError):
@@ -28,17 +41,27 @@ def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def frame_limit(ref: ChunkRef) -> int:
+    """The largest frame a peer may send for `ref`: the TOC's compressed length, or what zstd can
+    take at worst for the chunk's length (a peer may hold the same chunk compressed differently)."""
+    return max(ref.compressed_length, ref.length + (ref.length >> 7) + 1024)
+
+
 MAX_BATCH = 128  # chunks per request: amortizes HTTP and event-loop cost over many small chunks
 INFLIGHT_PER_PEER = 4
+
+_Waiters = dict[str, list["asyncio.Future[tuple[bytes, str]]"]]
 
 
 class PeerClient:
     """Chunk requests to one peer that wait for a free slot are sent together in one batch."""
 
-    def __init__(self, session: aiohttp.ClientSession, token: str, timeout_s: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, token: str, timeout_s: float,
+                 connect_timeout_s: float = 2.0, read_timeout_s: float = 5.0) -> None:
         self._session = session
         self._headers = {**auth_headers(token), HOP_HEADER: "1", "Content-Type": "application/msgpack"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s),
+                                              sock_read=min(read_timeout_s, timeout_s))
         # per peer, requests waiting to be sent, oldest first (a dict: O(1) membership and removal)
         self._queues: dict[str, dict[asyncio.Future[tuple[bytes, str]], ChunkRef]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -64,50 +87,72 @@ class PeerClient:
         return await future
 
     async def _send(self, address: str, batch: list[tuple[ChunkRef, asyncio.Future[tuple[bytes, str]]]]) -> None:
-        body = msgpack.packb([ref.pack() for ref, _ in batch], use_bin_type=True)
-        limit = sum(2 * ref.compressed_length + 64 for ref, _ in batch) + 1024
+        waiters: _Waiters = {}
+        refs: list[ChunkRef] = []
+        for ref, future in batch:  # one request per digest, whoever waits for it
+            if ref.digest not in waiters:
+                waiters[ref.digest] = []
+                refs.append(ref)
+            waiters[ref.digest].append(future)
         try:
-            answers = await self._post(address, body, limit)
+            await self._post(address, refs, waiters)
         except PeerFetchError as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()
-            return
-        for (ref, future), answer in zip(batch, answers):
-            if future.done():
-                continue
-            if isinstance(answer, list) and len(answer) == 2 and answer[0] and isinstance(answer[1], bytes):
-                future.set_result((answer[1], str(answer[0])))
-            else:
-                future.set_exception(PeerFetchError(f"peer {address} could not obtain {ref.digest}", "unavailable"))
-                future.exception()
+            _fail(waiters, exc)
 
-    async def _post(self, address: str, body: bytes, limit: int) -> list[object]:
+    async def _post(self, address: str, refs: list[ChunkRef], waiters: _Waiters) -> None:
+        body = msgpack.packb([ref.pack() for ref in refs], use_bin_type=True)
+        limits = [frame_limit(ref) for ref in refs]
+        total_limit = sum(limits) + ITEM_OVERHEAD * len(refs) + MAX_HEARTBEATS_BYTES
+        unpacker = msgpack.Unpacker(raw=False, max_bin_len=max(limits), max_buffer_size=max(limits) + (4 << 20))
+        pending = dict(enumerate(refs))  # index → ref, until its item arrives
+        received = 0
         try:
             async with self._session.post(f"http://{address}/v1/chunks", data=body, headers=self._headers,
                                           timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise PeerFetchError(f"peer {address} answered HTTP {resp.status}", f"http_{resp.status}")
-                length = resp.content_length
-                if length is None or length > limit:
-                    raise PeerFetchError(f"peer {address} sent an answer of unknown or excessive size", "oversized")
-                raw = await resp.content.readexactly(length)
-        except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError):
-            raise PeerFetchError(f"peer {address} died mid-body", "truncated") from None
-        except aiohttp.ClientConnectorError:
-            raise PeerFetchError(f"peer {address} refused the connection", "refused") from None
+                if resp.headers.get(PROTOCOL_HEADER) != PROTOCOL_VERSION:
+                    raise PeerFetchError(f"peer {address} speaks another protocol version", "protocol")
+                async for data in resp.content.iter_any():
+                    received += len(data)
+                    if received > total_limit:
+                        raise PeerFetchError(f"peer {address} sent more than was asked for", "oversized")
+                    unpacker.feed(data)
+                    for item in unpacker:  # read to the end: the connection is then reused
+                        self._deliver(address, item, pending, waiters, limits)
+        except msgpack.BufferFull:
+            raise PeerFetchError(f"peer {address} sent an oversized item", "oversized") from None
+        except (ValueError, msgpack.UnpackException):
+            raise PeerFetchError(f"peer {address} sent a malformed answer", "malformed") from None
         except TimeoutError:
             raise PeerFetchError(f"peer {address} timed out", "timeout") from None
+        except aiohttp.ClientConnectorError:
+            raise PeerFetchError(f"peer {address} refused the connection", "refused") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionError):
+            raise PeerFetchError(f"peer {address} died mid-body", "truncated") from None
         except aiohttp.ClientError as exc:
             raise PeerFetchError(f"peer {address}: {type(exc).__name__}", type(exc).__name__) from None
-        try:
-            answers = msgpack.unpackb(raw, raw=False)
-        except (ValueError, msgpack.UnpackException, TypeError):
-            raise PeerFetchError(f"peer {address} sent a malformed answer", "malformed") from None
-        if not isinstance(answers, list):
-            raise PeerFetchError(f"peer {address} sent a malformed answer", "malformed")
-        return answers
+        if pending:
+            raise PeerFetchError(f"peer {address} ended its answer early", "truncated")
+
+    @staticmethod
+    def _deliver(address: str, item: object, pending: dict[int, ChunkRef], waiters: _Waiters,
+                 limits: list[int]) -> None:
+        if item == list(HEARTBEAT):
+            return
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int) and item[0] in pending
+                and isinstance(item[1], str) and isinstance(item[2], bytes) and len(item[2]) <= limits[item[0]]):
+            raise ValueError("malformed item")
+        index, tier, frame = item
+        ref = pending.pop(index)
+        for future in waiters.pop(ref.digest, []):
+            if future.done():
+                continue
+            if tier and frame:
+                future.set_result((frame, tier))
+            else:
+                future.set_exception(PeerFetchError(f"peer {address} could not obtain {ref.digest}", "unavailable"))
+                future.exception()
 
     async def health(self, address: str) -> dict[str, str]:
         try:
@@ -115,9 +160,24 @@ class PeerClient:
                                          timeout=self._timeout) as resp:
                 if resp.status != 200:
                     raise PeerFetchError(f"peer {address} health: HTTP {resp.status}", f"http_{resp.status}")
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                body = await resp.content.read(4096)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise PeerFetchError(f"peer {address} health: {type(exc).__name__}", "health") from None
-        if not isinstance(body, dict) or not isinstance(body.get("node_id"), str):
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("node_id"), str):
             raise PeerFetchError(f"peer {address} health: malformed answer", "health")
-        return body
+        if answer.get("protocol") != PROTOCOL_VERSION:
+            raise PeerFetchError(f"peer {address} speaks protocol {answer.get('protocol')!r}, "
+                                 f"this node {PROTOCOL_VERSION}", "protocol")
+        return answer
+
+
+def _fail(waiters: _Waiters, exc: PeerFetchError) -> None:
+    for futures in waiters.values():
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()

@@ -17,18 +17,32 @@ class PeerConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = setting(7470, lo=0, hi=65535)
     advertise_host: str = ""  # address peers reach us on; empty: listen_host, or the first non-loopback address
-    token: str = ""  # shared cluster token; empty: peer endpoints are open
+    token: str = ""  # shared cluster token; empty: refused on a non-loopback listener unless insecure_no_token
+    insecure_no_token: bool = False  # explicit opt-in to an open peer server on a non-loopback address
+    # registries (host[:port]) this node fetches from when a peer asks; "*" trusts any. Registries this
+    # node's own snapshotter resolves layers from are trusted as well (learned at run time)
+    trusted_registries: tuple[str, ...] = ()
     discovery: str = setting("zeroconf", choices=DISCOVERY_MODES)
     static_peers: tuple[str, ...] = ()  # host:port of other nodes
     dns_name: str = ""  # e.g. peerpull.kube-system.svc.cluster.local (a headless Service)
     dns_port: int = setting(7470, lo=1, hi=65535)
     discovery_interval_s: float = setting(5.0, lo=0.05, hi=3600)
     health_interval_s: float = setting(2.0, lo=0.05, hi=3600)
-    peer_timeout_s: float = setting(10.0, lo=0.05, hi=600)
+    peer_timeout_s: float = setting(10.0, lo=0.05, hi=600)  # overall deadline of one request to a peer
+    peer_connect_timeout_s: float = setting(2.0, lo=0.05, hi=120)
+    peer_read_timeout_s: float = setting(5.0, lo=1.0, hi=600)  # idle: no byte from the peer (it sends heartbeats)
     failure_skip_s: float = setting(30.0, lo=0.0, hi=3600)  # a peer that failed is not asked again for this long
     origin_max_inflight: int = setting(8, lo=1, hi=1024)  # concurrent Range requests per registry
     # adjacent chunks merged into one Range request up to this size
     coalesce_max_bytes: int = setting(8 << 20, lo=64 << 10, hi=256 << 20)
     # chunks in flight for warm-up/prefetch: queued ones coalesce at the origin
     prefetch_parallel: int = setting(64, lo=1, hi=4096)
-    max_concurrent_serves: int = setting(64, lo=1, hi=4096)  # peer requests served at once; more wait
+    # peer server: misses that need the origin get their own slots and deadline (cache hits never wait
+    # behind them); bytes being answered are bounded per connection and in total
+    max_concurrent_serves: int = setting(64, lo=1, hi=4096)  # origin fetches for peers at once; more wait
+    serve_origin_timeout_s: float = setting(30.0, lo=0.1, hi=600)  # a peer's miss gives up after this
+    serve_connection_bytes: int = setting(32 << 20, lo=1 << 20, hi=1 << 30)
+    serve_total_bytes: int = setting(256 << 20, lo=4 << 20, hi=16 << 30)
+    max_connections: int = setting(2048, lo=16, hi=100_000)  # over it, the oldest idle connection is closed
+    header_timeout_s: float = setting(10.0, lo=0.1, hi=600)  # a connection must send a whole request by then
+    warm_progress_s: float = setting(5.0, lo=0.05, hi=600)  # /v1/warm writes a progress line this often

@@ -7,7 +7,10 @@ lifecycle (AsyncExitStack + TaskGroup; teardown in reverse order of creation).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
+import sqlite3
+import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from converter.errors import ConfigError
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.cache import ChunkCache
@@ -24,9 +28,11 @@ from peer.discovery import make_discovery
 from peer.fetcher import ChunkFetcher
 from peer.membership import Membership
 from peer.metrics import PeerMetrics
+from peer.listener import GuardedListener
 from peer.origin import OriginSource
+from peer.policy import OriginPolicy
 from peer.server import PeerServer
-from peer.warm import image_chunks, warm
+from peer.warm import WarmProgress, image_chunks, warm
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +50,38 @@ def advertised_address(config: PeerConfig) -> str:
             return "127.0.0.1"
 
 
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(config: PeerConfig) -> None:
+    """No open peer server on the network unless asked for in so many words."""
+    if config.token or config.insecure_no_token or is_loopback_host(config.listen_host):
+        return
+    raise ConfigError(f"no cluster token: the peer server would listen on {config.listen_host}:{config.listen_port} "
+                      "open to anyone on the network; set one (PEERPULL_PEER_TOKEN or [peer] token), listen on "
+                      "127.0.0.1, or pass --insecure-no-token (peer.insecure_no_token = true)")
+
+
+def open_cache(config: PeerConfig) -> ChunkCache:
+    """The disk cache, or a ConfigError naming the directory and the fix."""
+    path = Path(config.cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".peerpull-write-test-"):
+            pass
+        return ChunkCache(str(path), config.cache_max_bytes)
+    except (OSError, sqlite3.Error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cache directory {path} is not usable ({reason}): give a writable directory "
+                          "(--cache-dir DIR, peer.cache_dir)") from None
+
+
 class PeerNode:
     def __init__(self, peer: PeerConfig, registry: RegistryConfig) -> None:
         self.config = peer
@@ -53,6 +91,8 @@ class PeerNode:
         self.metrics = PeerMetrics()
         self.fetcher: ChunkFetcher | None = None
         self.membership: Membership | None = None
+        self.policy = OriginPolicy(peer.trusted_registries)
+        self.listener: GuardedListener | None = None
         self._client: RegistryClient | None = None
 
     @property
@@ -60,36 +100,48 @@ class PeerNode:
         """The registry client, once run() has started."""
         return self._client
 
-    async def warm_image(self, image: str) -> dict[str, object]:
+    def trust_registry(self, registry: str) -> None:
+        """This node's own snapshotter resolves layers from `registry`: peers may ask us to fetch from it."""
+        self.policy.learn(registry)
+
+    async def warm_image(self, image: str, progress: WarmProgress | None = None) -> dict[str, object]:
         assert self.fetcher is not None and self._client is not None
         refs, skipped = await image_chunks(self._client, image)
-        report = await warm(self.fetcher, refs, self.config.prefetch_parallel)
+        report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress)
         report["layers_not_seekable"] = skipped
         log.info("image_warmed", image=image, **report)
         return report
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
+        check_token(self.config)
         async with AsyncExitStack() as stack:
-            self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
-            Path(self.config.cache_dir).mkdir(parents=True, exist_ok=True)
-            cache = ChunkCache(self.config.cache_dir, self.config.cache_max_bytes)
+            cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
+            self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
             session = await stack.enter_async_context(aiohttp.ClientSession())
-            peers = PeerClient(session, self.config.token, self.config.peer_timeout_s)
+            peers = PeerClient(session, self.config.token, self.config.peer_timeout_s,
+                               self.config.peer_connect_timeout_s, self.config.peer_read_timeout_s)
             self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
             self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
             stack.callback(self.fetcher.close)
-            server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config.token,
-                                self.config.max_concurrent_serves, warm=self.warm_image)
-            runner = web.AppRunner(server.app(), access_log=None)
+            server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,
+                                warm=self.warm_image)
+            stack.callback(server.close)
+            listener = GuardedListener(self.config.header_timeout_s, self.config.max_connections,
+                                       on_evicted=lambda: self.metrics.refused.labels("connections").inc())
+            runner = web.AppRunner(server.app((listener.middleware,)), access_log=None,
+                                   keepalive_timeout=self.config.header_timeout_s)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, self.config.listen_host, self.config.listen_port).start()
-            log.info("peer_listening", node=self.node_id, host=self.config.listen_host, port=self.config.listen_port,
-                     advertise=self.address, discovery=self.config.discovery, token=bool(self.config.token))
+            await listener.start(runner, self.config.listen_host, self.config.listen_port)
+            stack.push_async_callback(listener.close)
+            self.listener = listener
+            log.info("peer_listening", node=self.node_id, host=self.config.listen_host, port=listener.port,
+                     advertise=self.address, discovery=self.config.discovery, token=bool(self.config.token),
+                     trusted_registries=list(self.config.trusted_registries))
             discovery = make_discovery(self.config, self.node_id, self.address)
             if discovery is not None:
                 stack.push_async_callback(discovery.close)

@@ -1,55 +1,96 @@
 """The peer endpoints of a node (aiohttp): chunks by digest, health, metrics, warm-up.
 
 Only content-addressed chunks are served, never paths or listings. With a cluster token set,
-every endpoint but /metrics requires it. Request bodies are small and bounded, and at most
-`max_concurrent_serves` chunk requests are served at once.
+every endpoint but /v1/health and /metrics requires it (probes use those two).
+
+`/v1/chunks` is built so that no client can make this node spend unbounded memory or time:
+requested digests are deduplicated; the answer is streamed, one msgpack item per chunk as it is
+ready, cache hits first; bytes held for answers are bounded per connection and in total
+(`ByteBudget`); a miss is fetched only from a registry the `OriginPolicy` trusts, in its own
+bounded slots with a deadline, so requests naming a silent host cannot hold what cache hits need.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import msgpack
 import structlog
 from aiohttp import web
 
 from converter.errors import FormatError, PeerpullError
+from converter.registry.reference import ImageReference
+from peer.budget import ByteBudget
 from peer.cache import ChunkCache
 from peer.chunk import MAX_HINT_BYTES, ChunkRef
-from peer.client import MAX_BATCH, PROTOCOL_VERSION, TIER_HEADER
-from peer.fetcher import ChunkFetcher, Fetched
+from peer.client import CHUNKS_CONTENT_TYPE, HEARTBEAT, MAX_BATCH, PROTOCOL_HEADER, PROTOCOL_VERSION
+from peer.config import PeerConfig
+from peer.fetcher import ChunkFetcher
 from peer.metrics import PeerMetrics
+from peer.policy import OriginPolicy
+from peer.warm import WarmProgress
 
 log = structlog.get_logger(__name__)
-WarmHandler = Callable[[str], Awaitable[dict[str, object]]]
+WarmHandler = Callable[[str, WarmProgress], Awaitable[dict[str, object]]]
+OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
+HIT_GROUP = 16  # cache hits loaded per worker hop
+HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's idle timeout (>= 1 s)
+
+
+def _error_line(exc: BaseException) -> dict[str, object]:
+    while isinstance(exc, BaseExceptionGroup):
+        ours = [e for e in exc.exceptions if isinstance(e, PeerpullError)]
+        exc = (ours or list(exc.exceptions))[0]
+    if isinstance(exc, PeerpullError):
+        return {"event": "error", "error": str(exc), "exit_code": exc.exit_code}
+    return {"event": "error", "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 class PeerServer:
-    def __init__(self, node_id: str, fetcher: ChunkFetcher, cache: ChunkCache, metrics: PeerMetrics, token: str,
-                 max_concurrent: int, warm: WarmHandler | None = None) -> None:
+    def __init__(self, node_id: str, fetcher: ChunkFetcher, cache: ChunkCache, metrics: PeerMetrics,
+                 config: PeerConfig, policy: OriginPolicy, warm: WarmHandler | None = None) -> None:
         self._node_id = node_id
         self._cache = cache
         self._fetcher = fetcher
         self._metrics = metrics
-        self._token = token
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._config = config
+        self._token = config.token
+        self._policy = policy
+        self._origin_slots = asyncio.Semaphore(config.max_concurrent_serves)
+        self._total = ByteBudget(config.serve_total_bytes)
+        # cache reads for peers on their own threads: never behind verification of origin frames
+        self._cache_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-cache")
         self._warm = warm
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BATCH * MAX_HINT_BYTES, middlewares=[self._auth])
-        app.router.add_post("/v1/chunk", self._chunk)
+    def app(self, middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = ()) -> web.Application:
+        app = web.Application(client_max_size=MAX_BATCH * (MAX_HINT_BYTES + 8) + 1024,
+                              middlewares=[*middlewares, self._auth])
         app.router.add_post("/v1/chunks", self._chunks)
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/metrics", self._metrics_endpoint)
         app.router.add_post("/v1/warm", self._warm_endpoint)
         return app
 
+    def close(self) -> None:
+        self._cache_pool.shutdown(wait=False, cancel_futures=True)
+
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if self._token and request.path != "/metrics":
+        if self._token and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
                 self._metrics.refused.labels("token").inc()
@@ -57,53 +98,137 @@ class PeerServer:
                 return web.Response(status=401, text="cluster token required")
         return await handler(request)
 
-    async def _chunk(self, request: web.Request) -> web.StreamResponse:
-        body = await request.content.read(MAX_HINT_BYTES + 1)
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The request body, within the header timeout (a client dripping its body is closed)."""
+        async with asyncio.timeout(self._config.header_timeout_s):
+            return await request.read()
+
+    # ---- /v1/chunks ---------------------------------------------------------------------------
+
+    def _parse_batch(self, body: bytes) -> list[ChunkRef]:
         try:
-            ref = ChunkRef.unpack(body)
+            items = msgpack.unpackb(body, raw=False)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            raise FormatError("a batch is msgpack") from None
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH or not all(isinstance(i, bytes) for i in items):
+            raise FormatError(f"a batch is a list of 1 to {MAX_BATCH} packed chunk requests")
+        return [ChunkRef.unpack(item) for item in items]
+
+    @asynccontextmanager
+    async def _held(self, budget: ByteBudget, n: int) -> AsyncIterator[None]:
+        """`n` bytes counted against this connection's budget and the server's."""
+        await budget.acquire(n)
+        try:
+            await self._total.acquire(n)
+        except BaseException:
+            budget.release(n)
+            raise
+        try:
+            yield
+        finally:
+            self._total.release(n)
+            budget.release(n)
+
+    async def _chunks(self, request: web.Request) -> web.StreamResponse:
+        """msgpack list of packed chunk requests → a stream of msgpack items [index, tier, frame],
+        one per distinct digest (index: its first position in the request; tier "" and an empty frame
+        when this node could not obtain it)."""
+        try:
+            refs = self._parse_batch(await self._read_body(request))
+        except TimeoutError:
+            self._metrics.refused.labels("slow_body").inc()
+            return web.Response(status=408, text="request body too slow")
         except FormatError as exc:
             self._metrics.refused.labels("malformed").inc()
             return web.Response(status=400, text=str(exc))
-        fetched = await self._serve_one(ref)
-        if fetched is None:
-            return web.Response(status=502, text="could not obtain the chunk")
-        return web.Response(body=fetched.frame, content_type="application/zstd", headers={TIER_HEADER: fetched.tier})
+        first: dict[str, int] = {}
+        for index, ref in enumerate(refs):
+            first.setdefault(ref.digest, index)
+        if len(first) < len(refs):
+            self._metrics.refused.labels("duplicate").inc(len(refs) - len(first))
+        wanted = [(index, refs[index]) for index in first.values()]
 
-    async def _serve_one(self, ref: ChunkRef) -> Fetched | None:
-        async with self._slots:
-            try:
-                fetched = await self._fetcher.fetch(ref, use_peers=False)
-            except PeerpullError as exc:
-                log.warning("peer_serve_failed", digest=ref.digest, error=str(exc))
-                return None
-        self._metrics.served.labels(fetched.tier).inc()
-        self._metrics.served_bytes.inc(len(fetched.frame))
-        return fetched
+        response = web.StreamResponse(headers={"Content-Type": CHUNKS_CONTENT_TYPE, PROTOCOL_HEADER: PROTOCOL_VERSION})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        budget = ByteBudget(self._config.serve_connection_bytes)
+        write_lock = asyncio.Lock()
 
-    async def _chunks(self, request: web.Request) -> web.StreamResponse:
-        """A batch: msgpack list of packed chunk requests → list of [tier, frame] ("" and b"" if unavailable)."""
+        async def emit(index: int, tier: str, frame: bytes) -> None:
+            async with write_lock:
+                try:  # a client that stops reading must not hold its share of the byte budget for ever
+                    async with asyncio.timeout(self._config.header_timeout_s):
+                        await response.write(msgpack.packb([index, tier, frame], use_bin_type=True))
+                except TimeoutError:
+                    self._metrics.refused.labels("slow_reader").inc()
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("the client stopped reading") from None
+            if tier:
+                self._metrics.served.labels(tier).inc()
+                self._metrics.served_bytes.inc(len(frame))
+
+        async def heartbeat(misses: list[asyncio.Task[None]]) -> None:
+            waiting = set(misses)
+            while waiting:
+                _, waiting = await asyncio.wait(waiting, timeout=HEARTBEAT_S)
+                if waiting and not write_lock.locked():
+                    await emit(*HEARTBEAT)
+
+        abandoned = False
+        misses: list[asyncio.Task[None]] = []
         try:
-            items = msgpack.unpackb(await request.read(), raw=False)
-            if not isinstance(items, list) or len(items) > MAX_BATCH or not all(isinstance(i, bytes) for i in items):
-                raise FormatError("a batch is a list of at most 128 packed chunk requests")
-            refs = [ChunkRef.unpack(item) for item in items]
-        except (FormatError, ValueError, msgpack.UnpackException, TypeError) as exc:
-            self._metrics.refused.labels("malformed").inc()
-            return web.Response(status=400, text=str(exc))
-        cached = await asyncio.to_thread(self._cache.load_many, refs)  # verified, in one worker hop
-        misses = [ref for ref, hit in zip(refs, cached) if hit is None]
-        fetched = dict(zip((r.digest for r in misses), await asyncio.gather(*(self._serve_one(r) for r in misses))))
-        answer = []
-        for ref, hit in zip(refs, cached):
-            if hit is not None:
-                answer.append(["cache", hit[0]])
-                self._metrics.served.labels("cache").inc()
-                self._metrics.served_bytes.inc(len(hit[0]))
-            elif (f := fetched.get(ref.digest)) is not None:
-                answer.append([f.tier, f.frame])
-            else:
-                answer.append(["", b""])
-        return web.Response(body=msgpack.packb(answer, use_bin_type=True), content_type="application/msgpack")
+            async with asyncio.TaskGroup() as group:
+                maybe = [(i, r) for i, r in wanted if self._cache.might_have(r.digest)]
+                for index, ref in wanted:
+                    if not self._cache.might_have(ref.digest):
+                        misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
+                for start in range(0, len(maybe), HIT_GROUP):
+                    part = maybe[start:start + HIT_GROUP]
+                    size = sum(r.compressed_length for _, r in part)
+                    async with self._held(budget, size):
+                        loaded = await asyncio.get_running_loop().run_in_executor(
+                            self._cache_pool, self._cache.load_many, [r for _, r in part])
+                        for (index, ref), hit in zip(part, loaded):
+                            if hit is None:
+                                misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
+                            else:
+                                await emit(index, "cache", hit[0])
+                        del loaded
+                if misses:
+                    group.create_task(heartbeat(misses))
+        except* ConnectionError:  # the asker went away (or died) mid-answer: nothing more to do for it
+            abandoned = True
+        if abandoned:
+            log.debug("peer_answer_abandoned", remote=request.remote)
+            return response
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        return response
+
+    async def _serve_miss(self, index: int, ref: ChunkRef, budget: ByteBudget,
+                          emit: Callable[[int, str, bytes], Awaitable[None]]) -> None:
+        if not self._policy.allows_repository(ref.repository):
+            self._metrics.refused.labels("origin").inc()
+            log.info("peer_origin_refused", digest=ref.digest, repository=ref.repository[:200])
+            await emit(index, "", b"")
+            return
+        frame, tier = b"", ""
+        try:
+            async with asyncio.timeout(self._config.serve_origin_timeout_s), self._origin_slots:
+                fetched = await self._fetcher.fetch(ref, use_peers=False)
+            frame, tier = fetched.frame, fetched.tier
+        except TimeoutError:
+            self._metrics.refused.labels("origin_timeout").inc()
+            log.warning("peer_serve_failed", digest=ref.digest, error="origin deadline passed")
+        except Exception as exc:  # whatever went wrong at the origin, this chunk is "unavailable" to the asker
+            log.warning("peer_serve_failed", digest=ref.digest, error=f"{type(exc).__name__}: {exc}")
+        async with self._held(budget, len(frame)):
+            await emit(index, tier, frame)
+
+    # ---- the rest -----------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"node_id": self._node_id, "protocol": PROTOCOL_VERSION})
@@ -111,17 +236,49 @@ class PeerServer:
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
 
-    async def _warm_endpoint(self, request: web.Request) -> web.Response:
+    async def _warm_endpoint(self, request: web.Request) -> web.StreamResponse:
+        """`{"image": REF}` → NDJSON: a progress line every `warm_progress_s`, then one final line
+        (`{"event": "done", "report": …}` or `{"event": "error", "error": …, "exit_code": …}`), so a
+        client can tell a slow warm-up from a hung node."""
         if self._warm is None:
             return web.Response(status=404)
         try:
-            image = (await request.json())["image"]
+            image = json.loads(await self._read_body(request))["image"]
             if not isinstance(image, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
-            return web.Response(status=400, text='expected {"image": "<reference>"}')
+            registry = ImageReference.parse(image).registry
+        except TimeoutError:
+            return web.Response(status=408, text="request body too slow")
+        except (ValueError, KeyError, TypeError, PeerpullError):
+            return web.Response(status=400, text='expected {"image": "<registry>/<repository>:<tag>"}')
+        if not self._policy.allows(registry):
+            if not _is_loopback(request.remote):
+                self._metrics.refused.labels("origin").inc()
+                log.warning("peer_request_refused", reason="origin", remote=request.remote, registry=registry)
+                return web.Response(status=403, text=(
+                    f"node {self._node_id} does not trust registry {registry}: add it to peer.trusted_registries "
+                    f"(PEERPULL_PEER_TRUSTED_REGISTRIES) or warm from the node itself"))
+            self._policy.learn(registry)  # asked on loopback: by this node's own operator
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        progress = WarmProgress()
+        task = asyncio.ensure_future(self._warm(image, progress))
         try:
-            report = await self._warm(image)
-        except PeerpullError as exc:
-            return web.json_response({"error": str(exc)}, status=422)
-        return web.Response(text=json.dumps(report), content_type="application/json")
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._config.warm_progress_s)
+                if done:
+                    break
+                await response.write(json.dumps({"event": "progress", **progress.as_dict()}).encode() + b"\n")
+            try:
+                line: dict[str, object] = {"event": "done", "report": task.result()}
+            except Exception as exc:  # reported to the client, which prints it as its one error line
+                line = _error_line(exc)
+            await response.write(json.dumps(line).encode() + b"\n")
+            await response.write_eof()
+        except ConnectionError:
+            log.info("warm_abandoned", image=image, remote=request.remote)
+        finally:
+            if not task.done():
+                task.cancel()  # nobody is waiting for it any more
+                await asyncio.gather(task, return_exceptions=True)
+        return response

@@ -11,9 +11,14 @@ T = TypeVar("T")
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
+        self._waiting: dict[str, int] = {}
 
     def inflight(self, key: str) -> bool:
         return key in self._inflight
+
+    def waiters(self, key: str) -> int:
+        """How many callers wait for the fetch of `key` now."""
+        return self._waiting.get(key, 0)
 
     async def do(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """Run `fetch()` unless a fetch for `key` is already running; either way, return its result.
@@ -26,7 +31,13 @@ class SingleFlight(Generic[T]):
             self._inflight[key] = future
             task = asyncio.ensure_future(fetch())
             task.add_done_callback(lambda t: self._settle(key, future, t))  # type: ignore[arg-type]
-        return await asyncio.shield(future)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            return await asyncio.shield(future)
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
 
     def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[T]) -> None:
         self._inflight.pop(key, None)

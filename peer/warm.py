@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 
 from converter.convert import is_seekable_descriptor
 from converter.image_source import parse_manifest
@@ -14,6 +15,19 @@ from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
+
+
+@dataclass
+class WarmProgress:
+    """What a warm-up has done so far (the node's /v1/warm streams it)."""
+
+    stage: str = "resolving"  # resolving (manifest, TOCs) → fetching
+    chunks: int = 0  # to fetch
+    done: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 async def image_chunks(client: RegistryClient, image: str) -> tuple[list[ChunkRef], int]:
@@ -37,11 +51,14 @@ async def image_chunks(client: RegistryClient, image: str) -> tuple[list[ChunkRe
     return list(chunks.values()), skipped
 
 
-async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int) -> dict[str, object]:
+async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,
+               progress: WarmProgress | None = None) -> dict[str, object]:
     """Fetch every chunk in `refs` (at most `parallel` at once); a summary by serving tier."""
     started = time.monotonic()
     slots = asyncio.Semaphore(parallel)
     tiers: Counter[str] = Counter()
+    progress = progress or WarmProgress()
+    progress.stage, progress.chunks = "fetching", len(refs)
     total = 0
 
     async def one(ref: ChunkRef) -> None:
@@ -50,6 +67,8 @@ async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int) -> di
             fetched = await fetcher.fetch(ref, use_peers=True)
         tiers[fetched.tier] += 1
         total += len(fetched.data)
+        progress.done += 1
+        progress.bytes = total
 
     async with asyncio.TaskGroup() as group:
         for ref in refs:

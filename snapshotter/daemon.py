@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import tempfile
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def check_host() -> None:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as exc:
         raise ConfigError(f"/dev/fuse cannot be opened: {exc.strerror}") from None
+
+
+def writable_dir(path: Path, what: str, fix: str) -> None:
+    """Create `path` if needed and prove it takes files; else one ConfigError naming the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".peerpull-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is not usable ({exc.strerror or exc}): {fix}") from None
 
 
 def mounted_at(path: Path) -> str | None:
@@ -99,7 +110,9 @@ class NodeDaemon:
         socket_path = Path(sc.socket)
         if len(str(socket_path)) > 100:
             raise ConfigError(f"snapshotter.socket path is too long for a unix socket: {socket_path}")
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.layout.root, "snapshotter root", "give a writable directory (--root DIR, snapshotter.root)")
+        writable_dir(socket_path.parent, "socket directory",
+                     "give a socket path in a writable directory (--socket PATH, snapshotter.socket)")
         unmount_stale(self.layout.fuse)
         self.layout.fuse.mkdir(exist_ok=True)
         async with AsyncExitStack() as stack, asyncio.TaskGroup() as group:
@@ -113,7 +126,8 @@ class NodeDaemon:
             reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self.config.peer.prefetch_parallel)
             stack.push_async_callback(reader.close)
             self.fs = LayerFS(reader)
-            remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch)
+            remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
+                                  trust_registry=self.peer.trust_registry)
             restored = remote.restore()
             fuse_task = self._mount()
             stack.push_async_callback(self._unmount, fuse_task)

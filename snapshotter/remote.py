@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -23,6 +24,7 @@ from converter.layer_reader import TocLocation, location_from_annotations, read_
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
+from peer.policy import registry_of
 from snapshotter.fusefs import LayerFS
 from snapshotter.store import LayerRecord, SnapshotStore
 
@@ -41,8 +43,12 @@ class NotSeekable(Exception):
 
 
 class RemoteLayers:
-    def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str) -> None:
+    def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str,
+                 trust_registry: Callable[[str], None] = lambda registry: None) -> None:
         self._dir = root / "layers"
+        # the registries this node's own containerd pulls from: the peer node may fetch from them
+        # when another node asks (and from no other, unless configured)
+        self._trust_registry = trust_registry
         self._dir.mkdir(parents=True, exist_ok=True)
         self._store = store
         self._fs = fs
@@ -64,6 +70,7 @@ class RemoteLayers:
                 log.error("layer_restore_failed", layer=record.digest, error=str(exc))
                 continue
             self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+            self._trust_registry(registry_of(record.repository))
             restored += 1
         return restored
 
@@ -108,6 +115,7 @@ class RemoteLayers:
         if known is not None and self._toc_path(digest).exists():
             return known
         image = ImageReference.parse(image_ref)
+        self._trust_registry(image.registry)
         expected = await self._expected_toc(image, digest, manifest_digest)
         size = await self._client.blob_size(image, digest)
         if size is None:

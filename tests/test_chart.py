@@ -7,6 +7,7 @@ against fake `peerpull` commands.
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import subprocess
@@ -27,7 +28,7 @@ CHART = Path(__file__).resolve().parent.parent / "charts" / "peerpull"
 KNOWN_KEYS = {
     "registry": {"insecure_hosts", "docker_config", "platform"},
     "peer": {"cache_dir", "cache_max_bytes", "listen_host", "listen_port", "token", "discovery", "static_peers",
-             "dns_name", "dns_port", "origin_max_inflight", "prefetch_parallel"},
+             "dns_name", "dns_port", "origin_max_inflight", "prefetch_parallel", "trusted_registries"},
     "snapshotter": {"root", "socket", "prefetch", "containerd_address"},
     "log": {"level", "format"},
 }
@@ -76,7 +77,7 @@ def full() -> tuple[dict[str, dict], str]:
 
 def test_default_chart_runs_the_daemon_privileged_with_fuse_and_shared_mounts(default) -> None:
     docs, _ = default
-    assert set(docs) == {"ConfigMap", "DaemonSet", "Service"}  # no Job, Secret or ServiceAccount
+    assert set(docs) == {"ConfigMap", "DaemonSet", "Secret", "Service"}  # no Job or ServiceAccount
     pod = _pod(docs)
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["tolerations"] == [{"operator": "Exists"}] and "nodeSelector" not in pod
@@ -110,7 +111,8 @@ def test_default_chart_runs_the_daemon_privileged_with_fuse_and_shared_mounts(de
     env = _env(container)
     assert env["PEERPULL_PEER_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["PEERPULL_PEER_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
-    assert "PEERPULL_PEER_TOKEN" not in env
+    # a token always: the daemon refuses to serve peers on the node network without one
+    assert env["PEERPULL_PEER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "pp-token", "key": "token"}
 
 
 def test_selectors_match_and_the_pod_template_does_not_change_with_the_chart_version(default) -> None:
@@ -152,17 +154,19 @@ def test_config_map_has_only_known_keys_and_the_daemon_accepts_it(default, tmp_p
 def test_config_values_are_rendered_and_empty_ones_left_out(tmp_path: Path) -> None:
     docs, _ = _render({"registry": {"insecureHosts": ["reg.local:5000", "b:5000"], "dockerConfigSecret": "regcred"},
                        "peer": {"discovery": "static", "staticPeers": ["10.0.0.2:7470"], "cacheMaxBytes": 1 << 30,
-                                "prefetchParallel": 0},
+                                "prefetchParallel": 0, "trustedRegistries": ["reg.local:5000"]},
                        "snapshotter": {"prefetch": "layer"}, "log": {"format": ""}})
     text, parsed = _config(docs)
     assert parsed["registry"]["insecure_hosts"] == ["reg.local:5000", "b:5000"]
     assert parsed["peer"]["static_peers"] == ["10.0.0.2:7470"] and "dns_name" not in parsed["peer"]
+    assert parsed["peer"]["trusted_registries"] == ["reg.local:5000"]
     assert "prefetch_parallel" not in parsed["peer"] and "format" not in parsed["log"]
     path = tmp_path / "config.toml"
     path.write_text(text)
     config = load_config(str(path), environ={})
     assert config.registry.insecure_hosts == ("reg.local:5000", "b:5000") and config.peer.cache_max_bytes == 1 << 30
     assert config.snapshotter.prefetch == "layer" and config.peer.discovery == "static"
+    assert config.peer.trusted_registries == ("reg.local:5000",)
     # the credentials Secret is mounted where docker_config points
     container = _pod(docs)["containers"][0]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "registry-credentials")
@@ -171,18 +175,32 @@ def test_config_values_are_rendered_and_empty_ones_left_out(tmp_path: Path) -> N
     assert config.registry.docker_config == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
 
 
-def test_token_goes_to_a_secret_and_the_probes_avoid_the_protected_health_endpoint(full) -> None:
+def _token(docs: dict[str, dict]) -> str:
+    return base64.b64decode(docs["Secret"]["data"]["token"]).decode()
+
+
+def test_token_goes_to_a_secret_and_the_probes_use_the_open_health_endpoint(full) -> None:
     docs, _ = full
-    assert docs["Secret"]["stringData"] == {"token": "s3cret"}
+    assert _token(docs) == "s3cret" and set(docs["Secret"]["data"]) == {"token"}
     assert "s3cret" not in docs["ConfigMap"]["data"]["config.toml"]
     container = _pod(docs)["containers"][0]
     ref = {"name": docs["Secret"]["metadata"]["name"], "key": "token"}
     assert _env(container)["PEERPULL_PEER_TOKEN"]["valueFrom"]["secretKeyRef"] == ref
-    # /v1/health answers 401 without the token; /metrics is served without it
+    # /v1/health needs no token (probes cannot read a Secret)
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/metrics", "port": 7470}
+        assert container[probe]["httpGet"] == {"path": "/v1/health", "port": 7470}
     # the warm-up pods need the token as well, or the node refuses them
     assert _env(_pod(docs, "Job")["containers"][0])["PEERPULL_PEER_TOKEN"]["valueFrom"]["secretKeyRef"] == ref
+
+
+def test_without_a_token_one_is_generated_and_kept_across_upgrades(default) -> None:
+    first = _token(default[0])
+    assert len(first) == 40 and first.isalnum()
+    assert _token(_render()[0]) != first  # `helm template` without a cluster: a fresh one each time
+    stored = {("v1", "Secret", "kube-system", "pp-token"): {"data": {"token": base64.b64encode(b"kept").decode()}}}
+    upgraded = render_chart(CHART, None, revision=2, lookups=stored)
+    secret = yaml.safe_load(upgraded["secret.yaml"])
+    assert base64.b64decode(secret["data"]["token"]) == b"kept"  # read back from the cluster
 
 
 def test_existing_token_secret_is_used_instead_of_creating_one() -> None:
@@ -214,7 +232,7 @@ def test_warmup_job_warms_each_image_on_distinct_nodes(full) -> None:
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     (container,) = pod["containers"]
-    assert _env(container)["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert set(_env(container)) == {"PEERPULL_PEER_TOKEN"}
     assert container["command"][:2] == ["sh", "-c"] and "peerpull warm" in container["command"][2]
 
     hooked, _ = _render({"warmup": {"images": ["x:1"], "hook": True}})
@@ -241,22 +259,27 @@ def test_warmup_script_runs_peerpull_warm_per_image_and_waits_for_the_daemon(ful
     script = _pod(full[0], "Job")["containers"][0]["command"][2]
     calls = tmp_path / "calls"
     # the node's daemon is unreachable (exit 5) at the first call, then answers; `--node` is HOST:PORT
-    # (warm builds the http:// URL itself)
+    # (warm builds the http:// URL itself): the node's loopback, as its own operator (host network)
     env = _fake_bin(tmp_path / "bin", {
         "peerpull": f'echo "$*" >> {calls}\n[ "$(wc -l < {calls})" -eq 1 ] && exit 5\nexit 0\n',
         "sleep": "exit 0\n",
     })
-    done = _sh(script, {**env, "NODE_IP": "10.1.2.3"})
+    done = _sh(script, env)
     assert done.returncode == 0, done.stderr
+    deadlines = "--timeout 3600 --idle-timeout 60"
     assert calls.read_text().splitlines() == [
-        "warm reg:5000/ml/torch:seekable --node 10.1.2.3:7470",
-        "warm reg:5000/ml/torch:seekable --node 10.1.2.3:7470",
-        "warm reg:5000/ml/vllm:1 --node 10.1.2.3:7470",
+        f"warm reg:5000/ml/torch:seekable --node 127.0.0.1:7470 {deadlines}",
+        f"warm reg:5000/ml/torch:seekable --node 127.0.0.1:7470 {deadlines}",
+        f"warm reg:5000/ml/vllm:1 --node 127.0.0.1:7470 {deadlines}",
     ]
     calls.unlink()
     env = _fake_bin(tmp_path / "bin", {"peerpull": f'echo "$*" >> {calls}\nexit 7\n'})
-    failed = _sh(script, {**env, "NODE_IP": "10.1.2.3"})
+    failed = _sh(script, env)
     assert failed.returncode == 7 and len(calls.read_text().splitlines()) == 1  # not found: no retry, no next image
+    calls.unlink()
+    env = _fake_bin(tmp_path / "bin", {"peerpull": f'echo "$*" >> {calls}\nexit 1\n'})  # a hung daemon: warm gave up
+    failed = _sh(script, env)
+    assert failed.returncode == 1 and len(calls.read_text().splitlines()) == 1 and "failed (exit 1)" in failed.stderr
 
 
 def _wire(script: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
@@ -328,6 +351,10 @@ def test_the_renderer_behaves_like_helm_on_what_the_chart_relies_on(tmp_path: Pa
         == "2.147483648e+10 21474836480 7470 1e+06"
     assert render("a\n  {{- if .Values.port }} x {{- else }}y{{ end -}}\n b") == "a xb"
     assert render('{{ range .Values.list }}[{{ . | quote }}]{{ end }}') == '["a"]["b"]'
+    assert render('{{ printf "%s-%d" "x" .Values.port }}') == "x-7470"
+    assert render('{{ "" | default (printf "%s" "y" | b64enc) }}') == "eQ=="
+    assert render('{{ lookup "v1" "Secret" "ns" "n" | dig "data" "token" "none" }}') == "none"
+    assert len(render("{{ randAlphaNum 12 }}")) == 12
     for bad in ("{{ range .Values.list }}{{ .Values.port }}{{ end }}",  # `.` is the item in range
                 "{{ .Values.missing }}", "{{ .Values.port | sha256sum }}", "{{ with .Values.port }}{{ end }}",
                 "{{ if .Values.port }}"):

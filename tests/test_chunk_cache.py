@@ -14,6 +14,7 @@ from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
+from tests.support.waiting import async_wait_until
 
 
 def make_chunk(seed: int, size: int = 256 * 1024) -> tuple[ChunkRef, bytes]:
@@ -56,17 +57,22 @@ async def test_the_size_limit_holds_and_recent_entries_stay(tmp_path: Path) -> N
 async def test_concurrent_misses_share_one_fetch(tmp_path: Path) -> None:
     ref, frame = make_chunk(3)
 
+    release = asyncio.Event()
+
     class SlowOrigin:
         calls = 0
 
         async def fetch_frame(self, r: ChunkRef, background: bool = False) -> bytes:
             SlowOrigin.calls += 1
-            await asyncio.sleep(0.2)
+            await release.wait()  # until every reader waits for this one fetch
             return frame
 
     cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
     fetcher = ChunkFetcher(cache, SlowOrigin(), PeerMetrics())
-    results = await asyncio.gather(*(fetcher.get(ref) for _ in range(50)))
+    readers = asyncio.gather(*(fetcher.get(ref) for _ in range(50)))
+    await async_wait_until(lambda: fetcher._flights.waiters(ref.digest) == 50, 30, "50 readers on one fetch")
+    release.set()
+    results = await readers
     assert SlowOrigin.calls == 1
     assert all(sha256_digest(r) == ref.digest for r in results)
     assert (await fetcher.fetch(ref, use_peers=True)).tier == "cache"
@@ -75,17 +81,20 @@ async def test_concurrent_misses_share_one_fetch(tmp_path: Path) -> None:
 
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_fetch() -> None:
     flights: SingleFlight[int] = SingleFlight()
-    started = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
 
     async def work() -> int:
         started.set()
-        await asyncio.sleep(0.1)
+        await release.wait()
         return 42
 
     first = asyncio.ensure_future(flights.do("k", work))
     await started.wait()
     second = asyncio.ensure_future(flights.do("k", work))
+    await async_wait_until(lambda: flights.waiters("k") == 2, 10, "two waiters")
     first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    release.set()
     assert await second == 42
     assert not flights.inflight("k")
 
@@ -96,10 +105,7 @@ async def test_the_index_answers_misses_without_the_disk_and_staged_frames_are_s
     await cache.put_verified(ref, frame)
     cache.close()
     reopened = ChunkCache(str(tmp_path / "c"), 64 << 20)
-    for _ in range(200):  # the index is built from disk in the background
-        if reopened._indexed:
-            break
-        await asyncio.sleep(0.01)
+    await async_wait_until(lambda: reopened._indexed, 30, "the start-up index")  # built in the background
     assert reopened.might_have(ref.digest)  # found by the start-up index
     absent, absent_frame = make_chunk(6)
     assert not reopened.might_have(absent.digest) and await reopened.load(absent) is None

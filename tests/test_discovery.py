@@ -6,12 +6,13 @@ import asyncio
 
 from peer.discovery import DnsDiscovery, StaticDiscovery, make_discovery
 from peer.config import PeerConfig
+from tests.support.waiting import async_wait_until
 
 
 async def test_dns_discovery_resolves_every_address_of_the_name() -> None:
     found: list[set[str]] = []
     task = asyncio.ensure_future(DnsDiscovery("localhost", 7470, interval_s=0.05).run(found.append))
-    await asyncio.sleep(0.2)
+    await async_wait_until(lambda: bool(found), 30, "a DNS answer")
     task.cancel()
     assert found and "127.0.0.1:7470" in found[-1]
 

@@ -67,7 +67,7 @@ def run_proxy(registry_url: str):
 
 def test_three_nodes_warm_at_once_and_the_registry_serves_each_chunk_once(registry, seekable_image, tmp_path) -> None:
     proxy, loop, thread = run_proxy(registry.url)
-    nodes = start_cluster(tmp_path / "nodes", 3)
+    nodes = start_cluster(tmp_path / "nodes", 3, extra_env={"PEERPULL_PEER_TRUSTED_REGISTRIES": proxy.address})
     try:
         image = f"{proxy.address}/{seekable_image}"
         refs = chunk_refs(image)
@@ -83,10 +83,14 @@ def test_three_nodes_warm_at_once_and_the_registry_serves_each_chunk_once(regist
         assert sum(r["tiers"].get("peer", 0) for r in reports) > len(refs)  # most chunks came from owners
         # every node now holds every chunk, verified, in its own cache
         for node in nodes:
-            for ref in refs:
-                status, headers, frame = node.request("/v1/chunk", ref.pack())
-                assert status == 200 and headers["X-Peerpull-Tier"] == "cache"
-                decompress_chunk(frame, ref.as_chunk())
+            for start in range(0, len(refs), 128):
+                batch = refs[start:start + 128]
+                status, items = node.chunks(batch)
+                assert status == 200 and len(items) == len(batch)
+                for index, ref in enumerate(batch):
+                    tier, frame = items[index]
+                    assert tier == "cache"
+                    decompress_chunk(frame, ref.as_chunk())
             assert node.metric("peerpull_chunk_requests_total", 'tier="origin"') < len(refs)
     finally:
         for node in nodes:
@@ -96,18 +100,23 @@ def test_three_nodes_warm_at_once_and_the_registry_serves_each_chunk_once(regist
 
 
 def test_peer_endpoints_need_the_cluster_token(registry, seekable_image, tmp_path) -> None:
-    nodes = start_cluster(tmp_path / "nodes", 1)
+    nodes = start_cluster(tmp_path / "nodes", 1, extra_env={"PEERPULL_PEER_TRUSTED_REGISTRIES": registry.address})
     try:
         ref = chunk_refs(f"{registry.address}/{seekable_image}")[0]
-        status, _, _ = nodes[0].request("/v1/chunk", ref.pack(), token=None)
+        status, _ = nodes[0].chunks([ref], token=None)
         assert status == 401
-        status, _, _ = nodes[0].request("/v1/chunk", ref.pack(), token="wrong")
+        status, _ = nodes[0].chunks([ref], token="wrong")
         assert status == 401
-        assert nodes[0].metric("peerpull_peer_requests_refused_total", 'reason="token"') == 2
-        status, headers, frame = nodes[0].request("/v1/chunk", ref.pack())
-        assert status == 200 and headers["X-Peerpull-Tier"] == "origin"
-        assert len(decompress_chunk(frame, ref.as_chunk())) == ref.length
-        status, _, _ = nodes[0].request("/v1/chunk", b"\x93garbage")
+        status, _, _ = nodes[0].request("/v1/warm", b'{"image": "x/y:1"}', token=None)
+        assert status == 401
+        assert nodes[0].metric("peerpull_peer_requests_refused_total", 'reason="token"') == 3
+        # probes have no token: health and metrics are open
+        status, _, body = nodes[0].request("/v1/health", token=None)
+        assert status == 200 and b'"protocol": "2"' in body
+        status, items = nodes[0].chunks([ref])
+        assert status == 200 and items[0][0] == "origin"
+        assert len(decompress_chunk(items[0][1], ref.as_chunk())) == ref.length
+        status, _, _ = nodes[0].request("/v1/chunks", b"\x93garbage")
         assert status == 400
     finally:
         nodes[0].stop()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.netns import BridgedHosts, netns_missing
 from tests.support.peer_cluster import NodeProcess
+from tests.support.waiting import wait_until
 
 
 def test_nodes_find_each_other_by_mdns_and_a_stopped_node_leaves(tmp_path: Path) -> None:
@@ -21,9 +21,7 @@ def test_nodes_find_each_other_by_mdns_and_a_stopped_node_leaves(tmp_path: Path)
             for node in nodes:
                 node.wait_members(3, timeout_s=45)
             nodes[2].stop()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and any(n.metric("peerpull_members") != 2 for n in nodes[:2]):
-                time.sleep(0.3)
+            wait_until(lambda: all(n.metric("peerpull_members") == 2 for n in nodes[:2]), 20, "zc2 to leave")
             assert [n.metric("peerpull_members") for n in nodes[:2]] == [2, 2]
             log = nodes[0].log_path.read_text()
             assert '"event": "peer_left"' in log and "zc2" in log

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped
+from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped, with_peer_flags
 from peerpull.config import PeerpullConfig
 from snapshotter.daemon import NodeDaemon
 
@@ -14,6 +14,12 @@ Run everything a node needs, in one process: the containerd remote snapshotter (
 socket), the FUSE mount that serves lazily pulled layers, and this node's chunk cache and peer
 server with discovery. Configure it with one file (--config, [snapshotter] [peer] [registry]
 sections) and flags; wire containerd to it with the snippet `peerpull containerd-config` prints.
+
+The peer server follows the rules of `peerpull peer` (a cluster token, or --insecure-no-token on
+a non-loopback address; see `peerpull peer --help` for its limits). The registries this daemon
+resolves layers from for its containerd are the ones other nodes may ask it to fetch from.
+Start-up problems (no root, no /dev/fuse, an unwritable root, socket or cache directory, the
+peer port in use) end with one line and exit 2.
 
 On SIGTERM or Ctrl-C it stops serving, unmounts the FUSE mount and exits. Snapshots and layer
 tables of contents persist under the root: after a restart, already pulled images run again
@@ -40,4 +46,4 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
-    return await run_until_stopped(NodeDaemon(config).run())
+    return await run_until_stopped(NodeDaemon(with_peer_flags(args, config)).run())

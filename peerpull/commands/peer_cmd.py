@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -16,9 +17,19 @@ Run this node's chunk cache and peer server: it serves chunks it holds (by diges
 the other nodes, finds them by zeroconf (or a static list, or DNS), and fetches each chunk a
 warm-up asks for from the cheapest tier — local disk, the chunk's owner node, the registry.
 
-Endpoints: POST /v1/chunk, GET /v1/health, GET /metrics (Prometheus), POST /v1/warm.
-Set a shared cluster token with PEERPULL_PEER_TOKEN (or [peer] token in the config file):
-requests without it are refused. Stops cleanly on SIGTERM or Ctrl-C.
+Endpoints: POST /v1/chunks, POST /v1/warm (both need the token), GET /v1/health and GET /metrics
+(open, for probes). Set a shared cluster token with PEERPULL_PEER_TOKEN (or [peer] token): without
+one, listening on a non-loopback address is refused unless --insecure-no-token is given.
+A node fetches a chunk another node asks for only from a registry it trusts: peer.trusted_registries
+("*" for any), or one its own snapshotter (or a warm-up asked on loopback) uses.
+
+Limits (config [peer], defaults): connections 2048 (max_connections), a whole request within 10 s
+of connecting (header_timeout_s), 32 MiB answered per connection and 256 MiB in all at once
+(serve_connection_bytes, serve_total_bytes), 64 origin fetches for peers at once, each given up
+after 30 s (max_concurrent_serves, serve_origin_timeout_s). Requests to other nodes: connect 2 s,
+idle 5 s, overall 10 s (peer_connect_timeout_s, peer_read_timeout_s, peer_timeout_s).
+Start-up problems (port in use, an address not of this host, no token, an unwritable cache
+directory) end with one line and exit 2. Stops cleanly on SIGTERM or Ctrl-C.
 
 examples:
   peerpull peer --listen 0.0.0.0:7470 --cache-dir /var/lib/peerpull/cache
@@ -54,6 +65,24 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discovery", choices=("zeroconf", "static", "dns", "none"), help="how to find other nodes")
     p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="a static peer (repeatable)")
     p.add_argument("--dns-name", metavar="NAME", help="DNS name listing the nodes (with --discovery dns)")
+    p.add_argument("--insecure-no-token", action="store_true", default=None,
+                   help="serve peers on a non-loopback address without a cluster token (anyone on the network "
+                        "may then use this node; default: refused)")
+    p.add_argument("--trust-registry", dest="trusted_registries", action="append", metavar="HOST[:PORT]",
+                   help="a registry this node fetches from when a peer asks (repeatable; '*' for any; "
+                        "default: only those its own snapshotter uses)")
+
+
+def with_peer_flags(args: argparse.Namespace, config: PeerpullConfig) -> PeerpullConfig:
+    """Apply the peer flags the generic flag mapping does not know."""
+    changes: dict[str, Any] = {}
+    if getattr(args, "insecure_no_token", None):
+        changes["insecure_no_token"] = True
+    if getattr(args, "trusted_registries", None):
+        changes["trusted_registries"] = (*config.peer.trusted_registries, *args.trusted_registries)
+    if not changes:
+        return config
+    return dataclasses.replace(config, peer=dataclasses.replace(config.peer, **changes))
 
 
 async def run_until_stopped(service: Coroutine[Any, Any, None]) -> int:
@@ -70,4 +99,5 @@ async def run_until_stopped(service: Coroutine[Any, Any, None]) -> int:
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    config = with_peer_flags(args, config)
     return await run_until_stopped(PeerNode(config.peer, config.registry).run())

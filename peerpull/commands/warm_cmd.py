@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
 import aiohttp
+import structlog
 
-from converter.errors import PeerpullError, RegistryUnreachableError
+from converter import errors
+from converter.errors import AuthError, ConfigError, PeerpullError, RegistryUnreachableError
 from peer.client import auth_headers
 from peerpull.config import PeerpullConfig
+
+log = structlog.get_logger(__name__)
+MAX_LINE = 1 << 20  # a progress or final line; anything longer is not a node speaking
 
 DESCRIPTION = """\
 Ask a running node (`peerpull peer` or the node daemon) to fetch every chunk of a seekable image
 into its cache, through the ordinary path: local cache, then the chunk's owner node, then the
 registry. Run it on every node before a traffic spike (the Helm chart's warm-up Job does).
-Prints what each tier served, as JSON.
+The node reports progress every few seconds (logged as `warm_progress`); the final report, by
+serving tier, is printed as JSON.
+
+The node fetches only from registries it trusts (peer.trusted_registries, or those its own
+snapshotter uses); asked on loopback (--node 127.0.0.1:…) it trusts the image's registry itself.
+
+Deadlines: --connect-timeout (default 10 s), --idle-timeout: the node sent nothing for that long
+(default 60 s; a node reports progress every 5 s), --timeout for the whole warm-up (default
+3600 s). Exit codes: 0 warmed; 1 the node could not warm the image, or a deadline passed;
+2 the node does not trust the image's registry; 5 the node cannot be reached; 6 the node refused
+the cluster token; the node's own exit code for errors it reports (e.g. 7 image not found).
 """
 
 
@@ -25,23 +41,87 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="registry reference of a seekable image")
     p.add_argument("--node", default="127.0.0.1:7470", metavar="HOST:PORT", help="the node to warm (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                   help="give up after this many seconds in all (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                   help="give up when the node sends nothing for this long (default %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up connecting after this long (default %(default)s)")
     p.set_defaults(handler=run)
     return p
 
 
-async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+def _node_error(message: str, code: int) -> PeerpullError:
+    """The error class of the node's exit code, so this command exits with the same code."""
+    for cls in (errors.NotFoundError, errors.AuthError, errors.RegistryUnreachableError, errors.RegistryError,
+                errors.FormatError, errors.UnsupportedError, errors.ConfigError):
+        if cls.exit_code == code:
+            return cls(message)
+    return PeerpullError(message)
+
+
+async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, Any]:
     url = f"http://{args.node}/v1/warm"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.connect_timeout, sock_read=args.idle_timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.post(url, json={"image": args.image}, headers=auth_headers(config.peer.token)) as resp:
+            if resp.status == 401:
+                raise AuthError(f"node {args.node} refused the request: set the cluster token (PEERPULL_PEER_TOKEN)")
+            if resp.status == 403:
+                text = (await resp.content.read(4096)).decode(errors="replace")
+                raise ConfigError(f"node {args.node} refused to warm {args.image}: {text.strip()[:300]}")
+            if resp.status != 200:
+                text = (await resp.content.read(4096)).decode(errors="replace")
+                raise PeerpullError(f"node {args.node} could not warm {args.image}: HTTP {resp.status} {text.strip()[:300]}")
+            buffered = b""
+            while True:
+                if b"\n" not in buffered:
+                    if len(buffered) > MAX_LINE:
+                        raise PeerpullError(f"node {args.node} sent a malformed warm-up answer (a line over 1 MiB)")
+                    data = await resp.content.readany()  # sock_read bounds each wait
+                    if not data:
+                        raise PeerpullError(f"node {args.node} ended the warm-up of {args.image} without a report "
+                                            "(did it restart? see its log)")
+                    buffered += data
+                    continue
+                line, _, buffered = buffered.partition(b"\n")
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise PeerpullError(f"node {args.node} sent a malformed warm-up answer") from None
+                event = record.get("event") if isinstance(record, dict) else None
+                if event == "progress":
+                    log.info("warm_progress", node=args.node, image=args.image,
+                             **{k: record.get(k) for k in ("stage", "chunks", "done", "bytes")})
+                elif event == "done" and isinstance(record.get("report"), dict):
+                    return record["report"]
+                elif event == "error":
+                    code = record.get("exit_code")
+                    raise _node_error(f"node {args.node} could not warm {args.image}: {record.get('error')}",
+                                      code if isinstance(code, int) else 1)
+                else:
+                    raise PeerpullError(f"node {args.node} sent a malformed warm-up answer")
+
+
+async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
+    for name in ("timeout", "idle_timeout", "connect_timeout"):
+        if not 0 < getattr(args, name) <= 7 * 86400:
+            raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 604800 seconds")
     try:
-        # the node answers once the whole image is warm: no total deadline, only for connecting
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(url, json={"image": args.image}, headers=auth_headers(config.peer.token)) as resp:
-                text = await resp.text()
-                if resp.status == 401:
-                    raise PeerpullError(f"node {args.node} refused the request: set the cluster token (PEERPULL_PEER_TOKEN)")
-                if resp.status != 200:
-                    raise PeerpullError(f"node {args.node} could not warm {args.image}: {text.strip()[:300]}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise RegistryUnreachableError(f"cannot reach node {args.node}: {exc or type(exc).__name__}") from None
-    print(json.dumps(json.loads(text), indent=2))
+        async with asyncio.timeout(args.timeout):
+            report = await _warm(args, config)
+    except aiohttp.ConnectionTimeoutError:
+        raise RegistryUnreachableError(f"cannot reach node {args.node}: no connection within "
+                                       f"{args.connect_timeout:g} s (--connect-timeout)") from None
+    except aiohttp.ServerTimeoutError:
+        raise PeerpullError(f"node {args.node} sent nothing for {args.idle_timeout:g} s while warming {args.image}: "
+                            "it may be hung (see its log), or raise --idle-timeout") from None
+    except TimeoutError:
+        raise PeerpullError(f"warming {args.image} on {args.node} did not finish within {args.timeout:g} s "
+                            "(--timeout)") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise RegistryUnreachableError(f"cannot reach node {args.node}: {exc.strerror or exc}") from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise RegistryUnreachableError(f"lost node {args.node}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    print(json.dumps(report, indent=2))
     return 0

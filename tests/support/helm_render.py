@@ -8,7 +8,10 @@ and fails loudly on anything else, so that a template outside the subset cannot 
 * terms: `.` (the current context), `.a.b` (relative to it: inside `range` that is the item, so the
   chart must write `$.Values`), `$`, `$.a.b`, "strings" and integers;
 * functions: `quote`, `squote`, `toYaml`, `toJson`, `nindent`, `indent`, `default`, `not`, `and`,
-  `or`, `eq`, `include`, `int64`, `trunc`, `trimSuffix`.
+  `or`, `eq`, `include`, `int64`, `trunc`, `trimSuffix`, `printf` (%s, %d), `b64enc`, `randAlphaNum`,
+  `dig`, and `lookup` (answers from the `lookups` given to `render_chart`, else an empty map, as
+  `helm template` does without a cluster);
+* parenthesized sub-pipelines as arguments: `default (randAlphaNum 8 | b64enc)`.
 
 Like Helm, numbers in values are float64 and print like Go's `%v` (`1e+06`, `2.147483648e+10`):
 templates that need an integer must pipe it through `int64`.
@@ -16,9 +19,12 @@ templates that need an integer must pipe it through `int64`.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import random
 import re
+import string
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,6 @@ from typing import Any
 import yaml
 
 _ACTION = re.compile(r"\{\{(-)?\s*(.*?)\s*(-)?\}\}", re.DOTALL)
-_WORD = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s]+')
 
 
 class TemplateError(Exception):
@@ -154,7 +159,7 @@ def _parse(tokens: list[tuple[str, str]], at: int, where: str,
             name = json.loads(value[len(word):].strip())
             body, at, _ = _parse(tokens, at, where, ("end",))
             nodes.append(("define", name, body))
-        elif word in ("with", "template", "block", "break", "continue") or ":=" in value or "(" in value:
+        elif word in ("with", "template", "block", "break", "continue") or ":=" in value:
             raise TemplateError(f"{where}: unsupported action {value!r}")
         else:
             nodes.append(("expr", value))
@@ -165,10 +170,36 @@ def _parse(tokens: list[tuple[str, str]], at: int, where: str,
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+def _words(stage: str) -> list[str]:
+    """Whitespace-separated words of a pipeline stage; "strings" and (sub pipelines) stay whole."""
+    words, current, depth, quoted = [], [], 0, False
+    for i, ch in enumerate(stage):
+        if ch == '"' and (i == 0 or stage[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise TemplateError(f"unbalanced parentheses in {stage!r}")
+        if ch.isspace() and not quoted and depth == 0:
+            if current:
+                words.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if quoted or depth:
+        raise TemplateError(f"unbalanced quotes or parentheses in {stage!r}")
+    if current:
+        words.append("".join(current))
+    return words
+
+
 class _Renderer:
-    def __init__(self, root: dict[str, Any]) -> None:
+    def __init__(self, root: dict[str, Any], lookups: dict[tuple[str, str, str, str], Any] | None = None) -> None:
         self.root = root
         self.defines: dict[str, list[Any]] = {}
+        self.lookups = lookups or {}
 
     def lookup(self, term: str, dot: Any) -> Any:
         if term == ".":
@@ -185,6 +216,8 @@ class _Renderer:
         return base
 
     def term(self, word: str, dot: Any) -> Any:
+        if word.startswith("(") and word.endswith(")"):
+            return self.pipeline(word[1:-1], dot)
         if word.startswith('"'):
             return json.loads(word)
         if re.fullmatch(r"-?\d+", word):
@@ -251,16 +284,41 @@ class _Renderer:
             arity(2)
             text, suffix = _go_str(args[1]), args[0]
             return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+        if func == "printf":
+            if not args or not isinstance(args[0], str):
+                raise TemplateError("printf needs a format string")
+            fmt, rest = args[0], list(args[1:])
+            if fmt.count("%") != len(rest) or re.search(r"%[^sd]", fmt):
+                raise TemplateError(f"printf: only %s and %d, one per argument: {fmt!r}")
+            return re.sub(r"%[sd]", lambda m: _go_str(rest.pop(0)), fmt)
+        if func == "b64enc":
+            arity(1)
+            return base64.b64encode(_go_str(args[0]).encode()).decode()
+        if func == "randAlphaNum":
+            arity(1)
+            return "".join(random.SystemRandom().choice(string.ascii_letters + string.digits) for _ in range(int(args[0])))
+        if func == "dig":
+            if len(args) < 3 or not isinstance(args[-1], dict):
+                raise TemplateError("dig takes keys, a default and a map")
+            *keys, fallback, current = args
+            for key in keys:
+                if not isinstance(current, dict) or key not in current:
+                    return fallback
+                current = current[key]
+            return current
+        if func == "lookup":
+            arity(4)
+            return self.lookups.get(tuple(args), {})
         raise TemplateError(f"unsupported template function {func!r}")
 
     def pipeline(self, expr: str, dot: Any) -> Any:
         result: Any = None
         for index, stage in enumerate(s.strip() for s in _split_pipes(expr)):
-            words = _WORD.findall(stage)
+            words = _words(stage)
             if not words:
                 raise TemplateError(f"empty pipeline stage in {expr!r}")
             head = words[0]
-            if head[0] in '.$"-0123456789':
+            if head[0] in '.$"-0123456789(':
                 if len(words) != 1 or index:
                     raise TemplateError(f"unsupported pipeline {expr!r}")
                 result = self.term(head, dot)
@@ -309,11 +367,13 @@ class _Renderer:
 
 
 def _split_pipes(expr: str) -> list[str]:
-    parts, current, quoted = [], [], False
+    parts, current, quoted, depth = [], [], False, 0
     for i, ch in enumerate(expr):
         if ch == '"' and (i == 0 or expr[i - 1] != "\\"):
             quoted = not quoted
-        if ch == "|" and not quoted:
+        elif not quoted and ch in "()":
+            depth += 1 if ch == "(" else -1
+        if ch == "|" and not quoted and depth == 0:
             parts.append("".join(current))
             current = []
         else:
@@ -331,8 +391,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_chart(chart: Path, values: dict[str, Any] | None = None, release: str = "pp",
-                 namespace: str = "kube-system", revision: int = 1) -> dict[str, str]:
-    """Template file name → rendered text (files starting with `_` only hold definitions)."""
+                 namespace: str = "kube-system", revision: int = 1,
+                 lookups: dict[tuple[str, str, str, str], Any] | None = None) -> dict[str, str]:
+    """Template file name → rendered text (files starting with `_` only hold definitions).
+
+    `lookups`: what `lookup apiVersion kind namespace name` finds in the cluster (objects of an
+    earlier release); anything else is an empty map."""
     meta = yaml.safe_load((chart / "Chart.yaml").read_text())
     root = {
         "Values": _as_helm_values(_merge(yaml.safe_load((chart / "values.yaml").read_text()), values or {})),
@@ -340,7 +404,7 @@ def render_chart(chart: Path, values: dict[str, Any] | None = None, release: str
                     "IsInstall": revision == 1, "IsUpgrade": revision > 1},
         "Chart": {key[:1].upper() + key[1:]: value for key, value in meta.items()},
     }
-    renderer = _Renderer(root)
+    renderer = _Renderer(root, lookups)
     parsed = {}
     for template in sorted((chart / "templates").iterdir()):
         nodes, _, _ = _parse(_tokens(template.read_text(), template.name), 0, template.name)

@@ -39,6 +39,10 @@ class Rule:
     content_type: str = "application/json"
     length: int = 1_000_000  # the Content-Length a drip announces
     header: str = ""  # only requests carrying this header (e.g. "range"); empty: all
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (drip, endless, huge)
+
+    def extra(self) -> str:
+        return "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
 
 
 @dataclass
@@ -68,13 +72,14 @@ class HostileServer:
         return f"{self.host}:{self.port}"
 
     def add(self, pattern: str, mode: str, interval: float = 5.0, content_type: str = "application/json",
-            length: int = 1_000_000, header: str = "") -> None:
+            length: int = 1_000_000, header: str = "", headers: dict[str, str] | None = None) -> None:
         """Misbehave with `mode` on every request whose path contains `pattern` ("" matches all);
         `length` is the Content-Length a drip announces (e.g. a blob's true size); with `header`,
-        only requests carrying that request header (e.g. only the Range reads of a blob)."""
+        only requests carrying that request header (e.g. only the Range reads of a blob); `headers`
+        are added to the answer's headers (e.g. a protocol version the client checks)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode}")
-        self.rules.append(Rule(pattern, mode, interval, content_type, length, header.lower()))
+        self.rules.append(Rule(pattern, mode, interval, content_type, length, header.lower(), dict(headers or {})))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -166,14 +171,16 @@ class HostileServer:
                 await asyncio.sleep(rule.interval)
             return
         if rule.mode == "drip":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: {rule.length}\r\n\r\n".encode())
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         f"Content-Length: {rule.length}\r\n\r\n".encode())
             await writer.drain()
             while True:
                 await asyncio.sleep(rule.interval)
                 writer.write(b" ")
                 await writer.drain()
         if rule.mode == "endless":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nTransfer-Encoding: chunked\r\n"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         "Transfer-Encoding: chunked\r\n"
                          "Docker-Content-Digest: sha256:" .encode() + b"0" * 64 + b"\r\n\r\n")
             piece = b"[" * 65536
             frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
@@ -181,7 +188,8 @@ class HostileServer:
                 writer.write(frame)
                 await writer.drain()
         if rule.mode == "huge":
-            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\nContent-Length: {HUGE_LENGTH}\r\n"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {rule.content_type}\r\n{rule.extra()}"
+                         f"Content-Length: {HUGE_LENGTH}\r\n"
                          "Accept-Ranges: bytes\r\n\r\n".encode())
             await writer.drain()
             if method == "HEAD":

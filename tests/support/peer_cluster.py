@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -11,6 +12,8 @@ import tarfile
 import time
 import urllib.request
 from pathlib import Path
+
+import msgpack
 
 from peer.metrics import parse_exposition
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
@@ -47,6 +50,7 @@ class NodeProcess:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         env = {**os.environ, "PEERPULL_PEER_TOKEN": TOKEN, "PEERPULL_PEER_HEALTH_INTERVAL_S": "0.3",
                **(extra_env or {})}
+        env = {k: v for k, v in env.items() if v is not None}  # extra_env may remove one (None)
         self._env = env
         self._cmd = cmd
         self.proc: subprocess.Popen[bytes] | None = None
@@ -66,6 +70,32 @@ class NodeProcess:
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
 
+    def chunks(self, refs: list, token: str | None = TOKEN, timeout: float = 120) -> tuple[int, dict[int, tuple[str, bytes]]]:
+        """POST /v1/chunks: (status, index → (tier, frame)) from the streamed answer."""
+        body = msgpack.packb([ref.pack() for ref in refs], use_bin_type=True)
+        status, headers, raw = self.request("/v1/chunks", body, token=token, timeout=timeout)
+        if status != 200:
+            return status, {}
+        items = {}
+        for index, tier, frame in msgpack.Unpacker(io.BytesIO(raw), raw=False):
+            if index == -1:  # a heartbeat while misses wait for the origin
+                continue
+            assert index not in items, f"index {index} answered twice"
+            items[index] = (tier, frame)
+        return status, items
+
+    def status(self) -> dict[str, str]:
+        """/proc status fields (VmRSS, VmHWM, …) of the node process."""
+        assert self.proc is not None
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return fields
+
+    def rss_mb(self, field: str = "VmHWM") -> float:
+        return int(self.status()[field].split()[0]) / 1024
+
     def metric(self, name: str, labels: str = "") -> float:
         _, _, body = self.request("/metrics", token=None)
         return parse_exposition(body.decode()).get(f"{name}{{{labels}}}" if labels else name, 0.0)
@@ -82,9 +112,12 @@ class NodeProcess:
         raise AssertionError(f"{self.node_id} never saw {count} members; log: {self.log_path.read_text()[-2000:]}")
 
     def warm(self, image: str) -> dict:
+        """POST /v1/warm; the final line's report (the answer is NDJSON progress lines, then it)."""
         status, _, body = self.request("/v1/warm", json.dumps({"image": image}).encode(), timeout=600)
         assert status == 200, body
-        return json.loads(body)
+        last = json.loads(body.splitlines()[-1])
+        assert last["event"] == "done", last
+        return last["report"]
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None and kill:

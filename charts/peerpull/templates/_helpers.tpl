@@ -50,22 +50,21 @@ token
 {{- end }}
 {{- end }}
 
-{{/* PEERPULL_PEER_TOKEN from the Secret; render it only when a token is configured. */}}
+{{/* The token Secret's data, base64: peer.token if given, else what an earlier release stored,
+else a new random one. */}}
+{{- define "peerpull.tokenData" -}}
+{{- if .Values.peer.token -}}
+{{ .Values.peer.token | b64enc }}
+{{- else -}}
+{{ lookup "v1" "Secret" .Release.Namespace (printf "%s-token" (include "peerpull.fullname" .)) | dig "data" "token" "" | default (randAlphaNum 40 | b64enc) }}
+{{- end -}}
+{{- end }}
+
+{{/* PEERPULL_PEER_TOKEN from the Secret (the chart's own, or peer.existingTokenSecret). */}}
 {{- define "peerpull.tokenEnv" -}}
 - name: PEERPULL_PEER_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "peerpull.tokenSecretName" . }}
       key: {{ include "peerpull.tokenSecretKey" . }}
-{{- end }}
-
-{{/* Path of the probes. With a cluster token the daemon answers /v1/health only to requests that
-carry it (401 otherwise, which kubelet counts as a failure), and a probe cannot read a Secret: then
-the probes use /metrics, the one endpoint served without the token, answered by the same server. */}}
-{{- define "peerpull.probePath" -}}
-{{- if or .Values.peer.token .Values.peer.existingTokenSecret -}}
-/metrics
-{{- else -}}
-/v1/health
-{{- end }}
 {{- end }}
