@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 TIERS = ("cache", "peer", "origin")
 
@@ -23,6 +27,21 @@ def parse_exposition(text: str) -> dict[str, float]:
 def by_tier(metrics: dict[str, float], name: str) -> dict[str, float]:
     """One per-tier counter of a parsed page, e.g. by_tier(m, "peerpull_chunk_bytes_total")."""
     return {tier: metrics.get(f'{name}{{tier="{tier}"}}', 0.0) for tier in TIERS}
+
+
+class _RegistryFaults(Collector):
+    """Exposes the registry client's own fault counter (timeouts, refused sizes, retries, HTTP
+    statuses) as it stands at each scrape: the client counts, the metrics only read."""
+
+    def __init__(self, faults: Mapping[str, int]) -> None:
+        self._faults = faults
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("peerpull_registry_faults", "Registry faults met, by kind (each retry too)",
+                                     labels=["kind"])
+        for kind, count in sorted(dict(self._faults).items()):
+            family.add_metric([kind], count)
+        yield family
 
 
 class PeerMetrics:
@@ -48,6 +67,10 @@ class PeerMetrics:
         self.cache_hit_ratio = Gauge("peerpull_cache_hit_ratio", "Share of chunks served from the local cache",
                                      registry=r)
         self.members = Gauge("peerpull_members", "Live members of the hash ring, this node included", registry=r)
+
+    def watch_registry_faults(self, faults: Mapping[str, int]) -> None:
+        """Publish `faults` (RegistryClient.faults) as peerpull_registry_faults_total{kind}."""
+        self.registry.register(_RegistryFaults(faults))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,6 +119,7 @@ class PeerNode:
             cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
             self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
+            self.metrics.watch_registry_faults(self._client.faults)
             session = await stack.enter_async_context(aiohttp.ClientSession())
             peers = PeerClient(session, self.config.token, self.config.peer_timeout_s,
                                self.config.peer_connect_timeout_s, self.config.peer_read_timeout_s)

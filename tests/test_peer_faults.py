@@ -22,7 +22,7 @@ from peer.client import PROTOCOL_HEADER, PROTOCOL_VERSION, PeerClient, PeerFetch
 from peer.config import PeerConfig
 from peer.fetcher import ChunkFetcher
 from peer.membership import Membership
-from peer.metrics import PeerMetrics
+from peer.metrics import PeerMetrics, parse_exposition
 from peer.origin import OriginSource
 from peer.ring import owners
 from peer.warm import image_chunks
@@ -87,6 +87,7 @@ async def read_all(tmp_path: Path, image: str, registry_config: RegistryConfig, 
     metrics = PeerMetrics()
     config = PeerConfig(peer_timeout_s=1.0)
     async with RegistryClient(registry_config) as client, aiohttp.ClientSession() as session:
+        metrics.watch_registry_faults(client.faults)  # as PeerNode does
         refs, _ = await image_chunks(client, image)
         peers = PeerClient(session, "", config.peer_timeout_s)
         membership = Membership("me", peers, health_interval_s=60, failure_skip_s=60)
@@ -136,13 +137,18 @@ async def test_registry_errors_and_timeouts_are_retried(registry, image: str, tm
         proxied = image.replace(registry.address, proxy.address)
         proxy.fail("/blobs/sha256", status=500, times=3)
         proxy.fail("/blobs/sha256", status=503, times=2)
-        proxy.delay("/blobs/sha256", seconds=3, times=2)
+        proxy.hold("/blobs/sha256", times=2)  # never answered: the client's read timeout must fire
         config = RegistryConfig(retries=8, backoff_base_s=0.01, read_timeout_s=1.0)
         metrics, data = await read_all(tmp_path, proxied, config, set())
         assert data == await reference_bytes(image)
         statuses = [s for s in proxy.served_statuses if s >= 500]
-        assert len(statuses) == 5 and proxy.delayed == 2
+        assert len(statuses) == 5 and proxy.held == 2
         assert metrics.requests.labels("origin")._value.get() == len(data)
+        # the faults show in peerpull's own metrics, not only in the test proxy
+        page = parse_exposition(metrics.render().decode())
+        assert page['peerpull_registry_faults_total{kind="http_500"}'] == 3
+        assert page['peerpull_registry_faults_total{kind="http_503"}'] == 2
+        assert page['peerpull_registry_faults_total{kind="timeout"}'] == 2
     finally:
         await proxy.stop()
 

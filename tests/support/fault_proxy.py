@@ -20,11 +20,10 @@ from tests.support.aio_site import serve_local
 @dataclass
 class _Fault:
     pattern: str
-    kind: str  # "status", "cut", "corrupt", "delay"
+    kind: str  # "status", "cut", "corrupt", "hold"
     times: int
     status: int = 500
     after: int = 0
-    seconds: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -34,7 +33,8 @@ class FaultProxy:
         self.requests: list[tuple[str, str, str]] = []  # (method, path with query, Range header)
         self._faults: list[_Fault] = []
         self.served_statuses: list[int] = []  # statuses of injected error answers
-        self.delayed = 0
+        self.held = 0
+        self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.address = ""
@@ -45,9 +45,9 @@ class FaultProxy:
     def cut(self, pattern: str, after: int, times: int = 1) -> None:
         self._faults.append(_Fault(pattern, "cut", times, after=after))
 
-    def delay(self, pattern: str, seconds: float, times: int = 1) -> None:
-        """Hold the answer for `seconds` (longer than the client's read timeout: it must retry)."""
-        self._faults.append(_Fault(pattern, "delay", times, seconds=seconds))
+    def hold(self, pattern: str, times: int = 1) -> None:
+        """Never answer (until the proxy stops): the client's own read timeout must end the wait."""
+        self._faults.append(_Fault(pattern, "hold", times))
 
     def corrupt(self, pattern: str, times: int = 1) -> None:
         self._faults.append(_Fault(pattern, "corrupt", times))
@@ -66,9 +66,10 @@ class FaultProxy:
         if fault is not None and fault.kind == "status":
             self.served_statuses.append(fault.status)
             return web.Response(status=fault.status, headers=fault.headers, text="injected fault")
-        if fault is not None and fault.kind == "delay":
-            self.delayed += 1
-            await asyncio.sleep(fault.seconds)
+        if fault is not None and fault.kind == "hold":
+            self.held += 1
+            await self._released.wait()
+            return web.Response(status=503, text="released at shutdown")
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         body = await request.read()
@@ -105,6 +106,7 @@ class FaultProxy:
         return self
 
     async def stop(self) -> None:
+        self._released.set()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
