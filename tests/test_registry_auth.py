@@ -12,6 +12,7 @@ import pytest
 
 from peerpull.embedded.oci_layout import LayerSpec, write_layout
 from tests.support.auth_registry import PASSWORD, USER, TokenServer, htpasswd_registry, write_docker_config
+from tests.support.cli import final_error
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,10 @@ def run_peerpull(docker_config: Path | None, *args: str) -> subprocess.Completed
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
     assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("peerpull: error:"), result.stderr
-    assert "Traceback" not in result.stderr
+    error = final_error(result.stderr)
+    assert error.lines == 1, result.stderr
     for needle in needles:
-        assert needle in lines[0]
+        assert needle in error.message
     assert PASSWORD not in result.stderr
 
 
