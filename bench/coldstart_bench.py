@@ -148,6 +148,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="peerpull-coldstart-", dir="/var/tmp"))
     address = f"{NS_ADDR}:5000"
     os.environ["PEERPULL_REGISTRY_INSECURE_HOSTS"] = address  # for the daemons this starts
+    os.environ["PEERPULL_PEER_TRUSTED_REGISTRIES"] = address  # the warm peer fetches from it for others
     registry = RegistryConfig(insecure_hosts=(address,))
     try:
         with ShapedLink(args.rate, args.delay_ms) as link, \

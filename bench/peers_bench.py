@@ -97,7 +97,8 @@ def main() -> int:
             image_bytes = sum(r.compressed_length for r in refs)
             print(f"[bench] image: {len(refs):,} chunks, {image_bytes / 1e6:,.0f} MB of frames", file=sys.stderr)
             for count in args.nodes:
-                nodes = start_cluster(work / f"n{count}", count)
+                nodes = start_cluster(work / f"n{count}", count,
+                                      extra_env={"PEERPULL_PEER_TRUSTED_REGISTRIES": registry.address})
                 try:
                     offset = registry.log_path.stat().st_size
                     started = time.monotonic()

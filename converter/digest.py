@@ -11,7 +11,7 @@ SHA256_PREFIX = "sha256:"
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def is_digest(value: str) -> bool:
+def is_digest(value: object) -> bool:
     """True when `value` is a well-formed `sha256:<64 lowercase hex>` digest."""
     # fullmatch: `$` would also accept a trailing newline
     return isinstance(value, str) and _DIGEST_RE.fullmatch(value) is not None

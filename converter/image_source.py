@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from converter import untrusted
-from converter.digest import DigestWriter, parse_digest, sha256_digest
+from converter.digest import DigestWriter, is_digest, parse_digest, sha256_digest
 from converter.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
 from converter.registry import media_types as mt
 from converter.registry.client import (MAX_BLOB_BYTES, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest,
-                                       RegistryClient, well_formed_digest)
+                                       RegistryClient)
 from converter.registry.config import DEFAULT_PLATFORM
 from converter.registry.platform import check_config_platform, describe, matches
 from converter.registry.reference import ImageReference
@@ -44,7 +44,7 @@ class ImageSource(Protocol):
 
 
 def _check_descriptor(desc: Any, what: str) -> None:
-    if not isinstance(desc, dict) or not well_formed_digest(desc.get("digest")):
+    if not isinstance(desc, dict) or not is_digest(desc.get("digest")):
         raise FormatError(f"{what}: malformed descriptor (no well-formed sha256 digest)")
     size = desc.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < MAX_BLOB_BYTES:

@@ -50,7 +50,8 @@ def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
                    help="docker config.json with registry credentials "
                    "(default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)")
     g.add_argument("--platform", metavar="OS/ARCH", default=d(None),
-                   help="platform picked from multi-platform images (default: linux/amd64)")
+                   help="platform picked from multi-platform images (default: linux/amd64); when given, a "
+                   "single-platform image must be of this platform")
     g.add_argument("--debug", action="store_true", default=d(False), help="show a traceback on internal errors")
 
 

@@ -165,5 +165,5 @@ async def _download_layer(registry: RegistryClient, ctrd: ContainerdClient, ref:
     """Bytes fetched from the registry: the layer's size, or 0 when containerd already had it."""
     if await ctrd.content_exists(desc["digest"]):
         return 0
-    await ctrd.write_content(desc["digest"], int(desc["size"]), registry.stream_blob(ref, desc["digest"]), labels)
+    await ctrd.write_content(desc["digest"], int(desc["size"]), registry.stream_blob(ref, desc["digest"], size=int(desc["size"])), labels)
     return int(desc["size"])

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from converter import format as fmt
+from converter.digest import is_digest
 from converter.errors import FormatError, NotFoundError, PeerpullError
 from converter.layer_reader import TocLocation, location_from_annotations, read_toc_frame
 from converter.registry.blob_reader import RegistryBlobReader
@@ -91,9 +92,12 @@ class RemoteLayers:
         if not digest or not image_ref:
             raise NotSeekable("no layer digest / image reference labels (plain `ctr pull`?)")
         manifest = labels.get(LABEL_MANIFEST_DIGEST, "")
+        # digests name files under the root (TOCs): only well-formed ones are used
+        if not is_digest(digest) or (manifest and not is_digest(manifest)):
+            raise FormatError(f"malformed digest label (layer {digest[:80]!r}, manifest {manifest[:80]!r})")
         task = self._start(digest, image_ref, manifest)
         for above in labels.get(LABEL_IMAGE_LAYERS, "").split(",")[1:]:
-            if above.startswith("sha256:") and manifest:
+            if is_digest(above) and manifest:
                 self._start(above, image_ref, manifest)
         return await asyncio.shield(task)
 

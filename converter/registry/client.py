@@ -17,7 +17,7 @@ from urllib.parse import urlencode, urljoin
 import aiohttp
 
 from converter import untrusted
-from converter.digest import DigestWriter, sha256_digest, verify_bytes
+from converter.digest import DigestWriter, is_digest, sha256_digest, verify_bytes
 from converter.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
                               RegistryUnreachableError, UnsupportedError)
 from converter.registry import media_types as mt
@@ -26,10 +26,10 @@ from converter.registry.reference import ImageReference
 from converter.registry.transport import (_FINAL_KINDS, _NET_ERRORS, MAX_BLOB_BYTES, MAX_CONFIG_BYTES,
                                           MAX_ERROR_BODY_BYTES, MAX_IGNORED_RANGE_BYTES, MAX_MANIFEST_BYTES,
                                           MAX_RANGE_BYTES, RegistryTransport, _content_length, _RESET_AFTER_BYTES,
-                                          _Stall, _Tries, log, well_formed_digest)
+                                          _Stall, _Tries, log)
 
 __all__ = ["FetchedManifest", "RegistryClient", "MAX_BLOB_BYTES", "MAX_CONFIG_BYTES", "MAX_ERROR_BODY_BYTES",
-           "MAX_MANIFEST_BYTES", "MAX_RANGE_BYTES", "well_formed_digest"]
+           "MAX_MANIFEST_BYTES", "MAX_RANGE_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class RegistryClient(RegistryTransport):
             raise FormatError(f"index {ref}: 'manifests' is not a list of descriptors")
         wanted = self._config.index_platform
         for entry in entries:
-            if matches(entry.get("platform") or {}, wanted) and well_formed_digest(entry.get("digest")):
+            if matches(entry.get("platform") or {}, wanted) and is_digest(entry.get("digest")):
                 return await self.get_manifest(ref.with_digest(entry["digest"])), fetched
         have = ", ".join(sorted({describe(e.get("platform") or {}) for e in entries}))
         raise UnsupportedError(f"{ref} has no image for {wanted} (it has: {have or 'none'}); "

@@ -20,7 +20,6 @@ import aiohttp
 import structlog
 
 from converter import untrusted
-from converter.digest import is_digest
 from converter.errors import AuthError, NotFoundError, RegistryError, RegistryUnreachableError
 from converter.registry.auth import Authenticator
 from converter.registry.config import RegistryConfig
@@ -62,11 +61,6 @@ def _error_detail(body: bytes) -> str:
         return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors[:2])
     except (ValueError, AttributeError, TypeError):
         return ""
-
-
-def well_formed_digest(value: object) -> bool:
-    """A `sha256:<64 hex>` string, with nothing after it (not even the newline a `$` regex lets by)."""
-    return isinstance(value, str) and len(value) == 71 and is_digest(value)
 
 
 def _content_length(resp: aiohttp.ClientResponse) -> int | None:
