@@ -13,5 +13,5 @@ from converter.settings import setting
 class ConvertConfig:
     chunk_size: int = setting(fmt.DEFAULT_CHUNK_SIZE, lo=fmt.MIN_CHUNK_SIZE, hi=fmt.MAX_CHUNK_SIZE)
     compression_level: int = setting(fmt.DEFAULT_COMPRESSION_LEVEL, lo=1, hi=22)
-    jobs: int = setting(max(1, os.cpu_count() or 1), lo=1, hi=256)  # layers converted at once
+    jobs: int = setting(max(1, os.cpu_count() or 1), lo=1, hi=256, shown="number of cores")  # layers at once
     work_dir: str | None = None  # where converted layers wait for upload; None: the system temp dir

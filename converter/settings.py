@@ -14,9 +14,10 @@ from converter.errors import ConfigError
 
 
 def setting(default: Any, *, lo: float | None = None, hi: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with a default and the range (inclusive) or choices it must keep."""
-    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
+            choices: tuple[str, ...] | None = None, shown: str | None = None) -> Any:
+    """A dataclass field with a default and the range (inclusive) or choices it must keep;
+    `shown` describes a default that depends on the machine (for the docs)."""
+    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "shown": shown})
 
 
 def _human(value: float) -> str:
