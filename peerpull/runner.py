@@ -359,7 +359,8 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
                     report = await pull(client, ctrd_client, str(ref), opts.snapshotter)
             else:
                 plain = ["--plain-http"] if _plain_http(ref, registry) else []
-                await ctr.run("images", "pull", *plain, "--platform", registry.platform, str(ref), timeout=opts.timeout_s)
+                platform = ["--platform", registry.platform] if registry.platform else []  # "": ctr's own default
+                await ctr.run("images", "pull", *plain, *platform, str(ref), timeout=opts.timeout_s)
             result.pull_s = round(time.monotonic() - t0, 3)
             await _run_container(ctr, opts, argv, t0, result, log)
         if report is not None:

@@ -56,8 +56,24 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
-    peak_rss_mb: float  # the process's own peak resident set (ru_maxrss of this child)
+    peak_rss_mb: float  # the process's own peak resident set
     seconds: float
+
+
+# A small launcher forks (a real fork, not vfork) and execs the command, then reports the child's
+# ru_maxrss. Measuring a direct child of pytest would not do: exec records the high-water mark of
+# the mm it replaces, and a vfork'd child shares pytest's, so every figure would be pytest's size.
+_LAUNCHER = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 def peerpull_measured(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Measured:
@@ -67,22 +83,20 @@ def peerpull_measured(*args: str, timeout: float = 120, env: dict[str, str] | No
     import tempfile
     import time
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as rss:
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "peerpull", *args], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - started > timeout:
-                os.kill(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, rss.name, sys.executable, "-m", "peerpull", *args],
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = -9
         seconds = time.monotonic() - started
+        text = open(rss.name).read().strip()
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                        usage.ru_maxrss / 1024, seconds)
+        return Measured(returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                        int(text) / 1024 if text else 0.0, seconds)
