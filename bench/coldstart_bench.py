@@ -32,12 +32,12 @@ from realistic_image import build_realistic_image  # noqa: E402
 
 from converter.registry.client import RegistryClient  # noqa: E402
 from converter.registry.config import RegistryConfig  # noqa: E402
-from peerpull.embedded.containerd import EmbeddedContainerd  # noqa: E402
-from peerpull.embedded.daemon import EmbeddedDaemon  # noqa: E402
-from peerpull.embedded.registry import EmbeddedRegistry  # noqa: E402
-from peerpull.runner import RunOptions, RunResult, run_image  # noqa: E402
-from snapshotter.containerd_client import ContainerdClient  # noqa: E402
-from snapshotter.pull import pull  # noqa: E402
+from peerpull.testbed.containerd import EmbeddedContainerd  # noqa: E402
+from peerpull.testbed.daemon import EmbeddedDaemon  # noqa: E402
+from peerpull.testbed.registry import EmbeddedRegistry  # noqa: E402
+from peerpull.testbed.runner import RunOptions, RunResult, run_image  # noqa: E402
+from snapshotter.containerd.client import ContainerdClient  # noqa: E402
+from snapshotter.containerd.pull import pull  # noqa: E402
 
 NS = "ppbench-reg"
 HOST_IF, NS_IF = "ppbr0", "ppbr1"

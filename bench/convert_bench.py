@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from realistic_image import build_realistic_image  # noqa: E402
 
-from peerpull.embedded.registry import EmbeddedRegistry  # noqa: E402
+from peerpull.testbed.registry import EmbeddedRegistry  # noqa: E402
 
 ESTARGZ_REFERENCE_MB_S = 8.0  # ctr-remote image convert --estargz, 1.5 GB PyTorch image, this machine class
 

@@ -29,7 +29,7 @@ from realistic_image import build_realistic_image  # noqa: E402
 from converter.registry.client import RegistryClient  # noqa: E402
 from converter.registry.config import RegistryConfig  # noqa: E402
 from peer.warm import image_chunks  # noqa: E402
-from peerpull.embedded.registry import EmbeddedRegistry  # noqa: E402
+from peerpull.testbed.registry import EmbeddedRegistry  # noqa: E402
 from tests.support.peer_cluster import TOKEN, start_cluster  # noqa: E402
 
 _ACCESS = re.compile(r'"GET /v2/[^ ]+/blobs/sha256:[0-9a-f]{64} HTTP/[0-9.]+" (?:200|206) (\d+)')

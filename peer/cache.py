@@ -16,8 +16,8 @@ import threading
 import diskcache
 import structlog
 
-from converter.errors import FormatError
-from converter.layer_reader import decompress_chunk
+from converter.format.errors import FormatError
+from converter.format.layer_reader import decompress_chunk
 from peer.chunk import ChunkRef
 
 log = structlog.get_logger(__name__)

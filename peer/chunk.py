@@ -7,9 +7,9 @@ from typing import Any
 
 import msgpack
 
-from converter.digest import is_digest
-from converter.errors import FormatError
-from converter.format import MAX_CHUNK_SIZE, Chunk
+from converter.format.digest import is_digest
+from converter.format.errors import FormatError
+from converter.format.toc import MAX_CHUNK_SIZE, Chunk
 
 MAX_HINT_BYTES = 4096
 

@@ -16,7 +16,7 @@ import json
 import aiohttp
 import msgpack
 
-from converter.errors import PeerpullError
+from converter.format.errors import PeerpullError
 from peer.chunk import ChunkRef
 
 PROTOCOL_VERSION = "2"  # 2: /v1/chunks answers are a stream of [index, tier, frame]

@@ -14,7 +14,7 @@ import structlog
 from zeroconf import ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 from peer.client import PROTOCOL_VERSION
 from peer.config import PeerConfig
 

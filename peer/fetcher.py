@@ -15,8 +15,8 @@ from typing import Protocol
 
 import structlog
 
-from converter.errors import FormatError, PeerpullError
-from converter.layer_reader import decompress_chunk
+from converter.format.errors import FormatError, PeerpullError
+from converter.format.layer_reader import decompress_chunk
 from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
 from peer.client import PeerClient, PeerFetchError

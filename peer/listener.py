@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.cache import ChunkCache

@@ -25,7 +25,7 @@ import msgpack
 import structlog
 from aiohttp import web
 
-from converter.errors import FormatError, PeerpullError
+from converter.format.errors import FormatError, PeerpullError
 from converter.registry.reference import ImageReference
 from peer.budget import ByteBudget
 from peer.cache import ChunkCache

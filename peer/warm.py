@@ -7,9 +7,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from converter.convert import is_seekable_descriptor
-from converter.image_source import parse_manifest
-from converter.layer_reader import location_from_annotations, read_toc
+from converter.conversion.convert import is_seekable_descriptor
+from converter.conversion.image_source import parse_manifest
+from converter.format.layer_reader import location_from_annotations, read_toc
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from converter.errors import PeerpullError
+from converter.format.errors import PeerpullError
 from peerpull import __version__
 from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
 from peerpull.logs import configure_logging

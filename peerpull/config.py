@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from converter.config import ConvertConfig
-from converter.errors import ConfigError
+from converter.conversion.config import ConvertConfig
+from converter.format.errors import ConfigError
 from converter.registry.config import RegistryConfig
-from converter.settings import check_section, setting
+from converter.format.settings import check_section, setting
 from peer.config import PeerConfig
 from snapshotter.config import SnapshotterConfig
 

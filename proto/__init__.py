@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 
 SOURCE_DIR = Path(__file__).resolve().parent
 PROTOS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converter.settings import setting
+from converter.format.settings import setting
 
 PREFETCH_MODES = ("none", "file", "layer")
 

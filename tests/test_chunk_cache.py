@@ -8,7 +8,7 @@ from pathlib import Path
 
 import zstandard
 
-from converter.digest import sha256_digest
+from converter.format.digest import sha256_digest
 from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.process import mounts_under, start_time
-from peerpull.embedded.setup_marker import MARKER_NAME, RecordedProcess, SetupMarker
+from peerpull.testbed.process import mounts_under, start_time
+from peerpull.testbed.setup_marker import MARKER_NAME, RecordedProcess, SetupMarker
 from tests.support import images
 from tests.support.cli import assert_one_line_error, peerpull_cmd
 from tests.support.lazy_stack import LazyStack

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from converter import format as fmt
+from converter.format import toc as fmt
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
-from peerpull.embedded.oci_layout import LayerSpec, write_layout
+from peerpull.testbed.oci_layout import LayerSpec, write_layout
 from tests.support.cli import assert_one_line_error, final_error, peerpull_cmd
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 from peerpull.config import load_config
 
 

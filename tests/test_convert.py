@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from converter import format as fmt
-from converter.digest import sha256_digest
-from converter.layer_reader import location_from_annotations, read_chunk, read_toc
+from converter.format import toc as fmt
+from converter.format.digest import sha256_digest
+from converter.format.layer_reader import location_from_annotations, read_chunk, read_toc
 from converter.registry import media_types as mt
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient

@@ -14,12 +14,12 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converter import format as fmt
-from converter.digest import sha256_digest
-from converter.errors import DigestMismatchError, FormatError, PeerpullError, UnsupportedError
-from converter.layer_reader import FileRangeReader, TocLocation, decompress_chunk, read_chunk, read_toc
-from converter.layer_writer import write_seekable_layer
-from converter.streams import open_decompressed
+from converter.format import toc as fmt
+from converter.format.digest import sha256_digest
+from converter.format.errors import DigestMismatchError, FormatError, PeerpullError, UnsupportedError
+from converter.format.layer_reader import FileRangeReader, TocLocation, decompress_chunk, read_chunk, read_toc
+from converter.conversion.layer_writer import write_seekable_layer
+from converter.conversion.streams import open_decompressed
 
 CHUNK = 16 * 1024
 
@@ -306,8 +306,8 @@ def test_a_frame_announcing_a_huge_size_is_refused_before_allocation() -> None:
 
     import zstandard
 
-    from converter.errors import FormatError
-    from converter.layer_reader import decompress_chunk
+    from converter.format.errors import FormatError
+    from converter.format.layer_reader import decompress_chunk
 
     buffer = io.BytesIO()
     writer = zstandard.ZstdCompressor(write_content_size=True).stream_writer(buffer, size=1 << 40, closefd=False)
@@ -321,7 +321,7 @@ def test_a_frame_announcing_a_huge_size_is_refused_before_allocation() -> None:
 
 
 def test_a_footer_or_annotation_placing_a_huge_toc_is_refused_before_reading() -> None:
-    from converter.layer_reader import location_from_annotations
+    from converter.format.layer_reader import location_from_annotations
 
     toc_length = fmt.MAX_TOC_BYTES + 1
     blob_size = 1 << 40

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.daemon import EmbeddedDaemon
-from peerpull.embedded.registry import EmbeddedRegistry
+from peerpull.testbed.daemon import EmbeddedDaemon
+from peerpull.testbed.registry import EmbeddedRegistry
 from tests.support import images
 from tests.support.cli import peerpull_cmd
 from tests.support.containerd import NAMESPACE, ContainerdProcess, run_container

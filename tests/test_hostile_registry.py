@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.errors import FormatError, RegistryError, RegistryUnreachableError
-from converter.layer_reader import location_from_annotations, read_toc_frame
+from converter.format.errors import FormatError, RegistryError, RegistryUnreachableError
+from converter.format.layer_reader import location_from_annotations, read_toc_frame
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
@@ -131,7 +131,7 @@ async def test_client_step_against_hostile_mode(images, registry_session, hostil
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_toc_read_of_lazy_prepare_against_hostile_blob(images, registry_session, hostile, mode: str) -> None:
-    """snapshotter/remote.py reads a TOC exactly so: read_toc_frame over a RegistryBlobReader."""
+    """snapshotter/service/remote.py reads a TOC exactly so: read_toc_frame over a RegistryBlobReader."""
     image = images["seekable"]
     layer = image.manifest["layers"][-1]
     hostile.add(layer["digest"], mode, interval=DRIP_INTERVAL)

@@ -21,12 +21,12 @@ import aiohttp
 import msgpack
 import pytest
 
-from converter.layer_reader import decompress_chunk
+from converter.format.layer_reader import decompress_chunk
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.chunk import ChunkRef
 from peer.warm import image_chunks
-from peerpull.embedded.registry import free_port
+from peerpull.testbed.registry import free_port
 from tests.support.cli import assert_one_line_error, peerpull_cmd
 from tests.support.hostile_server import HostileServer
 from tests.support.peer_cluster import TOKEN, NodeProcess, build_cluster_image

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.layer_reader import decompress_chunk
+from converter.format.layer_reader import decompress_chunk
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from peer.chunk import ChunkRef

@@ -26,7 +26,7 @@ from peer.metrics import PeerMetrics, parse_exposition
 from peer.origin import OriginSource
 from peer.ring import owners
 from peer.warm import image_chunks
-from peerpull.embedded.registry import free_port
+from peerpull.testbed.registry import free_port
 from tests.support.aio_site import serve_local
 from tests.support.fault_proxy import FaultProxy
 from tests.support.hostile_server import HostileServer
@@ -101,7 +101,7 @@ async def read_all(tmp_path: Path, image: str, registry_config: RegistryConfig, 
 
 
 async def reference_bytes(image: str) -> dict[str, bytes]:
-    from converter.layer_reader import read_chunk
+    from converter.format.layer_reader import read_chunk
     from converter.registry.blob_reader import RegistryBlobReader
     from converter.registry.reference import ImageReference
 

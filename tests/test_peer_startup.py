@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from peerpull.embedded.registry import free_port
+from peerpull.testbed.registry import free_port
 from tests.support.cli import assert_one_line_error, peerpull_cmd
 from tests.support.peer_cluster import NodeProcess
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.registry import free_port
+from peerpull.testbed.registry import free_port
 from tests.support.cli import assert_one_line_error, peerpull_cmd, peerpull_measured
 from tests.support.hostile_server import HostileServer
 from tests.support.peer_cluster import TOKEN, NodeProcess, build_cluster_image

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.daemon import EmbeddedDaemon
+from peerpull.testbed.daemon import EmbeddedDaemon
 from tests.support import images
 from tests.support.auth_registry import PASSWORD, USER, htpasswd_registry, write_docker_config
 from tests.support.containerd import NAMESPACE, ContainerdProcess, run_container

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from converter.errors import PeerpullError
+from converter.format.errors import PeerpullError
 from peerpull.commands.quickstart_cmd import require_lazy
-from peerpull.runner import RunResult
+from peerpull.testbed.runner import RunResult
 from tests.support.containerd_fixtures import containerd_missing
 
 

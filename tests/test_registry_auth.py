@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.oci_layout import LayerSpec, write_layout
+from peerpull.testbed.oci_layout import LayerSpec, write_layout
 from tests.support.auth_registry import PASSWORD, USER, TokenServer, htpasswd_registry, write_docker_config
 from tests.support.cli import final_error
 

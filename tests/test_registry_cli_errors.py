@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.errors import NotFoundError
+from converter.format.errors import NotFoundError
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
@@ -65,7 +65,7 @@ def test_a_layout_descriptor_whose_size_lies(layout: Path, tmp_path: Path, regis
     layer = manifest["layers"][0]
     layer["size"] = {"bigger": layer["size"] + 1, "smaller": layer["size"] - 1, "negative": -1, "huge": 1 << 50}[lie]
     body = json.dumps(manifest).encode()
-    from converter.digest import sha256_digest
+    from converter.format.digest import sha256_digest
 
     digest = sha256_digest(body)
     (bad / "blobs" / "sha256" / digest[7:]).write_bytes(body)
@@ -111,7 +111,7 @@ def test_an_explicit_platform_the_image_lacks_names_what_it_has(plain: str, layo
                                     "deep-json"])
 def test_a_layout_with_malformed_fields_is_a_format_error(layout: Path, tmp_path: Path, registry_session,
                                                           damage: str) -> None:
-    from converter.digest import sha256_digest
+    from converter.format.digest import sha256_digest
 
     bad = _copy_layout(layout, tmp_path / "bad")
     index = json.loads((bad / "index.json").read_text())

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from converter.digest import sha256_digest
-from converter.errors import DigestMismatchError, NotFoundError, RegistryUnreachableError, UnsupportedError
+from converter.format.digest import sha256_digest
+from converter.format.errors import DigestMismatchError, NotFoundError, RegistryUnreachableError, UnsupportedError
 from converter.registry import media_types as mt
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 from peerpull.config import load_config
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from converter.registry.config import RegistryConfig
-from peerpull.embedded.registry import EmbeddedRegistry, free_port
-from peerpull.runner import RunOptions, run_image
+from peerpull.testbed.registry import EmbeddedRegistry, free_port
+from peerpull.testbed.runner import RunOptions, run_image
 from tests.support import images
 from tests.support.cli import assert_one_line_error, peerpull_cmd
 from tests.support.local_address import non_loopback_address

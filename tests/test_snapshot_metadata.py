@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from converter import format as fmt
-from converter.errors import AlreadyExistsError, ConfigError, FailedPreconditionError, FormatError, NotFoundError
-from snapshotter.filters import compile_filters, matches
-from snapshotter.layer_tree import OPAQUE_XATTR, LayerTree
-from snapshotter.mounts import Layout, mounts_for
-from snapshotter.store import ACTIVE, COMMITTED, VIEW, SnapshotStore
+from converter.format import toc as fmt
+from converter.format.errors import AlreadyExistsError, ConfigError, FailedPreconditionError, FormatError, NotFoundError
+from snapshotter.service.filters import compile_filters, matches
+from snapshotter.fs.layer_tree import OPAQUE_XATTR, LayerTree
+from snapshotter.service.mounts import Layout, mounts_for
+from snapshotter.service.store import ACTIVE, COMMITTED, VIEW, SnapshotStore
 
 
 def test_store_follows_containerds_rules_and_survives_reopening(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ import proto
 from tests.support import images
 from tests.support.containerd import ContainerdProcess, pull_image, run_container
 from tests.support.lazy_stack import LazyStack
-from snapshotter.daemon import mounted_at
-from snapshotter.remote import LABEL_IMAGE_REF, LABEL_REMOTE
+from peerpull.daemon import mounted_at
+from snapshotter.service.remote import LABEL_IMAGE_REF, LABEL_REMOTE
 from tests.support.tree import container_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -220,7 +220,7 @@ def test_daemon_restart_keeps_snapshots_and_cleans_stale_mounts(lazy_stack: Lazy
 
 
 def test_daemon_says_when_containerd_is_missing(tmp_path: Path) -> None:
-    from peerpull.embedded.daemon import EmbeddedDaemon
+    from peerpull.testbed.daemon import EmbeddedDaemon
     from tests.support.lazy_stack import fuse_missing
 
     if reason := fuse_missing():

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from converter import untrusted
-from converter.errors import AuthError, ConfigError, RegistryUnreachableError
+from converter.format import untrusted
+from converter.format.errors import AuthError, ConfigError, RegistryUnreachableError
 
 log = structlog.get_logger(__name__)
 _PARAM = re.compile(r'(\w+)="([^"]*)"')

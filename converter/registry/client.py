@@ -16,9 +16,9 @@ from urllib.parse import urlencode, urljoin
 
 import aiohttp
 
-from converter import untrusted
-from converter.digest import DigestWriter, is_digest, sha256_digest, verify_bytes
-from converter.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
+from converter.format import untrusted
+from converter.format.digest import DigestWriter, is_digest, sha256_digest, verify_bytes
+from converter.format.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
                               RegistryUnreachableError, UnsupportedError)
 from converter.registry import media_types as mt
 from converter.registry.platform import check_config_platform, describe, matches

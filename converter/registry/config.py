@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converter.settings import setting
+from converter.format.settings import setting
 
 DEFAULT_PLATFORM = "linux/amd64"
 

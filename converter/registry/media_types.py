@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from converter.errors import UnsupportedError
+from converter.format.errors import UnsupportedError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

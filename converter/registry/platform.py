@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from converter import untrusted
-from converter.errors import UnsupportedError
+from converter.format import untrusted
+from converter.format.errors import UnsupportedError
 
 
 def describe(platform: Any) -> str:

@@ -6,8 +6,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, replace
 
-from converter.digest import is_digest
-from converter.errors import ConfigError
+from converter.format.digest import is_digest
+from converter.format.errors import ConfigError
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"

@@ -19,8 +19,8 @@ from typing import Awaitable, Callable, TypeVar
 import aiohttp
 import structlog
 
-from converter import untrusted
-from converter.errors import AuthError, NotFoundError, RegistryError, RegistryUnreachableError
+from converter.format import untrusted
+from converter.format.errors import AuthError, NotFoundError, RegistryError, RegistryUnreachableError
 from converter.registry.auth import Authenticator
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference

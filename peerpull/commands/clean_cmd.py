@@ -1,6 +1,6 @@
 """`peerpull clean`: remove what `peerpull run` left behind, and nothing else.
 
-Only directories carrying the marker `peerpull run` wrote (see peerpull.embedded.setup_marker)
+Only directories carrying the marker `peerpull run` wrote (see peerpull.testbed.setup_marker)
 are set-ups. Processes end only by their recorded PID and start time (pidfd). Containers are
 stopped through the set-up's own containerd while it lives; otherwise its shims are recognised by
 their working directory (a task bundle in the set-up's containerd state) and their containers'
@@ -20,11 +20,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from converter.errors import ConfigError, FailedPreconditionError
+from converter.format.errors import ConfigError, FailedPreconditionError
 from peerpull.config import PeerpullConfig
-from peerpull.embedded.process import end_process, started_at, unmount_under
-from peerpull.embedded.setup_marker import MARKER_NAME, NotASetupError, SetupMarker, has_marker, load_marker
-from peerpull.runner import DEFAULT_WORK_ROOT, RUN_LABEL
+from peerpull.testbed.process import end_process, started_at, unmount_under
+from peerpull.testbed.setup_marker import MARKER_NAME, NotASetupError, SetupMarker, has_marker, load_marker
+from peerpull.testbed.runner import DEFAULT_WORK_ROOT, RUN_LABEL
 
 DESCRIPTION = f"""\
 Remove what `peerpull run` left behind: private set-ups (kept with --keep, or left by an

@@ -7,7 +7,7 @@ from typing import Any
 
 from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped, with_peer_flags
 from peerpull.config import PeerpullConfig
-from snapshotter.daemon import NodeDaemon
+from peerpull.daemon import NodeDaemon
 
 DESCRIPTION = """\
 Run everything a node needs, in one process: the containerd remote snapshotter (gRPC on a unix

@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from converter.image_source import open_source
-from converter.inspect import ImageInfo, inspect_image
+from converter.conversion.image_source import open_source
+from converter.conversion.inspect import ImageInfo, inspect_image
 from converter.registry.client import MAX_MANIFEST_BYTES, RegistryClient
 from converter.registry.config import RegistryConfig
 from peerpull.config import PeerpullConfig

@@ -10,8 +10,8 @@ from typing import Any
 
 from converter.registry.client import RegistryClient
 from peerpull.config import PeerpullConfig
-from snapshotter.containerd_client import ContainerdClient
-from snapshotter.pull import pull
+from snapshotter.containerd.client import ContainerdClient
+from snapshotter.containerd.pull import pull
 
 DESCRIPTION = """\
 Make IMAGE runnable with `ctr run --snapshotter peerpull` without downloading its seekable layers:

@@ -15,19 +15,19 @@ from typing import Any
 
 from rich.console import Console
 
-from converter.convert import Converter
-from converter.errors import ConfigError, PeerpullError
-from converter.image_source import open_source
-from converter.inspect import inspect_image
+from converter.conversion.convert import Converter
+from converter.format.errors import ConfigError, PeerpullError
+from converter.conversion.image_source import open_source
+from converter.conversion.inspect import inspect_image
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peerpull.commands.convert_cmd import print_summary
 from peerpull.commands.inspect_cmd import print_table
 from peerpull.commands.run_cmd import global_args, print_results
 from peerpull.config import PeerpullConfig
-from peerpull.embedded.oci_layout import LayerSpec, write_layout
-from peerpull.embedded.registry import EmbeddedRegistry
-from peerpull.runner import RunOptions, RunResult, run_image
+from peerpull.testbed.oci_layout import LayerSpec, write_layout
+from peerpull.testbed.registry import EmbeddedRegistry
+from peerpull.testbed.runner import RunOptions, RunResult, run_image
 
 DESCRIPTION = """\
 Run the whole path on a private set-up under a temporary directory — its own Distribution

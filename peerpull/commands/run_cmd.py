@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from converter.errors import ConfigError
+from converter.format.errors import ConfigError
 from peerpull.config import PeerpullConfig
-from peerpull.runner import RunOptions, RunResult, run_image
+from peerpull.testbed.runner import RunOptions, RunResult, run_image
 
 DESCRIPTION = """\
 Start one container of IMAGE and report how long it took: to the container's start, to the first

@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import structlog
 
-from converter import errors
-from converter.errors import AuthError, ConfigError, PeerpullError, RegistryUnreachableError
+from converter.format import errors
+from converter.format.errors import AuthError, ConfigError, PeerpullError, RegistryUnreachableError
 from peer.client import auth_headers
 from peerpull.config import PeerpullConfig
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from peerpull.embedded.registry import EmbeddedRegistry
+from peerpull.testbed.registry import EmbeddedRegistry
 from tests.support.aio_site import serve_local
 
 USER, PASSWORD = "alice", "s3cret"

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Self
 
-from peerpull.embedded.containerd import EmbeddedContainerd
+from peerpull.testbed.containerd import EmbeddedContainerd
 
 NAMESPACE = "peerpull-test"
 _SUN_PATH_MAX = 100  # a unix socket path must fit sockaddr_un.sun_path (108 bytes with the NUL)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converter.digest import sha256_digest
+from converter.format.digest import sha256_digest
 from converter.registry import media_types as mt
 
 CHUNK = 64 * 1024  # the chunk size the tests convert with: boundaries are cheap to hit

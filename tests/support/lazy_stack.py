@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.daemon import EmbeddedDaemon
-from peerpull.embedded.registry import EmbeddedRegistry
+from peerpull.testbed.daemon import EmbeddedDaemon
+from peerpull.testbed.registry import EmbeddedRegistry
 from tests.support.containerd import NAMESPACE, ContainerdProcess
 from tests.support.containerd_fixtures import containerd_missing
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import msgpack
 
 from peer.metrics import parse_exposition
-from peerpull.embedded.oci_layout import LayerSpec, write_layout
-from peerpull.embedded.process import spawn_logged, stop_process
-from peerpull.embedded.registry import free_port
+from peerpull.testbed.oci_layout import LayerSpec, write_layout
+from peerpull.testbed.process import spawn_logged, stop_process
+from peerpull.testbed.registry import free_port
 
 TOKEN = "cluster-secret"
 

@@ -10,9 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.config import ConvertConfig
-from converter.convert import Converter
-from converter.image_source import LayoutSource
+from converter.conversion.config import ConvertConfig
+from converter.conversion.convert import Converter
+from converter.conversion.image_source import LayoutSource
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference

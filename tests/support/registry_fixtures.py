@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peerpull.embedded.registry import EmbeddedRegistry
+from peerpull.testbed.registry import EmbeddedRegistry
 
 
 @pytest.fixture

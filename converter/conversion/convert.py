@@ -1,0 +1,259 @@
+"""Convert an image into a seekable image and push it: manifest and config rewrite, layers in parallel.
+
+Each layer streams from the source, is decompressed and re-framed on a worker thread (never on the
+event loop), lands in a temporary file, and is pushed once its digest is known. Layers that are
+already seekable pass through untouched, so converting a converted image is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from converter.format import untrusted
+from converter.format import toc as fmt
+from converter.conversion.config import ConvertConfig
+from converter.format.errors import FormatError
+from converter.conversion.image_source import ImageSource, ResolvedImage
+from converter.conversion.layer_writer import LayerResult, write_seekable_layer
+from converter.registry import media_types as mt
+from converter.registry.client import RegistryClient
+from converter.registry.reference import ImageReference
+from converter.conversion.streams import AsyncIterReader, open_decompressed
+
+log = structlog.get_logger(__name__)
+
+
+class ConvertProgress(Protocol):
+    """Receives progress of each layer in source (compressed) bytes; called from worker threads."""
+
+    def layer_started(self, digest: str, total_bytes: int) -> None: ...
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None: ...
+
+    def layer_finished(self, digest: str) -> None: ...
+
+
+class _NoProgress:
+    def layer_started(self, digest: str, total_bytes: int) -> None:
+        pass
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None:
+        pass
+
+    def layer_finished(self, digest: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    source_digest: str
+    source_size: int
+    digest: str
+    size: int
+    converted: bool  # False: it was seekable already and passed through
+    uncompressed_size: int | None = None
+    entries: int | None = None
+    chunks: int | None = None
+    toc_bytes: int | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    manifest_digest: str = ""
+    already_seekable: bool = False
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def uncompressed_bytes(self) -> int:
+        return sum(layer.uncompressed_size or 0 for layer in self.layers if layer.converted)
+
+
+@dataclass(frozen=True)
+class _LayerOutcome:
+    report: LayerReport
+    descriptor: dict[str, Any]  # the layer's descriptor in the new manifest
+    diff_id: str | None  # None: passed through, the source config's diff_id stands
+
+
+def is_seekable_descriptor(desc: dict[str, Any]) -> bool:
+    annotations = desc.get("annotations") or {}
+    return desc.get("mediaType") == mt.OCI_LAYER_ZSTD and fmt.ANNOTATION_TOC_DIGEST in annotations
+
+
+def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any]) -> dict[str, Any]:
+    annotations = dict(source.get("annotations") or {})
+    annotations.update({
+        fmt.ANNOTATION_VERSION: str(fmt.FORMAT_VERSION),
+        fmt.ANNOTATION_TOC_DIGEST: result.toc_digest,
+        fmt.ANNOTATION_TOC_OFFSET: str(result.toc_offset),
+        fmt.ANNOTATION_TOC_LENGTH: str(result.toc_length),
+        fmt.ANNOTATION_CHUNK_SIZE: str(chunk_size),
+        fmt.ANNOTATION_SOURCE_DIGEST: source["digest"],
+    })
+    return {"mediaType": mt.OCI_LAYER_ZSTD, "digest": result.digest, "size": result.size, "annotations": annotations}
+
+
+def config_diff_ids(config_body: bytes, what: str) -> list[str]:
+    try:
+        diff_ids = untrusted.loads(config_body)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError(f"{what}: image config has no rootfs.diff_ids") from None
+    if not isinstance(diff_ids, list):
+        raise FormatError(f"{what}: image config's rootfs.diff_ids is not a list")
+    return diff_ids
+
+
+def rewrite_config(config_body: bytes, diff_ids: list[str]) -> bytes:
+    """The config with `rootfs.diff_ids` set to `diff_ids`; the same bytes when they already match."""
+    config = untrusted.loads(config_body)
+    if config["rootfs"]["diff_ids"] == diff_ids:
+        return config_body
+    config["rootfs"]["diff_ids"] = diff_ids
+    return json.dumps(config, separators=(",", ":")).encode()
+
+
+class Converter:
+    def __init__(self, client: RegistryClient, config: ConvertConfig, progress: ConvertProgress | None = None) -> None:
+        self._client = client
+        self._config = config
+        self._progress = progress or _NoProgress()
+        self._slots = asyncio.Semaphore(config.jobs)
+        self._workers = max(1, os.cpu_count() or 1)
+
+    async def convert(self, source: ImageSource, dest: ImageReference) -> ConvertReport:
+        started = time.monotonic()
+        image = await source.resolve()
+        report = ConvertReport(source=source.description, destination=str(dest))
+        layers = image.manifest["layers"]
+        for desc in layers:
+            mt.layer_compression(desc.get("mediaType", ""))  # refuse foreign/unknown layers before any work
+        # the config first: a bad one fails the conversion before any layer work
+        config_body = await source.read_blob(image.manifest["config"]["digest"])
+        report.already_seekable = all(is_seekable_descriptor(d) for d in layers)
+        if not report.already_seekable and len(config_diff_ids(config_body, f"image {image.digest}")) != len(layers):
+            raise FormatError(f"image {image.digest}: its config lists a different number of diff_ids than "
+                              f"its {len(layers)} layers")
+        log.debug("convert_started", source=source.description, destination=str(dest), layers=len(layers),
+                 already_seekable=report.already_seekable)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._layer(source, dest, d)) for d in layers]
+        outcomes = [t.result() for t in tasks]
+        report.layers = [o.report for o in outcomes]
+        if report.already_seekable:
+            body, media_type = image.body, image.media_type
+            await self._client.push_blob_bytes(dest, config_body)
+        else:
+            body, media_type = await self._new_manifest(image, dest, config_body, outcomes)
+        report.manifest_digest = await self._client.push_manifest(dest, body, media_type)
+        report.seconds = time.monotonic() - started
+        log.debug("convert_finished", destination=str(dest), manifest=report.manifest_digest,
+                 seconds=round(report.seconds, 2))
+        return report
+
+    async def _new_manifest(
+        self, image: ResolvedImage, dest: ImageReference, config_body: bytes, outcomes: list[_LayerOutcome]
+    ) -> tuple[bytes, str]:
+        what = f"image {image.digest}"
+        known = config_diff_ids(config_body, what)
+        if len(known) != len(outcomes):
+            raise FormatError(f"{what}: config has {len(known)} diff_ids for {len(outcomes)} layers")
+        ids = [o.diff_id if o.diff_id is not None else known[i] for i, o in enumerate(outcomes)]
+        new_config = rewrite_config(config_body, ids)
+        config_digest = await self._client.push_blob_bytes(dest, new_config)
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(new_config)},
+            "layers": [o.descriptor for o in outcomes],
+        }
+        annotations = dict(image.manifest.get("annotations") or {})
+        annotations[fmt.ANNOTATION_IMAGE_SOURCE] = image.digest
+        manifest["annotations"] = annotations
+        return json.dumps(manifest, separators=(",", ":")).encode(), mt.OCI_MANIFEST
+
+    async def _layer(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]) -> _LayerOutcome:
+        async with self._slots:
+            if is_seekable_descriptor(desc):
+                await self._copy_blob(source, dest, desc)
+                report = LayerReport(desc["digest"], desc["size"], desc["digest"], desc["size"], converted=False)
+                return _LayerOutcome(report, desc, None)
+            return await self._convert_layer(source, dest, desc)
+
+    async def _copy_blob(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]) -> None:
+        digest = desc["digest"]
+        if await self._client.blob_size(dest, digest) is not None:
+            return
+        with self._temp_file() as path:
+            with open(path, "wb") as f:
+                async for block in source.stream_blob(digest, desc["size"]):
+                    await asyncio.to_thread(f.write, block)
+            await self._client.push_blob_file(dest, digest, path, desc["size"], mount_from=source.registry_ref)
+
+    def _temp_file(self) -> "_TempPath":
+        return _TempPath(self._config.work_dir)
+
+    async def _convert_layer(
+        self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]
+    ) -> _LayerOutcome:
+        digest, started = desc["digest"], time.monotonic()
+        compression = mt.layer_compression(desc["mediaType"])
+        what = f"layer {digest}"
+        loop = asyncio.get_running_loop()
+        stream = source.stream_blob(digest, desc["size"])
+        self._progress.layer_started(digest, desc["size"])
+        reader = AsyncIterReader(stream, loop, on_bytes=lambda n: self._progress.layer_advanced(digest, n))
+
+        def work(path: Path) -> LayerResult:
+            with open(path, "wb") as out:
+                tar = open_decompressed(reader, compression, what)  # type: ignore[arg-type]
+                result = write_seekable_layer(
+                    tar, out, chunk_size=self._config.chunk_size, level=self._config.compression_level,
+                    workers=self._workers,
+                )
+                reader.drain()  # the source stream checks the blob digest at its end
+            return result
+
+        with self._temp_file() as path:
+            try:
+                result = await asyncio.to_thread(work, path)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            await self._client.push_blob_file(dest, result.digest, path, result.size)
+        self._progress.layer_finished(digest)
+        seconds = time.monotonic() - started
+        log.debug("layer_converted", source_digest=digest, digest=result.digest, uncompressed=result.uncompressed_size,
+                 chunks=result.chunks, entries=result.entries, seconds=round(seconds, 2))
+        report = LayerReport(
+            source_digest=digest, source_size=desc["size"], digest=result.digest, size=result.size, converted=True,
+            uncompressed_size=result.uncompressed_size, entries=result.entries, chunks=result.chunks,
+            toc_bytes=result.toc_length, seconds=seconds,
+        )
+        return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id)
+
+
+class _TempPath:
+    """A temporary file path removed on exit, whatever happened."""
+
+    def __init__(self, work_dir: str | None) -> None:
+        fd, name = tempfile.mkstemp(prefix="peerpull-layer-", dir=work_dir)
+        os.close(fd)
+        self.path = Path(name)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""A private containerd instance under a directory (its own root, state and socket), driven with `ctr`.
+
+Never the host's containerd: everything lives under `root`, and stop() unmounts what this
+instance left mounted there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Callable
+
+from peerpull.testbed.process import spawn_logged, stop_process, unmount_under
+from converter.format.errors import ConfigError, PeerpullError
+
+NAMESPACE = "peerpull"
+
+
+class EmbeddedContainerd:
+    def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
+                 extra_config: str = "", on_spawn: Callable[[int], None] | None = None) -> None:
+        self.root = Path(root)
+        self.socket = self.root / "containerd.sock"
+        self.ttrpc_socket = self.root / "containerd-ttrpc.sock"
+        self.log_path = self.root / "containerd.log"
+        self._proxy_plugins = proxy_plugins or {}
+        self._enable_cri = enable_cri
+        self._extra = extra_config
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._on_spawn = on_spawn  # told the PID at once (peerpull run records it for peerpull clean)
+
+    def config_text(self) -> str:
+        disabled = [] if self._enable_cri else ['"io.containerd.grpc.v1.cri"']
+        lines = [
+            "version = 2",
+            f'root = "{self.root / "root"}"',
+            f'state = "{self.root / "state"}"',
+            f"disabled_plugins = [{', '.join(disabled)}]",
+            "[grpc]",
+            f'  address = "{self.socket}"',
+            "[ttrpc]",
+            f'  address = "{self.ttrpc_socket}"',
+            "[debug]",
+            '  level = "info"',
+        ]
+        for name, address in self._proxy_plugins.items():
+            lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{address}"']
+        return "\n".join(lines) + "\n" + self._extra
+
+    def start(self, timeout_s: float = 30.0) -> "EmbeddedContainerd":
+        for tool in ("containerd", "ctr", "runc"):
+            if shutil.which(tool) is None:
+                raise ConfigError(f"{tool} not found: install the containerd and runc packages")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.toml"
+        config.write_text(self.config_text())
+        self._proc = spawn_logged(["containerd", "--config", str(config)], self.log_path)
+        if self._on_spawn is not None:
+            self._on_spawn(self._proc.pid)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise PeerpullError(f"containerd exited at start; see {self.log_path}")
+            if self.socket.exists() and self.ctr("version", check=False, timeout=5).returncode == 0:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise PeerpullError(f"containerd did not come up within {timeout_s:.0f} s; see {self.log_path}")
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run `ctr` against this instance, in the peerpull namespace."""
+        cmd = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise PeerpullError(f"ctr {' '.join(args[:3])} failed: {result.stderr.strip()[-500:]}")
+        return result
+
+    def stop(self) -> None:
+        stop_process(self._proc, 10)
+        self._proc = None
+        # only mounts under our own root: overlay rootfs of containers that did not exit cleanly
+        unmount_under(str(self.root.resolve()))
+
+    def __enter__(self) -> "EmbeddedContainerd":
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

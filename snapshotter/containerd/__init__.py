@@ -1,0 +1,1 @@
+"""The containerd client room: content, leases, images and diff calls that `peerpull pull` drives."""

@@ -1,0 +1,188 @@
+"""Byte ranges of lazily served files, assembled from verified chunks.
+
+Reads fetch every chunk they cover at once through the node's chunk fetcher (cache → peers →
+origin). Recently used chunks stay decompressed in a bounded memory cache, because the kernel
+asks for a 1 MiB chunk in several pieces. With prefetch, the first read of a file schedules the
+rest of it in the background, in parallel; with layer prefetch, the first read from a layer
+schedules every chunk of the layer. Background fetches queue behind on-demand reads at the origin
+and never hold its last slots, so they use the spare bandwidth without delaying a reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+
+from converter.format import toc as fmt
+from peer.chunk import ChunkRef
+from peer.fetcher import ChunkFetcher
+
+log = structlog.get_logger(__name__)
+LAYER_PREFETCH_MIN_CHUNK = 256 << 10  # layer prefetch takes chunks of files at least this large
+SEQUENTIAL_SLACK = 2 << 20
+READ_AHEAD_CHUNKS = 4  # decoded ahead of a sequential reader: verifying and decompressing overlap the copy
+# A small file read from the network brings its neighbours in the blob along: tar order groups a
+# directory's files, and programs (Python imports, shared libraries) read siblings one after another.
+NEIGHBOURS_MAX = 32
+NEIGHBOURS_BYTES = 1 << 20
+
+
+def _ignore_failure(task: "asyncio.Future[bytes]") -> None:
+    if not task.cancelled():
+        task.exception()  # a read-ahead failure is retried (and reported) by the read that needs the chunk
+
+
+@dataclass
+class LayerSource:
+    """Where a layer's chunks come from, and the blob offset of the frame after each chunk's frame."""
+
+    repository: str
+    blob: str
+    next_offset: dict[int, int] = field(default_factory=dict)
+    chunks: list[fmt.Chunk] = field(default_factory=list)  # every distinct chunk, in blob order
+
+    @classmethod
+    def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> "LayerSource":
+        by_offset = {c.blob_offset: c for e in toc.entries for c in e.chunks}
+        offsets = sorted(by_offset)
+        return cls(repository, blob, dict(zip(offsets, [*offsets[1:], 0])), [by_offset[o] for o in offsets])
+
+    def ref(self, chunk: fmt.Chunk) -> ChunkRef:
+        return ChunkRef.from_chunk(chunk, self.repository, self.blob, self.next_offset.get(chunk.blob_offset, 0))
+
+
+class MemoryChunks:
+    """Decompressed chunks by digest, least recently used dropped first, within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if digest in self._items or len(data) > self._budget // 4:
+            return
+        self._items[digest] = data
+        self._used += len(data)
+        while self._used > self._budget:
+            _, dropped = self._items.popitem(last=False)
+            self._used -= len(dropped)
+
+
+class FileReader:
+    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, prefetch_parallel: int) -> None:
+        self._fetcher = fetcher
+        self._memory = MemoryChunks(memory_bytes)
+        self._prefetch = prefetch
+        # enough queued that the origin can merge neighbours into large Range requests
+        self._background = asyncio.Semaphore(max(1, prefetch_parallel))
+        self._layers_started: set[str] = set()
+        self._prefetched: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loading: dict[bytes, asyncio.Future[bytes]] = {}
+        self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
+
+    async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
+        """A chunk's verified bytes, from memory or through the fetcher (one load per digest at a time)."""
+        data = self._memory.get(chunk.digest)
+        if data is not None:
+            return data
+        loading = self._loading.get(chunk.digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(source, chunk))
+            self._loading[chunk.digest] = loading
+        return await asyncio.shield(loading)
+
+    async def _load(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
+        try:
+            data = await self._fetcher.get(source.ref(chunk))
+            self._memory.put(chunk.digest, data)
+            return data
+        finally:
+            self._loading.pop(chunk.digest, None)
+
+    @staticmethod
+    def _neighbours(source: LayerSource, chunk: fmt.Chunk) -> list[fmt.Chunk]:
+        at = bisect.bisect_right(source.chunks, chunk.blob_offset, key=lambda c: c.blob_offset)
+        out, total = [], 0
+        for c in source.chunks[at:at + NEIGHBOURS_MAX]:
+            total += c.length
+            if total > NEIGHBOURS_BYTES:
+                break
+            out.append(c)
+        return out
+
+    def _read_ahead(self, source: LayerSource, chunks: list[fmt.Chunk]) -> None:
+        """Decode the next chunks of a sequentially read file into memory while the kernel copies this one."""
+        for chunk in chunks:
+            if self._memory.get(chunk.digest) is None and chunk.digest not in self._loading:
+                task = asyncio.ensure_future(self.chunk(source, chunk))
+                task.add_done_callback(_ignore_failure)
+
+    async def read(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], size: int, offset: int,
+                   length: int) -> bytes:
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        first = bisect.bisect_right(chunks, offset, key=lambda c: c.file_offset) - 1
+        last = bisect.bisect_left(chunks, end, key=lambda c: c.file_offset)
+        wanted = chunks[max(first, 0):last]
+        if len(chunks) == 1 and self._prefetch != "none" and self._memory.get(chunks[0].digest) is None:
+            self._read_ahead(source, self._neighbours(source, chunks[0]))
+        if len(wanted) == 1:
+            parts = [await self.chunk(source, wanted[0])]
+        else:
+            parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
+        if self._prefetch == "layer" and source.blob not in self._layers_started:
+            self._layers_started.add(source.blob)
+            # the big chunks carry most of the bytes for few requests; small files stay on demand
+            big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]
+            self.background(source, big, f"layer {source.blob}")
+        elif self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
+            self._prefetched.add((source.blob, ino))
+            self.background(source, chunks[last:], f"file {ino:#x}")
+        # the kernel's readahead sends several requests at once, not always in order: near the last
+        # read's end counts as sequential
+        previous = self._ends.get(ino, 0)
+        if previous - SEQUENTIAL_SLACK <= offset <= previous + SEQUENTIAL_SLACK and last < len(chunks):
+            self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
+        self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
+        if len(self._ends) > 65536:
+            self._ends.clear()
+        base = wanted[0].file_offset
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return data[offset - base:end - base]
+
+    def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
+        """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
+        task = asyncio.create_task(self._fetch_ahead(source, chunks, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_ahead(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
+        async def one(chunk: fmt.Chunk) -> None:
+            async with self._background:
+                try:
+                    await self._fetcher.fetch(source.ref(chunk), use_peers=True, background=True)
+                except Exception as exc:  # a read of this chunk will retry and report it
+                    log.info("prefetch_chunk_failed", blob=source.blob, digest=chunk.digest_hex, error=str(exc))
+
+        seen: set[bytes] = set()
+        unique = [c for c in chunks if not (c.digest in seen or seen.add(c.digest))]  # type: ignore[func-returns-value]
+        log.debug("prefetch_started", what=what, blob=source.blob, chunks=len(unique))
+        await asyncio.gather(*(one(c) for c in unique))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

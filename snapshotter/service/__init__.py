@@ -1,0 +1,1 @@
+"""The gRPC room: containerd's snapshots API, its metadata store, mounts, filters and lazy layer resolution."""

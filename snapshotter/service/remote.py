@@ -1,0 +1,173 @@
+"""Which layers are served lazily, and their TOCs.
+
+A layer qualifies when containerd's labels name it (`cri.layer-digest`) and the image it came
+from (`cri.image-ref`), and the registry has it as a seekable blob. With the manifest digest
+label, the manifest is fetched by digest and its annotations must announce the TOC, whose
+digest is then checked: the chain of trust runs from the digest containerd resolved down to
+every chunk. TOCs are kept on disk, so a restarted daemon serves its layers without the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from converter.format import toc as fmt
+from converter.format.digest import is_digest
+from converter.format.errors import FormatError, NotFoundError, PeerpullError
+from converter.format.layer_reader import TocLocation, location_from_annotations, read_toc_frame
+from converter.registry.blob_reader import RegistryBlobReader
+from converter.registry.client import RegistryClient
+from converter.registry.reference import ImageReference
+from peer.policy import registry_of
+from snapshotter.fs.fusefs import LayerFS
+from snapshotter.service.store import LayerRecord, SnapshotStore
+
+log = structlog.get_logger(__name__)
+
+LABEL_TARGET = "containerd.io/snapshot.ref"
+LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
+LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
+
+
+class NotSeekable(Exception):
+    """The layer is an ordinary one: containerd should download and unpack it."""
+
+
+class RemoteLayers:
+    def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str,
+                 trust_registry: Callable[[str], None] = lambda registry: None) -> None:
+        self._dir = root / "layers"
+        # the registries this node's own containerd pulls from: the peer node may fetch from them
+        # when another node asks (and from no other, unless configured)
+        self._trust_registry = trust_registry
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._store = store
+        self._fs = fs
+        self._client = client
+        self._prefetch = prefetch
+        self._resolving: dict[str, asyncio.Task[LayerRecord]] = {}
+        self._manifests: OrderedDict[str, bytes] = OrderedDict()  # by digest: one fetch per image
+
+    def _toc_path(self, digest: str) -> Path:
+        return self._dir / (digest.split(":", 1)[1] + ".toc")
+
+    def restore(self) -> int:
+        """Put every layer recorded before a restart back in the FUSE mount; returns how many."""
+        restored = 0
+        for record in self._store.layers():
+            try:
+                toc = self._load_toc(record)
+            except (OSError, PeerpullError) as exc:
+                log.error("layer_restore_failed", layer=record.digest, error=str(exc))
+                continue
+            self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+            self._trust_registry(registry_of(record.repository))
+            restored += 1
+        return restored
+
+    def _load_toc(self, record: LayerRecord) -> fmt.Toc:
+        data = self._toc_path(record.digest).read_bytes()
+        footer = fmt.decode_footer(data[:fmt.FOOTER_SIZE], record.size)
+        return fmt.decode_toc(data[fmt.FOOTER_SIZE:], footer)
+
+    async def resolve(self, labels: dict[str, str]) -> LayerRecord:
+        """The lazily served layer the labels describe, mounted; NotSeekable for ordinary layers.
+
+        The first layer of an image also starts resolving the layers above it (CRI's
+        `cri.image-layers` label lists them), so their Prepare calls find them ready.
+        Registry or format failures propagate: the caller logs them and falls back.
+        """
+        digest = labels.get(LABEL_LAYER_DIGEST, "")
+        image_ref = labels.get(LABEL_IMAGE_REF, "")
+        if not digest or not image_ref:
+            raise NotSeekable("no layer digest / image reference labels (plain `ctr pull`?)")
+        manifest = labels.get(LABEL_MANIFEST_DIGEST, "")
+        # digests name files under the root (TOCs): only well-formed ones are used
+        if not is_digest(digest) or (manifest and not is_digest(manifest)):
+            raise FormatError(f"malformed digest label (layer {digest[:80]!r}, manifest {manifest[:80]!r})")
+        task = self._start(digest, image_ref, manifest)
+        for above in labels.get(LABEL_IMAGE_LAYERS, "").split(",")[1:]:
+            if is_digest(above) and manifest:
+                self._start(above, image_ref, manifest)
+        return await asyncio.shield(task)
+
+    def _start(self, digest: str, image_ref: str, manifest: str) -> "asyncio.Task[LayerRecord]":
+        task = self._resolving.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve(digest, image_ref, manifest))
+            self._resolving[digest] = task
+            task.add_done_callback(lambda t: self._resolved(digest, t))
+        return task
+
+    def _resolved(self, digest: str, task: "asyncio.Task[LayerRecord]") -> None:
+        self._resolving.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # a look-ahead nobody awaited must not warn; its Prepare will retry
+
+    async def _resolve(self, digest: str, image_ref: str, manifest_digest: str) -> LayerRecord:
+        known = self._store.layer(digest)
+        if known is not None and self._toc_path(digest).exists():
+            return known
+        image = ImageReference.parse(image_ref)
+        self._trust_registry(image.registry)
+        expected = await self._expected_toc(image, digest, manifest_digest)
+        size = await self._client.blob_size(image, digest)
+        if size is None:
+            raise NotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
+        try:
+            footer, frame = await read_toc_frame(RegistryBlobReader(self._client, image, digest, size), expected)
+        except FormatError as exc:
+            if expected is None and "footer" in str(exc):
+                raise NotSeekable(str(exc)) from None
+            raise
+        toc = await asyncio.to_thread(fmt.decode_toc, frame, footer)
+        path = self._toc_path(digest)
+        tmp = path.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
+        os.replace(tmp, path)
+        record = self._store.add_layer(digest, f"{image.registry}/{image.repository}", size)
+        built = await asyncio.to_thread(LayerFS.build_layer, record.digest, record.slot, record.repository, toc)
+        self._fs.add_built(built)
+        log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
+                 toc_verified=expected is not None)
+        return record
+
+    async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
+        """The TOC location the manifest (fetched by its digest) announces; NotSeekable if none."""
+        if not manifest_digest:
+            return None
+        body = self._manifests.get(manifest_digest)
+        if body is None:
+            body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
+            self._manifests[manifest_digest] = body
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+        try:
+            layers = json.loads(body).get("layers") or []
+        except (ValueError, AttributeError):
+            raise FormatError(f"manifest {manifest_digest} is not an image manifest") from None
+        desc = next((d for d in layers if isinstance(d, dict) and d.get("digest") == digest), None)
+        if desc is None:
+            raise FormatError(f"manifest {manifest_digest} does not list layer {digest}")
+        location = location_from_annotations(desc.get("annotations"))
+        if location is None:
+            raise NotSeekable(f"layer {digest} has no peerpull annotations")
+        return location
+
+    def release(self, digest: str) -> None:
+        """Forget a layer no snapshot uses any more."""
+        if self._store.layer_in_use(digest):
+            return
+        self._fs.remove_layer(digest)
+        self._store.drop_layer(digest)
+        self._toc_path(digest).unlink(missing_ok=True)
