@@ -1,9 +1,12 @@
 """Protocol buffer definitions (containerd's snapshots, content, images, diff and leases APIs, and
-the CRI image service) and their Python modules.
+the CRI image service) and their generated Python modules. Imported as `peerpull_proto`: the
+top-level name `proto` belongs to proto-plus.
 
-The modules are generated from the .proto files here with grpcio-tools on first use, into a
-directory named after a hash of the sources (so an edited .proto is never served stale), and
-imported from there: nothing generated is committed.
+A leaf: it imports nothing of peerpull. The modules are generated with grpcio-tools into the Python
+environment's own directory (`<sys.prefix>/var/peerpull-proto/<hash of the sources>`), once, at
+install time (`python -m peerpull_proto`, which scripts/setup.sh runs) or else on first use; the
+hash means an edited .proto is never served stale. Nothing is written into the source tree or $HOME,
+and nothing generated is committed.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-
-from converter.format.errors import ConfigError
 
 SOURCE_DIR = Path(__file__).resolve().parent
 PROTOS = (
@@ -31,6 +32,10 @@ PROTOS = (
 )
 
 
+class ProtoGenerationError(RuntimeError):
+    """The modules could not be generated (grpcio-tools missing, or nowhere writable)."""
+
+
 def _sources_hash() -> str:
     h = hashlib.sha256()
     for name in PROTOS:
@@ -38,25 +43,26 @@ def _sources_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_roots() -> list[Path]:
+def cache_roots() -> list[Path]:
+    """Where generated modules may live, preferred first: $PEERPULL_PROTO_CACHE, else the environment's
+    own var/ directory, else a per-user temp directory (a read-only environment)."""
     override = os.environ.get("PEERPULL_PROTO_CACHE")
     if override:
         return [Path(override)]
-    return [SOURCE_DIR / "_generated", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peerpull" / "proto",
-            Path(tempfile.gettempdir()) / f"peerpull-proto-{os.getuid()}"]
+    return [Path(sys.prefix) / "var" / "peerpull-proto", Path(tempfile.gettempdir()) / f"peerpull-proto-{os.getuid()}"]
 
 
 def _generate(out: Path) -> None:
     try:
         from grpc_tools import protoc  # type: ignore[import-untyped]
     except ImportError:
-        raise ConfigError("grpcio-tools is not installed: reinstall peerpull (pip install -e .)") from None
+        raise ProtoGenerationError("grpcio-tools is not installed: reinstall peerpull (pip install -e .)") from None
     include = str(Path(protoc.__file__).parent / "_proto")  # google/protobuf/*.proto
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
     args = ["protoc", f"-I{SOURCE_DIR}", f"-I{include}", f"--python_out={staging}", f"--grpc_python_out={staging}",
             *[str(SOURCE_DIR / p) for p in PROTOS]]
     if protoc.main(args) != 0:
-        raise ConfigError(f"protoc failed on {SOURCE_DIR}")
+        raise ProtoGenerationError(f"protoc failed on {SOURCE_DIR}")
     for directory in [d for d in staging.rglob("*") if d.is_dir()]:
         (directory / "__init__.py").touch()
     try:
@@ -70,7 +76,7 @@ def generated_dir() -> Path:
     """Where the generated modules of the current .proto sources are (generating them if needed)."""
     tag = _sources_hash()
     errors = []
-    for root in _cache_roots():
+    for root in cache_roots():
         out = root / tag
         if (out / "containerd").is_dir():
             return out
@@ -80,7 +86,7 @@ def generated_dir() -> Path:
             return out
         except OSError as exc:
             errors.append(f"{root}: {exc}")
-    raise ConfigError("cannot write generated protobuf modules anywhere: " + "; ".join(errors))
+    raise ProtoGenerationError("cannot write generated protobuf modules anywhere: " + "; ".join(errors))
 
 
 def load(module: str) -> ModuleType:

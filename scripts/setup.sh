@@ -20,3 +20,4 @@ fi
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v -E "^(WARNING: Location|  )" >&2 || true
 "$VENV/bin/python" -c "import peerpull, pyfuse3, zstandard, aiohttp" || { echo "setup: the virtualenv is broken" >&2; exit 1; }
+"$VENV/bin/python" -m peerpull_proto >/dev/null  # generate the protobuf modules into the venv once

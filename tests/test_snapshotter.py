@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import proto
+import peerpull_proto as proto
 from tests.support import images
 from tests.support.containerd import ContainerdProcess, pull_image, run_container
 from tests.support.lazy_stack import LazyStack

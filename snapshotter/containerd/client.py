@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 
-import proto
+import peerpull_proto as proto
 from converter.format.errors import (AlreadyExistsError, ConfigError, FailedPreconditionError, NotFoundError,
                               PeerpullError)
 

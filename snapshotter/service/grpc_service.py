@@ -21,7 +21,7 @@ import grpc
 import structlog
 from google.protobuf import empty_pb2, timestamp_pb2
 
-import proto
+import peerpull_proto as proto
 from converter.format.errors import (AlreadyExistsError, ConfigError, FailedPreconditionError, NotFoundError,
                               PeerpullError)
 from snapshotter.service import filters
