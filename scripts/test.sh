@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${PEERPULL_VENV:-.venv}
+# the house rules first: lint + import order (ruff), types of the libraries (mypy --strict)
+"$VENV/bin/ruff" check --quiet .
+"$VENV/bin/mypy" --no-error-summary
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
