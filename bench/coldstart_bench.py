@@ -59,7 +59,7 @@ class ShapedLink:
         self.rate, self.delay_ms = rate, delay_ms
         self.shaping = ""
 
-    def __enter__(self) -> "ShapedLink":
+    def __enter__(self) -> ShapedLink:
         self.__exit__()
         sh("ip", "netns", "add", NS)
         sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)

@@ -29,7 +29,7 @@ class ChunkRef:
     next_offset: int = 0
 
     @classmethod
-    def from_chunk(cls, chunk: Chunk, repository: str, blob: str, next_offset: int = 0) -> "ChunkRef":
+    def from_chunk(cls, chunk: Chunk, repository: str, blob: str, next_offset: int = 0) -> ChunkRef:
         return cls(chunk.digest_hex, chunk.length, repository, blob, chunk.blob_offset, chunk.compressed_length,
                    next_offset)
 
@@ -37,11 +37,11 @@ class ChunkRef:
         return Chunk(0, self.length, self.blob_offset, self.compressed_length, bytes.fromhex(self.digest[7:]))
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.digest, self.length, self.repository, self.blob, self.blob_offset,
-                              self.compressed_length, self.next_offset], use_bin_type=True)
+        return bytes(msgpack.packb([self.digest, self.length, self.repository, self.blob, self.blob_offset,
+                                    self.compressed_length, self.next_offset], use_bin_type=True))
 
     @classmethod
-    def unpack(cls, data: bytes) -> "ChunkRef":
+    def unpack(cls, data: bytes) -> ChunkRef:
         """Parse a peer's request; anything malformed is a FormatError."""
         if len(data) > MAX_HINT_BYTES:
             raise FormatError("chunk request too large")

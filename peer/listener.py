@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 class _Guarded(asyncio.Protocol):
     """Delegates to aiohttp's protocol; adds the per-connection timer."""
 
-    def __init__(self, listener: "GuardedListener", inner: Any) -> None:
+    def __init__(self, listener: GuardedListener, inner: Any) -> None:
         self._listener = listener
         self.inner = inner
         self.transport: asyncio.Transport | None = None
@@ -61,7 +61,7 @@ class _Guarded(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
+        return bool(self.inner.eof_received())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
@@ -153,5 +153,6 @@ class GuardedListener:
         if self._server is not None:
             self._server.close()
         for transport in list(self._open):
-            transport.abort()
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
         self._open.clear()

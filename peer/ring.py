@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def owners(digest: str, members: Iterable[str], count: int = 1) -> list[str]:

@@ -16,10 +16,9 @@ import asyncio
 import hmac
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import msgpack
 import structlog
@@ -46,8 +45,9 @@ HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's 
 
 def _error_line(exc: BaseException) -> dict[str, object]:
     while isinstance(exc, BaseExceptionGroup):
-        ours = [e for e in exc.exceptions if isinstance(e, PeerpullError)]
-        exc = (ours or list(exc.exceptions))[0]
+        leaves: list[BaseException] = list(exc.exceptions)
+        ours = [e for e in leaves if isinstance(e, PeerpullError)]
+        exc = (ours or leaves)[0]
     if isinstance(exc, PeerpullError):
         return {"event": "error", "error": str(exc), "exit_code": exc.exit_code}
     return {"event": "error", "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}

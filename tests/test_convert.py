@@ -21,9 +21,9 @@ from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
+from tests.support.image_fixtures import push_layout
 from tests.support.images import CHUNK
 from tests.support.images import corner_case_layer_tars as corner_case_layers
-from tests.support.image_fixtures import push_layout
 
 
 def peerpull(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -105,7 +105,7 @@ def test_conversion_is_deterministic(registry_session, converted: dict[str, str]
     assert report["manifest_digest"] == converted["manifest"]
     from_layout = json.loads(peerpull("convert", f"oci:{corner_case_layout}:latest", again, "--chunk-size", str(CHUNK),
                                       "--json", "-", "--quiet").stdout)
-    assert [l["digest"] for l in from_layout["layers"]] == [l["digest"] for l in report["layers"]]
+    assert [x["digest"] for x in from_layout["layers"]] == [x["digest"] for x in report["layers"]]
 
 
 def test_converting_a_seekable_image_is_a_noop(registry_session, converted: dict[str, str]) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from peer.discovery import DnsDiscovery, StaticDiscovery, make_discovery
 from peer.config import PeerConfig
+from peer.discovery import DnsDiscovery, StaticDiscovery, make_discovery
 from tests.support.waiting import async_wait_until
 
 

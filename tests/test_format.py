@@ -14,12 +14,12 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from converter.conversion.layer_writer import write_seekable_layer
+from converter.conversion.streams import open_decompressed
 from converter.format import toc as fmt
 from converter.format.digest import sha256_digest
 from converter.format.errors import DigestMismatchError, FormatError, PeerpullError, UnsupportedError
 from converter.format.layer_reader import FileRangeReader, TocLocation, decompress_chunk, read_chunk, read_toc
-from converter.conversion.layer_writer import write_seekable_layer
-from converter.conversion.streams import open_decompressed
 
 CHUNK = 16 * 1024
 
@@ -44,7 +44,7 @@ def make_tar(tar_format: int) -> bytes:
             _add(tf, f"dir/size-{size}", rnd.randbytes(size), mode=0o644)
         _add(tf, "dir/text", b"hello peerpull\n" * 5000, mode=0o4755, uid=1000, gid=65534, uname="u", gname="g")
         _add(tf, "a/" + "long-directory-name/" * 8 + "file-with-a-long-name.bin", rnd.randbytes(300))
-        _add(tf, "ünïcødé/日本語 ✓.txt", "unicode content".encode())
+        _add(tf, "ünïcødé/日本語 ✓.txt", b"unicode content")
         _add(tf, "sym-rel", type=tarfile.SYMTYPE, linkname="dir/text")
         _add(tf, "sym-long", type=tarfile.SYMTYPE, linkname="/" + "target/" * 30)
         _add(tf, "other/hard", type=tarfile.LNKTYPE, linkname="dir/text")

@@ -18,8 +18,8 @@ from peerpull.testbed.registry import EmbeddedRegistry, free_port
 from peerpull.testbed.runner import RunOptions, run_image
 from tests.support import images
 from tests.support.cli import assert_one_line_error, peerpull_cmd
-from tests.support.local_address import non_loopback_address
 from tests.support.lazy_stack import LazyStack
+from tests.support.local_address import non_loopback_address
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ def test_run_reports_timings_and_bytes_in_both_modes(web_image: dict[str, str], 
         r = _run("run", "--mode", mode, image, "--json", str(out), "--", "echo", "hello from run")
         assert r.returncode == 0, r.stderr[-3000:]
         results[mode] = json.loads(out.read_text())
-    for mode, res in results.items():
+    for res in results.values():
         assert res["exit_code"] == 0 and res["output"] == "hello from run"
         assert 0 < res["start_s"] <= res["ready_s"] and res["first_log_s"] <= res["ready_s"], res
     assert results["normal"]["registry_wire_bytes"] > 24 << 20

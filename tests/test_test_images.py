@@ -63,7 +63,7 @@ def test_layouts_are_deterministic(tmp_path: Path) -> None:
     small = images.build_corner_case_image(tmp_path / "c", chunk_size=4096)
     assert small.manifest_digest != first.manifest_digest
     assert images.read_oci_image(tmp_path / "a") == first
-    assert [l.media_type for l in first.layers] == [mt.OCI_LAYER_GZIP] * 3
+    assert [layer.media_type for layer in first.layers] == [mt.OCI_LAYER_GZIP] * 3
 
 
 def _without_mtimes(tree: Tree, paths: tuple[str, ...]) -> Tree:
@@ -99,7 +99,7 @@ def test_push_keeps_manifest_and_blobs(registry, corner_case_image: images.OciIm
     pushed = _registry_manifest(registry.url, "corner/push", "v1")
     local = corner_case_image.layout_dir / "blobs" / "sha256" / corner_case_image.manifest_digest.removeprefix("sha256:")
     assert pushed == local.read_bytes()  # not rewritten, so no layer was recompressed
-    assert [d["digest"] for d in json.loads(pushed)["layers"]] == [l.digest for l in corner_case_image.layers]
+    assert [d["digest"] for d in json.loads(pushed)["layers"]] == [layer.digest for layer in corner_case_image.layers]
 
 
 @pytest.mark.root

@@ -7,16 +7,16 @@ platform), small blobs in memory, and large blobs as a verified stream.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 from converter.format import untrusted
 from converter.format.digest import DigestWriter, parse_digest, sha256_digest
 from converter.format.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
 from converter.registry import media_types as mt
-from converter.registry.client import (MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest,
-                                       RegistryClient)
+from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest, RegistryClient
 from converter.registry.config import DEFAULT_PLATFORM
 from converter.registry.manifest import check_descriptor, parse_manifest
 from converter.registry.platform import check_config_platform, describe, matches
@@ -35,7 +35,10 @@ class ResolvedImage:
 
 class ImageSource(Protocol):
     description: str
-    registry_ref: ImageReference | None  # set when blobs can be cross-repo mounted from here
+
+    @property
+    def registry_ref(self) -> ImageReference | None:  # set when blobs can be cross-repo mounted from here
+        ...
 
     async def resolve(self) -> ResolvedImage: ...
 
@@ -110,7 +113,7 @@ class LayoutSource:
             raise DigestMismatchError(f"{self.description}: blob {digest} is corrupt")
         return data
 
-    async def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]:
         path = self._blob_path(digest)
         check = DigestWriter()
         try:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import zstandard
 
+from converter.conversion.tarstream import BLOCKDEV, CHAR, DIRECTORY, FIFO, HARDLINK, SYMLINK, TarMember, TarWalker
 from converter.format import toc as fmt
 from converter.format.digest import DigestWriter, sha256_digest
 from converter.format.errors import FormatError
-from converter.conversion.tarstream import CHAR, BLOCKDEV, DIRECTORY, FIFO, HARDLINK, SYMLINK, TarMember, TarWalker
 
 _TYPE_NAMES = {DIRECTORY: fmt.DIR, SYMLINK: fmt.SYMLINK, HARDLINK: fmt.HARDLINK, CHAR: fmt.CHAR,
                BLOCKDEV: fmt.BLOCK, FIFO: fmt.FIFO}

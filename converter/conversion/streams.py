@@ -8,7 +8,8 @@ undoes a layer's gzip/zstd compression as a stream, with bounded memory.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, BinaryIO, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO
 
 import zstandard
 
@@ -19,6 +20,10 @@ try:  # ISA-L inflates gzip about 3x faster than zlib: gunzip is the converter's
 except ImportError:  # pragma: no cover - isal has wheels for the platforms we run on
     import zlib as _zlib  # type: ignore[no-redef]
 
+
+
+async def _next(source: AsyncIterator[bytes]) -> bytes:
+    return await anext(source)
 
 class AsyncIterReader:
     """A blocking `read(n)` over an async iterator of byte blocks; call only from a worker thread."""
@@ -39,7 +44,7 @@ class AsyncIterReader:
         if self._eof:
             return False
         try:
-            block = asyncio.run_coroutine_threadsafe(self._source.__anext__(), self._loop).result()
+            block: bytes = asyncio.run_coroutine_threadsafe(_next(self._source), self._loop).result()
         except StopAsyncIteration:
             self._eof = True
             return False
@@ -96,7 +101,7 @@ class _GzipReader:
                     break
                 self._inflate = _zlib.decompressobj(wbits=31)
                 out += self._inflate.decompress(rest)
-        except _zlib.error as exc:
+        except _zlib.error as exc:  # type: ignore[misc]  # isal and zlib both define error
             raise FormatError(f"{self._what}: corrupt gzip data ({exc})") from None
         if out:
             self._out = self._out[self._pos:] + out

@@ -9,24 +9,43 @@ whole-blob downloads resume after a drop or a stall instead (see RegistryConfig 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable
 from urllib.parse import urlencode, urljoin
 
 import aiohttp
 
 from converter.format import untrusted
 from converter.format.digest import DigestWriter, is_digest, sha256_digest, verify_bytes
-from converter.format.errors import (AuthError, DigestMismatchError, FormatError, NotFoundError, RegistryError,
-                              RegistryUnreachableError, UnsupportedError)
+from converter.format.errors import (
+    AuthError,
+    DigestMismatchError,
+    FormatError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnreachableError,
+    UnsupportedError,
+)
 from converter.registry import media_types as mt
 from converter.registry.platform import check_config_platform, describe, matches
 from converter.registry.reference import ImageReference
-from converter.registry.transport import (_FINAL_KINDS, _NET_ERRORS, MAX_BLOB_BYTES, MAX_CONFIG_BYTES,
-                                          MAX_ERROR_BODY_BYTES, MAX_IGNORED_RANGE_BYTES, MAX_MANIFEST_BYTES,
-                                          MAX_RANGE_BYTES, RegistryTransport, _content_length, _RESET_AFTER_BYTES,
-                                          _Stall, _Tries, log)
+from converter.registry.transport import (
+    _FINAL_KINDS,
+    _NET_ERRORS,
+    _RESET_AFTER_BYTES,
+    MAX_BLOB_BYTES,
+    MAX_CONFIG_BYTES,
+    MAX_ERROR_BODY_BYTES,
+    MAX_IGNORED_RANGE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_RANGE_BYTES,
+    RegistryTransport,
+    _content_length,
+    _Stall,
+    _Tries,
+    log,
+)
 
 __all__ = ["FetchedManifest", "RegistryClient", "MAX_BLOB_BYTES", "MAX_CONFIG_BYTES", "MAX_ERROR_BODY_BYTES",
            "MAX_MANIFEST_BYTES", "MAX_RANGE_BYTES"]

@@ -23,7 +23,7 @@ class ImageReference:
     digest: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ImageReference":
+    def parse(cls, text: str) -> ImageReference:
         original = text
         if not text or text != text.strip():
             raise ConfigError(f"invalid image reference {original!r}")
@@ -78,10 +78,10 @@ class ImageReference:
         """What goes after /manifests/: the digest when there is one, else the tag."""
         return self.digest or self.tag or "latest"
 
-    def with_tag(self, tag: str) -> "ImageReference":
+    def with_tag(self, tag: str) -> ImageReference:
         return replace(self, tag=tag, digest=None)
 
-    def with_digest(self, digest: str) -> "ImageReference":
+    def with_digest(self, digest: str) -> ImageReference:
         return replace(self, digest=digest)
 
     def __str__(self) -> str:

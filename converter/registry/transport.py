@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import structlog

@@ -9,12 +9,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
 
-from peerpull.testbed.process import spawn_logged, stop_process, unmount_under
 from converter.format.errors import ConfigError, PeerpullError
+from peerpull.testbed.process import spawn_logged, stop_process, unmount_under
 
 NAMESPACE = "peerpull"
 
@@ -50,7 +50,7 @@ class EmbeddedContainerd:
             lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{address}"']
         return "\n".join(lines) + "\n" + self._extra
 
-    def start(self, timeout_s: float = 30.0) -> "EmbeddedContainerd":
+    def start(self, timeout_s: float = 30.0) -> EmbeddedContainerd:
         for tool in ("containerd", "ctr", "runc"):
             if shutil.which(tool) is None:
                 raise ConfigError(f"{tool} not found: install the containerd and runc packages")
@@ -84,7 +84,7 @@ class EmbeddedContainerd:
         # only mounts under our own root: overlay rootfs of containers that did not exit cleanly
         unmount_under(str(self.root.resolve()))
 
-    def __enter__(self) -> "EmbeddedContainerd":
+    def __enter__(self) -> EmbeddedContainerd:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

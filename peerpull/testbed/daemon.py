@@ -15,9 +15,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 
 from converter.format.errors import PeerpullError
 from peer.metrics import parse_exposition
@@ -59,7 +60,7 @@ class EmbeddedDaemon:
         """The daemon process while it runs."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
-    def start(self, timeout_s: float = 30.0) -> "EmbeddedDaemon":
+    def start(self, timeout_s: float = 30.0) -> EmbeddedDaemon:
         self.root.mkdir(parents=True, exist_ok=True)
         self._proc = spawn_logged(self._cmd, self.log_path, env=self._env)
         if self._on_spawn is not None:
@@ -132,7 +133,7 @@ class EmbeddedDaemon:
         except OSError:
             pass
 
-    def __enter__(self) -> "EmbeddedDaemon":
+    def __enter__(self) -> EmbeddedDaemon:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

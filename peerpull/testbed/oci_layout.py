@@ -10,9 +10,10 @@ import io
 import json
 import shutil
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from converter.format.digest import sha256_digest
 from converter.registry import media_types as mt

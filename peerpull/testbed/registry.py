@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from peerpull.testbed.process import spawn_logged, stop_process
 from converter.format.errors import ConfigError, PeerpullError
+from peerpull.testbed.process import spawn_logged, stop_process
 
 REGISTRY_BINARIES = ("docker-registry", "registry")
 
@@ -71,7 +71,7 @@ class EmbeddedRegistry:
         )
         return config
 
-    def start(self, timeout_s: float = 15.0) -> "EmbeddedRegistry":
+    def start(self, timeout_s: float = 15.0) -> EmbeddedRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self._write_config()
         cmd = [find_registry_binary(), "serve", str(config)]
@@ -107,7 +107,7 @@ class EmbeddedRegistry:
         stop_process(self._proc, 5)
         self._proc = None
 
-    def __enter__(self) -> "EmbeddedRegistry":
+    def __enter__(self) -> EmbeddedRegistry:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

@@ -26,15 +26,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from converter.format.errors import ConfigError, PeerpullError
-from converter.registry.manifest import parse_manifest
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
+from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
 from peer.metrics import by_tier, parse_exposition
 from peerpull.testbed.containerd import EmbeddedContainerd
@@ -147,7 +148,7 @@ class _Ctr:
                                                     stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             raise PeerpullError(f"ctr {' '.join(args[:2])} timed out after {timeout:.0f} s") from None
         if proc.returncode != 0:
@@ -193,7 +194,7 @@ async def _subscribed(ctr: _Ctr, namespace: str, token: str, live: asyncio.Event
         await ctr.run("namespaces", "label", namespace, f"{SYNC_LABEL}={token}", timeout=30)
         try:
             await asyncio.wait_for(live.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
 
 
@@ -263,7 +264,7 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
         if opts.benchmark_mode == "completion":
             result.ready_s = round(time.monotonic() - t0, 3)
         await asyncio.wait_for(reader, 10)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         raise PeerpullError(f"the container did not finish within {opts.timeout_s:.0f} s") from None
     finally:

@@ -51,7 +51,7 @@ class SetupMarker:
         return Path(self.path) / MARKER_NAME
 
     @classmethod
-    def create(cls, setup_dir: Path) -> "SetupMarker":
+    def create(cls, setup_dir: Path) -> SetupMarker:
         marker = cls(os.path.realpath(setup_dir))
         marker.save()
         return marker

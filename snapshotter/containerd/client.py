@@ -12,8 +12,13 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 import peerpull_proto as proto
-from converter.format.errors import (AlreadyExistsError, ConfigError, FailedPreconditionError, NotFoundError,
-                              PeerpullError)
+from converter.format.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    FailedPreconditionError,
+    NotFoundError,
+    PeerpullError,
+)
 
 _types = proto.load("containerd.types.descriptor_pb2")
 _snap = proto.load("containerd.services.snapshots.v1.snapshots_pb2")
@@ -63,7 +68,7 @@ class ContainerdClient:
         self._channel: grpc.aio.Channel | None = None
         self.lease: str | None = None
 
-    async def __aenter__(self) -> "ContainerdClient":
+    async def __aenter__(self) -> ContainerdClient:
         target = self.address if "://" in self.address else f"unix://{self.address}"
         self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 16 << 20)])
         return self
@@ -195,5 +200,5 @@ class ContainerdClient:
 def _expiry(seconds: int) -> str:
     import datetime
 
-    return (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)).strftime(
+    return (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)).strftime(
         "%Y-%m-%dT%H:%M:%SZ")

@@ -21,17 +21,23 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from converter.format.errors import AlreadyExistsError, DigestMismatchError, FormatError
-from converter.registry.manifest import parse_manifest
 from converter.format.layer_reader import location_from_annotations
 from converter.registry.client import RegistryClient
+from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
 from snapshotter.containerd.client import ContainerdClient, descriptor
-from snapshotter.service.remote import (LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
-                                LABEL_TARGET)
+from snapshotter.service.remote import (
+    LABEL_IMAGE_LAYERS,
+    LABEL_IMAGE_REF,
+    LABEL_LAYER_DIGEST,
+    LABEL_MANIFEST_DIGEST,
+    LABEL_TARGET,
+)
 
 log = structlog.get_logger(__name__)
 _MAX_LAYERS_LABEL = 4000  # containerd limits a label to 4096 bytes
@@ -59,7 +65,7 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
-def _layers_label(layers: list[dict]) -> str:
+def _layers_label(layers: list[dict[str, Any]]) -> str:
     text = ""
     for desc in layers:
         item = ("," if text else "") + desc["digest"]
@@ -77,7 +83,7 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
     top, index = await registry.resolve_image(ref)
     manifest = parse_manifest(top.body, top.media_type, str(ref))
     config_desc = manifest["config"]
-    layers: list[dict] = manifest["layers"]
+    layers: list[dict[str, Any]] = manifest["layers"]
     config_bytes = await registry.get_blob_bytes(ref, config_desc["digest"], max_bytes=16 << 20)
     try:
         diff_ids = list(json.loads(config_bytes)["rootfs"]["diff_ids"])
@@ -160,7 +166,7 @@ async def _put_blob(ctrd: ContainerdClient, digest: str, data: bytes, labels: di
         await ctrd.write_bytes(digest, data, labels)
 
 
-async def _download_layer(registry: RegistryClient, ctrd: ContainerdClient, ref: ImageReference, desc: dict,
+async def _download_layer(registry: RegistryClient, ctrd: ContainerdClient, ref: ImageReference, desc: dict[str, Any],
                           labels: dict[str, str]) -> int:
     """Bytes fetched from the registry: the layer's size, or 0 when containerd already had it."""
     if await ctrd.content_exists(desc["digest"]):

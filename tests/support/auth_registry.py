@@ -54,7 +54,7 @@ class TokenServer:
         root.mkdir(parents=True, exist_ok=True)
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peerpull test token signer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                       .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
                       .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
@@ -88,7 +88,7 @@ class TokenServer:
         token = self._token(request.query.getall("scope", []))
         return web.json_response({"token": token, "expires_in": 300})
 
-    async def start(self) -> "TokenServer":
+    async def start(self) -> TokenServer:
         app = web.Application()
         app.router.add_get("/token", self._handle)
         self._runner, address = await serve_local(app)

@@ -4,7 +4,8 @@ runc, netns or skopeo went missing. Locally a skip stays a skip, with its reason
 from __future__ import annotations
 
 import os
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 import pytest
 

@@ -7,9 +7,8 @@ or `proxy.corrupt("/blobs/…")` (flip a byte of the body). Every request is rec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import asyncio
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -98,7 +97,7 @@ class FaultProxy:
             await response.write_eof()
             return response
 
-    async def start(self) -> "FaultProxy":
+    async def start(self) -> FaultProxy:
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)

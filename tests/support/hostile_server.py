@@ -83,7 +83,7 @@ class HostileServer:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> "HostileServer":
+    def start(self) -> HostileServer:
         self._thread = threading.Thread(target=self._run, name="hostile-server", daemon=True)
         self._thread.start()
         if not self._started.wait(10):
@@ -120,7 +120,7 @@ class HostileServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def __enter__(self) -> "HostileServer":
+    def __enter__(self) -> HostileServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -137,7 +137,7 @@ def write_oci_image(layout_dir: Path, layer_tars: list[bytes], *, tag: str = "la
     _, config_digest = _write_blob(layout_dir, config_bytes)
     manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
                 "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-                "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size} for l in layers]}
+                "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers]}
     manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
     _, manifest_digest = _write_blob(layout_dir, manifest_bytes)
     index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": [{

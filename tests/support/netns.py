@@ -38,7 +38,7 @@ class BridgedHosts:
     def address(self, index: int) -> str:
         return f"10.{self.net}.0.{index + 1}"
 
-    def __enter__(self) -> "BridgedHosts":
+    def __enter__(self) -> BridgedHosts:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"10.{self.net}.0.254/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")

@@ -55,7 +55,7 @@ class NodeProcess:
         self._cmd = cmd
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         self.proc = spawn_logged(self._cmd, self.log_path, env=self._env)
         return self
 
