@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
 from converter.format import untrusted
-from converter.format.digest import DigestWriter, is_digest, parse_digest, sha256_digest
+from converter.format.digest import DigestWriter, parse_digest, sha256_digest
 from converter.format.errors import ConfigError, DigestMismatchError, FormatError, NotFoundError, UnsupportedError
 from converter.registry import media_types as mt
-from converter.registry.client import (MAX_BLOB_BYTES, MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest,
-                                       RegistryClient)
+from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, FetchedManifest, RegistryClient
 from converter.registry.config import DEFAULT_PLATFORM
+from converter.registry.manifest import check_descriptor, parse_manifest
 from converter.registry.platform import check_config_platform, describe, matches
 from converter.registry.reference import ImageReference
 
@@ -43,48 +43,9 @@ class ImageSource(Protocol):
     def stream_blob(self, digest: str, size: int | None = None) -> AsyncIterator[bytes]: ...
 
 
-def _check_descriptor(desc: Any, what: str) -> None:
-    if not isinstance(desc, dict) or not is_digest(desc.get("digest")):
-        raise FormatError(f"{what}: malformed descriptor (no well-formed sha256 digest)")
-    size = desc.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < MAX_BLOB_BYTES:
-        raise FormatError(f"{what}: descriptor of {desc['digest']} has an impossible size {size!r}")
-    _check_annotations(desc, f"{what}: descriptor of {desc['digest']}")
-
-
-def _check_annotations(doc: dict[str, Any], what: str) -> None:
-    annotations = doc.get("annotations")
-    if annotations is not None and not (isinstance(annotations, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())):
-        raise FormatError(f"{what}: 'annotations' is not a map of strings")
-
-
 def _annotations(desc: dict[str, Any]) -> dict[str, Any]:
     annotations = desc.get("annotations")
     return annotations if isinstance(annotations, dict) else {}
-
-
-def parse_manifest(body: bytes, media_type: str, what: str) -> dict[str, Any]:
-    """Decode an image manifest and check the fields the converter relies on."""
-    try:
-        manifest = untrusted.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise FormatError(f"{what}: manifest is not valid JSON") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{what}: manifest is not a JSON object")
-    media_type = manifest.get("mediaType", media_type)
-    if media_type in (mt.OCI_INDEX, mt.DOCKER_MANIFEST_LIST):
-        raise FormatError(f"{what}: expected an image manifest, got an index")
-    if media_type not in (mt.OCI_MANIFEST, mt.DOCKER_MANIFEST):
-        raise UnsupportedError(f"{what}: unsupported manifest media type {media_type!r}")
-    config = manifest.get("config")
-    layers = manifest.get("layers")
-    if not isinstance(config, dict) or not isinstance(layers, list):
-        raise FormatError(f"{what}: manifest lacks config or layers")
-    for desc in [config, *layers]:
-        _check_descriptor(desc, f"{what}: manifest")
-    _check_annotations(manifest, f"{what}: manifest")
-    return manifest
 
 
 class RegistrySource:
@@ -167,7 +128,7 @@ class LayoutSource:
         if not isinstance(manifests, list):
             raise FormatError(f"{self.description}: {where}'s 'manifests' is not a list")
         for desc in manifests:
-            _check_descriptor(desc, f"{self.description}: {where}")
+            check_descriptor(desc, f"{self.description}: {where}")
         return manifests
 
     def _pick(self, descriptors: list[dict[str, Any]], what: str) -> dict[str, Any]:

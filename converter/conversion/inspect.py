@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from converter.format import toc as fmt
-from converter.conversion.convert import is_seekable_descriptor
+from converter.format.annotations import is_seekable_descriptor
 from converter.conversion.image_source import ImageSource
 from converter.format.layer_reader import location_from_annotations, read_toc
 from converter.registry.blob_reader import RegistryBlobReader

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from converter.format.errors import ConfigError, PeerpullError
-from converter.conversion.image_source import parse_manifest
+from converter.registry.manifest import parse_manifest
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference

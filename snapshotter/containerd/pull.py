@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from converter.format.errors import AlreadyExistsError, DigestMismatchError, FormatError
-from converter.conversion.image_source import parse_manifest
+from converter.registry.manifest import parse_manifest
 from converter.format.layer_reader import location_from_annotations
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
