@@ -9,6 +9,7 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from peer.config import DISCOVERY_MODES
 from peer.node import PeerNode
 from peerpull.config import PeerpullConfig
 from peerpull.options import parse_listen, parse_size
@@ -54,7 +55,7 @@ def add_peer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", help="this node's id in the hash ring (default: host name)")
     p.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default /var/lib/peerpull/cache)")
     p.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="cache size limit, LRU-evicted (default 20GiB)")
-    p.add_argument("--discovery", choices=("zeroconf", "static", "dns", "none"), help="how to find other nodes")
+    p.add_argument("--discovery", choices=DISCOVERY_MODES, help="how to find other nodes")
     p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="a static peer (repeatable)")
     p.add_argument("--dns-name", metavar="NAME", help="DNS name listing the nodes (with --discovery dns)")
     p.add_argument("--insecure-no-token", action="store_true", default=None,
