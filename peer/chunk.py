@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from converter.format.digest import is_digest
+from converter.format.digest import digest_to_raw, is_digest
 from converter.format.errors import FormatError
 from converter.format.toc import MAX_CHUNK_SIZE, Chunk
 
@@ -34,7 +34,7 @@ class ChunkRef:
                    next_offset)
 
     def as_chunk(self) -> Chunk:
-        return Chunk(0, self.length, self.blob_offset, self.compressed_length, bytes.fromhex(self.digest[7:]))
+        return Chunk(0, self.length, self.blob_offset, self.compressed_length, digest_to_raw(self.digest))
 
     def pack(self) -> bytes:
         return bytes(msgpack.packb([self.digest, self.length, self.repository, self.blob, self.blob_offset,

@@ -10,13 +10,13 @@ buffer more than it asked for.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 
 import aiohttp
 import msgpack
 
 from converter.format.errors import PeerpullError
+from peer.batching import Batch, BatchQueue, oldest
 from peer.chunk import ChunkRef
 
 PROTOCOL_VERSION = "2"  # 2: /v1/chunks answers are a stream of [index, tier, frame]
@@ -62,31 +62,15 @@ class PeerClient:
         self._headers = {**auth_headers(token), HOP_HEADER: "1", "Content-Type": "application/msgpack"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s),
                                               sock_read=min(read_timeout_s, timeout_s))
-        # per peer, requests waiting to be sent, oldest first (a dict: O(1) membership and removal)
-        self._queues: dict[str, dict[asyncio.Future[tuple[bytes, str]], ChunkRef]] = {}
+        self._queue: BatchQueue[str, ChunkRef, tuple[bytes, str]] = BatchQueue(self._send, oldest(MAX_BATCH))
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     async def fetch_frame(self, address: str, ref: ChunkRef) -> tuple[bytes, str]:
         """(compressed frame, tier that produced it at the peer). Not verified here: the caller does."""
-        future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(address, {})
-        queue[future] = ref
         slots = self._slots.setdefault(address, asyncio.Semaphore(INFLIGHT_PER_PEER))
-        try:
-            async with slots:
-                # still queued: send the oldest batch (ours, or ours goes with a later one: every
-                # queued request has a waiter, and the last of them always sends its own)
-                if future in queue:
-                    batch = [(queue.pop(f), f) for f in list(itertools.islice(queue, MAX_BATCH))]
-                    await self._send(address, batch)
-        except BaseException:
-            queue.pop(future, None)
-            if not future.done():
-                future.cancel()
-            raise
-        return await future
+        return await self._queue.submit(address, ref, lambda: slots)
 
-    async def _send(self, address: str, batch: list[tuple[ChunkRef, asyncio.Future[tuple[bytes, str]]]]) -> None:
+    async def _send(self, address: str, batch: Batch[ChunkRef, tuple[bytes, str]]) -> None:
         waiters: _Waiters = {}
         refs: list[ChunkRef] = []
         for ref, future in batch:  # one request per digest, whoever waits for it
@@ -94,10 +78,7 @@ class PeerClient:
                 waiters[ref.digest] = []
                 refs.append(ref)
             waiters[ref.digest].append(future)
-        try:
-            await self._post(address, refs, waiters)
-        except PeerFetchError as exc:
-            _fail(waiters, exc)
+        await self._post(address, refs, waiters)  # a failure reaches every waiter of the batch
 
     async def _post(self, address: str, refs: list[ChunkRef], waiters: _Waiters) -> None:
         body = msgpack.packb([ref.pack() for ref in refs], use_bin_type=True)
@@ -174,10 +155,3 @@ class PeerClient:
                                  f"this node {PROTOCOL_VERSION}", "protocol")
         return answer
 
-
-def _fail(waiters: _Waiters, exc: PeerFetchError) -> None:
-    for futures in waiters.values():
-        for future in futures:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()

@@ -7,11 +7,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from converter.conversion.convert import is_seekable_descriptor
-from converter.registry.manifest import parse_manifest
+from converter.format.annotations import is_seekable_descriptor
 from converter.format.layer_reader import location_from_annotations, read_toc
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
+from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher

@@ -9,30 +9,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import time
 from typing import Any, Callable, Sequence
 
 from converter.format.errors import PeerpullError
 from peerpull import __version__
+from peerpull.commands import (clean_cmd, containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd, peer_cmd,
+                               pull_cmd, quickstart_cmd, run_cmd, warm_cmd)
 from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
 from peerpull.logs import configure_logging
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """`1048576`, `1MiB`, `512k`, `4M` → bytes (binary units)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512KiB, 4MiB)")
-    unit = (match.group(2) or "b")[0].lower()
-    return int(match.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-
 
 def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """The same options before or after the subcommand; after it they must not reset the defaults."""
@@ -69,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from peerpull.commands import (clean_cmd, containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd,
-                                   peer_cmd, pull_cmd, quickstart_cmd, run_cmd, warm_cmd)
-
     for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
                    containerd_config_cmd, quickstart_cmd):
         sub = module.add_parser(commands)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from converter.format import untrusted
+from converter.format.annotations import is_seekable_descriptor
 from converter.format import toc as fmt
 from converter.conversion.config import ConvertConfig
 from converter.format.errors import FormatError
@@ -86,11 +87,6 @@ class _LayerOutcome:
     report: LayerReport
     descriptor: dict[str, Any]  # the layer's descriptor in the new manifest
     diff_id: str | None  # None: passed through, the source config's diff_id stands
-
-
-def is_seekable_descriptor(desc: dict[str, Any]) -> bool:
-    annotations = desc.get("annotations") or {}
-    return desc.get("mediaType") == mt.OCI_LAYER_ZSTD and fmt.ANNOTATION_TOC_DIGEST in annotations
 
 
 def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any]) -> dict[str, Any]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from converter.conversion.convert import is_seekable_descriptor
 from converter.conversion.image_source import ImageSource
 from converter.format import toc as fmt
+from converter.format.annotations import is_seekable_descriptor
 from converter.format.layer_reader import location_from_annotations, read_toc
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient

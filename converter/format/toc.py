@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import msgpack
 import zstandard
 
+from converter.format.digest import raw_to_digest
 from converter.format.errors import FormatError
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ class Chunk(NamedTuple):
 
     @property
     def digest_hex(self) -> str:
-        return "sha256:" + self.digest.hex()
+        return raw_to_digest(self.digest)
 
 
 @dataclass(slots=True)  # one per file: a layer may list hundreds of thousands

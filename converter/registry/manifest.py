@@ -1,6 +1,8 @@
-"""Image manifests as a runtime reader needs them: decoded from untrusted bytes and checked (media
-type, config and layer descriptors with well-formed digests and possible sizes, string annotations).
-Used by conversion, warm-up, `peerpull pull` and the test bench alike."""
+"""Image manifests as the registry serves them: decoded and checked before any stage relies on them.
+
+Part of the registry base (not of conversion) because the runtime reads manifests too: warm-up,
+the snapshotter's pull and the test bench.
+"""
 
 from __future__ import annotations
 

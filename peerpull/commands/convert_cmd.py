@@ -21,6 +21,7 @@ from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Regi
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
 from peerpull.config import PeerpullConfig
+from peerpull.options import parse_size
 
 _R = RegistryConfig()
 DESCRIPTION = f"""\
@@ -49,8 +50,6 @@ examples:
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    from peerpull.cli import parse_size
-
     p = commands.add_parser("convert", help="convert an image to the seekable format and push it",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="image to convert: registry reference or oci:DIR[:TAG]")

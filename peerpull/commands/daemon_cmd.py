@@ -8,6 +8,7 @@ from typing import Any
 from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped, with_peer_flags
 from peerpull.config import PeerpullConfig
 from peerpull.daemon import NodeDaemon
+from snapshotter.config import PREFETCH_MODES
 
 DESCRIPTION = """\
 Run everything a node needs, in one process: the containerd remote snapshotter (gRPC on a unix
@@ -38,7 +39,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", metavar="DIR", help="snapshots, metadata and the FUSE mount (default /var/lib/peerpull/snapshotter)")
     p.add_argument("--socket", metavar="PATH", help="gRPC socket for containerd (default /run/peerpull/snapshotter.sock)")
-    p.add_argument("--prefetch", choices=("none", "file", "layer"),
+    p.add_argument("--prefetch", choices=PREFETCH_MODES,
                    help="fetch ahead: nothing, the rest of a file once it is read (default), or whole layers")
     add_peer_options(p)
     p.set_defaults(handler=run)

@@ -9,8 +9,10 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+from peer.config import DISCOVERY_MODES
 from peer.node import PeerNode
 from peerpull.config import PeerpullConfig
+from peerpull.options import parse_listen, parse_size
 
 DESCRIPTION = """\
 Run this node's chunk cache and peer server: it serves chunks it holds (by digest, verified) to
@@ -38,13 +40,6 @@ examples:
 """
 
 
-def _listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     p = commands.add_parser("peer", help="run the chunk cache and peer server of this node",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,14 +50,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
     """The peer flags `peerpull peer` and `peerpull daemon` share."""
-    from peerpull.cli import parse_size
-
-    p.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="where to serve peers (default 0.0.0.0:7470)")
+    p.add_argument("--listen", type=parse_listen, metavar="HOST:PORT", help="where to serve peers (default 0.0.0.0:7470)")
     p.add_argument("--advertise", metavar="HOST", help="address other nodes reach this one on (default: guessed)")
     p.add_argument("--node-id", help="this node's id in the hash ring (default: host name)")
     p.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default /var/lib/peerpull/cache)")
     p.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="cache size limit, LRU-evicted (default 20GiB)")
-    p.add_argument("--discovery", choices=("zeroconf", "static", "dns", "none"), help="how to find other nodes")
+    p.add_argument("--discovery", choices=DISCOVERY_MODES, help="how to find other nodes")
     p.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT", help="a static peer (repeatable)")
     p.add_argument("--dns-name", metavar="NAME", help="DNS name listing the nodes (with --discovery dns)")
     p.add_argument("--insecure-no-token", action="store_true", default=None,
