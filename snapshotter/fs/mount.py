@@ -74,6 +74,7 @@ class FuseMount:
         self._max_tasks = max_tasks
         self._read_ahead_kb = read_ahead_kb
         self._opened = False
+        self._stopping = False
 
     def open(self) -> None:
         pyfuse3.asyncio.enable()
@@ -97,6 +98,8 @@ class FuseMount:
         finally:
             tuning.cancel()
             await asyncio.gather(tuning, return_exceptions=True)
+        if self._stopping:
+            return
         log.error("fuse_loop_failed", mount=str(self.mountpoint), error="the FUSE loop ended")
         raise PeerpullError(f"the FUSE loop at {self.mountpoint} ended (unmounted from outside?): the daemon "
                             "stops; restart it")
@@ -104,6 +107,16 @@ class FuseMount:
     async def _tune(self) -> None:
         await asyncio.sleep(READ_AHEAD_DELAY_S)
         await asyncio.to_thread(raise_read_ahead, self.mountpoint, self._read_ahead_kb)
+
+    async def stop(self, serving: "asyncio.Task[None]", timeout_s: float = 5.0) -> None:
+        """End the loop cleanly (pyfuse3.terminate), or cancel it if it does not end in time."""
+        if not serving.done():
+            self._stopping = True
+            pyfuse3.terminate()
+            done, _ = await asyncio.wait({serving}, timeout=timeout_s)
+            if not done:
+                serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
 
     def close(self) -> None:
         """Unmount (the loop has stopped): a busy mount is detached lazily so the next start is clean."""
