@@ -4,8 +4,9 @@ and on the way out, LRU-evicted under a size limit, shared by every image on the
 diskcache does the storage (SQLite index + files, safe across threads and processes, survives
 restarts); every call goes through a worker thread so the event loop never blocks on disk.
 An in-memory index of the digests present lets a miss skip the disk (and its lock) entirely:
-a cold read's latency is network and verification only. The index is filled from disk in the
-background at start; until then every lookup asks the disk.
+a cold read's latency is network and verification only. The index is filled from disk in a
+background thread its owner starts (`start_index`, in PeerNode.run); until it is complete,
+every lookup asks the disk.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ class ChunkCache:
         self._known: set[str] = set()  # digests stored (may hold a few evicted ones: those just miss)
         self._staged: dict[str, bytes] = {}  # verified frames on their way to disk: already served
         self._indexed = False
-        threading.Thread(target=self._index, name="cache-index", daemon=True).start()
+        self._indexer: threading.Thread | None = None
+
+    def start_index(self) -> None:
+        """Fill the in-memory index from disk in a background thread (once).
+
+        A daemon thread: close() does not wait for it; an index cut short by close is only unused.
+        """
+        if self._indexer is None:
+            self._indexer = threading.Thread(target=self._index, name="cache-index", daemon=True)
+            self._indexer.start()
 
     def _index(self) -> None:
         try:

@@ -118,6 +118,7 @@ class PeerNode:
         async with AsyncExitStack() as stack:
             cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
+            cache.start_index()
             self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
             self.metrics.watch_registry_faults(self._client.faults)
             session = await stack.enter_async_context(aiohttp.ClientSession())

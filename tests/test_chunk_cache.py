@@ -105,6 +105,7 @@ async def test_the_index_answers_misses_without_the_disk_and_staged_frames_are_s
     await cache.put_verified(ref, frame)
     cache.close()
     reopened = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    reopened.start_index()  # its owner (PeerNode.run) starts the index
     await async_wait_until(lambda: reopened._indexed, 30, "the start-up index")  # built in the background
     assert reopened.might_have(ref.digest)  # found by the start-up index
     absent, absent_frame = make_chunk(6)

@@ -47,4 +47,5 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
-    return await run_until_stopped(NodeDaemon(with_peer_flags(args, config)).run())
+    config = with_peer_flags(args, config)
+    return await run_until_stopped(NodeDaemon(config.snapshotter, config.peer, config.registry).run())

@@ -20,6 +20,8 @@ import structlog
 from converter.format import toc as fmt
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
+from peer.singleflight import SingleFlight
+from snapshotter.fs.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 LAYER_PREFETCH_MIN_CHUNK = 256 << 10  # layer prefetch takes chunks of files at least this large
@@ -29,11 +31,6 @@ READ_AHEAD_CHUNKS = 4  # decoded ahead of a sequential reader: verifying and dec
 # directory's files, and programs (Python imports, shared libraries) read siblings one after another.
 NEIGHBOURS_MAX = 32
 NEIGHBOURS_BYTES = 1 << 20
-
-
-def _ignore_failure(task: "asyncio.Future[bytes]") -> None:
-    if not task.cancelled():
-        task.exception()  # a read-ahead failure is retried (and reported) by the read that needs the chunk
 
 
 @dataclass
@@ -88,8 +85,11 @@ class FileReader:
         self._background = asyncio.Semaphore(max(1, prefetch_parallel))
         self._layers_started: set[str] = set()
         self._prefetched: set[tuple[str, int]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loading: dict[bytes, asyncio.Future[bytes]] = {}
+        self._tasks = TaskSet("file_reader")  # fetch-ahead and read-ahead: cancelled and awaited at close
+        # The kernel asks for one chunk in several concurrent pieces: they share one load (cache or
+        # fetcher, then decompression) of the decoded chunk. The fetcher's own single-flight covers
+        # only the remote tiers, so this one is not redundant with it.
+        self._loading: SingleFlight[bytes] = SingleFlight()
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
 
     async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
@@ -97,19 +97,12 @@ class FileReader:
         data = self._memory.get(chunk.digest)
         if data is not None:
             return data
-        loading = self._loading.get(chunk.digest)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load(source, chunk))
-            self._loading[chunk.digest] = loading
-        return await asyncio.shield(loading)
+        return await self._loading.do(chunk.digest_hex, lambda: self._load(source, chunk))
 
     async def _load(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
-        try:
-            data = await self._fetcher.get(source.ref(chunk))
-            self._memory.put(chunk.digest, data)
-            return data
-        finally:
-            self._loading.pop(chunk.digest, None)
+        data = await self._fetcher.get(source.ref(chunk))
+        self._memory.put(chunk.digest, data)
+        return data
 
     @staticmethod
     def _neighbours(source: LayerSource, chunk: fmt.Chunk) -> list[fmt.Chunk]:
@@ -125,9 +118,9 @@ class FileReader:
     def _read_ahead(self, source: LayerSource, chunks: list[fmt.Chunk]) -> None:
         """Decode the next chunks of a sequentially read file into memory while the kernel copies this one."""
         for chunk in chunks:
-            if self._memory.get(chunk.digest) is None and chunk.digest not in self._loading:
-                task = asyncio.ensure_future(self.chunk(source, chunk))
-                task.add_done_callback(_ignore_failure)
+            if self._memory.get(chunk.digest) is None and not self._loading.inflight(chunk.digest_hex):
+                # a read-ahead failure is retried (and reported) by the read that needs the chunk
+                self._tasks.spawn(self.chunk(source, chunk), f"read-ahead {chunk.digest_hex}", quiet=True)
 
     async def read(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], size: int, offset: int,
                    length: int) -> bytes:
@@ -165,9 +158,7 @@ class FileReader:
 
     def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
-        task = asyncio.create_task(self._fetch_ahead(source, chunks, what))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._fetch_ahead(source, chunks, what), f"prefetch {what}")
 
     async def _fetch_ahead(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         async def one(chunk: fmt.Chunk) -> None:
@@ -183,6 +174,4 @@ class FileReader:
         await asyncio.gather(*(one(c) for c in unique))
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()

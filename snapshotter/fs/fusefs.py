@@ -3,7 +3,8 @@ layer digest's hex, used by overlayfs as lower directories.
 
 Image content never changes, so the kernel may cache entries, attributes and pages for a long
 time (`keep_cache`); only the top directory (layers come and go) is revalidated. Every handler
-turns failures into an errno: a bad chunk is EIO to the reader, never wrong bytes.
+is guarded by `fuse_handler` (guard.py) and answers with an errno: a bad chunk is EIO to the
+reader, never wrong bytes, and an unexpected exception is EIO, never a hung syscall.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 from converter.format import toc as fmt
 from converter.format.errors import PeerpullError
 from snapshotter.fs.file_reader import FileReader, LayerSource
+from snapshotter.fs.guard import fuse_handler
 from snapshotter.fs.layer_tree import Inode, LayerTree
 
 log = structlog.get_logger(__name__)
@@ -109,11 +111,13 @@ class LayerFS(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = CONTENT_TIMEOUT_S
         return a
 
+    @fuse_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._top_attr()
         return self._attr(self._node(inode)[1])
 
+    @fuse_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
                      ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE:
@@ -133,12 +137,14 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(child)
 
+    @fuse_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         _, node = self._node(inode)
         if not stat.S_ISLNK(node.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
 
+    @fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -147,9 +153,11 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
+    @fuse_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [] if inode == ROOT_INODE else list(self._node(inode)[1].xattrs)
 
+    @fuse_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         # overlayfs refuses a lower directory whose filesystem cannot answer statfs
         s = pyfuse3.StatvfsData()
@@ -164,6 +172,7 @@ class LayerFS(pyfuse3.Operations):
 
     # ---- directories --------------------------------------------------------------------------
 
+    @fuse_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != ROOT_INODE:
             _, node = self._node(inode)
@@ -171,6 +180,7 @@ class LayerFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @fuse_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if fh == ROOT_INODE:
             names = sorted(self._by_name)
@@ -180,17 +190,20 @@ class LayerFS(pyfuse3.Operations):
                     return
             return
         _, node = self._node(fh)
-        assert node.children is not None
+        if node.children is None:  # opendir refused it; a stale handle is still not a directory
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         names = node.listing()
         for index in range(start_id, len(names)):
             if not pyfuse3.readdir_reply(token, names[index], self._attr(node.children[names[index]]), index + 1):
                 return
 
+    @fuse_handler
     async def releasedir(self, fh: int) -> None:
         return None
 
     # ---- files --------------------------------------------------------------------------------
 
+    @fuse_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -199,6 +212,7 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, node = self._node(fh)
         try:
@@ -206,12 +220,11 @@ class LayerFS(pyfuse3.Operations):
         except PeerpullError as exc:
             log.error("fuse_read_failed", layer=layer.digest, inode=fh, offset=off, size=size, error=str(exc))
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception as exc:  # pyfuse3 ends its main loop on anything but FUSEError: never let one escape
-            log.exception("fuse_read_crashed", layer=layer.digest, inode=fh, offset=off, size=size, error=repr(exc))
-            raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @fuse_handler
     async def release(self, fh: int) -> None:
         return None
 
+    @fuse_handler
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         return None  # inodes live as long as their layer
