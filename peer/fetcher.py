@@ -104,7 +104,7 @@ class ChunkFetcher:
             await store  # the disk is behind: hold this reader rather than memory
         return data
 
-    def _stored(self, store: "asyncio.Future[None]") -> None:
+    def _stored(self, store: asyncio.Future[None]) -> None:
         self._stores.discard(store)
         if not store.cancelled() and (exc := store.exception()) is not None:
             self._metrics.errors.labels("cache", type(exc).__name__).inc()

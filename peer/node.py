@@ -26,9 +26,9 @@ from peer.client import PeerClient
 from peer.config import PeerConfig
 from peer.discovery import make_discovery
 from peer.fetcher import ChunkFetcher
+from peer.listener import GuardedListener
 from peer.membership import Membership
 from peer.metrics import PeerMetrics
-from peer.listener import GuardedListener
 from peer.origin import OriginSource
 from peer.policy import OriginPolicy
 from peer.server import PeerServer

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ class SingleFlight(Generic[T]):
             future = asyncio.get_running_loop().create_future()
             self._inflight[key] = future
             task = asyncio.ensure_future(fetch())
-            task.add_done_callback(lambda t: self._settle(key, future, t))  # type: ignore[arg-type]
+            task.add_done_callback(lambda t: self._settle(key, future, t))
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             return await asyncio.shield(future)

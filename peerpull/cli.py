@@ -11,12 +11,23 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from converter.format.errors import PeerpullError
 from peerpull import __version__
-from peerpull.commands import (clean_cmd, containerd_config_cmd, convert_cmd, daemon_cmd, inspect_cmd, peer_cmd,
-                               pull_cmd, quickstart_cmd, run_cmd, warm_cmd)
+from peerpull.commands import (
+    clean_cmd,
+    containerd_config_cmd,
+    convert_cmd,
+    daemon_cmd,
+    inspect_cmd,
+    peer_cmd,
+    pull_cmd,
+    quickstart_cmd,
+    run_cmd,
+    warm_cmd,
+)
 from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
 from peerpull.logs import configure_logging
 

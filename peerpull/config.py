@@ -13,14 +13,15 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from converter.conversion.config import ConvertConfig
 from converter.format.errors import ConfigError
-from converter.registry.config import RegistryConfig
 from converter.format.settings import check_section, setting
+from converter.registry.config import RegistryConfig
 from peer.config import PeerConfig
 from snapshotter.config import SnapshotterConfig
 

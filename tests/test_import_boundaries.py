@@ -14,7 +14,6 @@ import pytest
 from converter.format.annotations import SEEKABLE_MEDIA_TYPE
 from converter.registry import media_types as mt
 
-
 ALLOWED = {"converter.conversion.config"}
 
 

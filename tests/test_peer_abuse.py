@@ -13,9 +13,9 @@ import dataclasses
 import io
 import os
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import msgpack

@@ -9,8 +9,8 @@ import pytest
 
 from converter.format import toc as fmt
 from converter.format.errors import AlreadyExistsError, ConfigError, FailedPreconditionError, FormatError, NotFoundError
-from snapshotter.service.filters import compile_filters, matches
 from snapshotter.fs.layer_tree import OPAQUE_XATTR, LayerTree
+from snapshotter.service.filters import compile_filters, matches
 from snapshotter.service.mounts import Layout, mounts_for
 from snapshotter.service.store import ACTIVE, COMMITTED, VIEW, SnapshotStore
 

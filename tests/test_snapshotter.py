@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 import peerpull_proto as proto
+from snapshotter.fs.mount import mounted_at
+from snapshotter.service.remote import LABEL_IMAGE_REF, LABEL_REMOTE
 from tests.support import images
 from tests.support.containerd import ContainerdProcess, pull_image, run_container
 from tests.support.lazy_stack import LazyStack
-from snapshotter.fs.mount import mounted_at
-from snapshotter.service.remote import LABEL_IMAGE_REF, LABEL_REMOTE
 from tests.support.tree import container_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -18,17 +18,17 @@ from typing import Any, Protocol
 
 import structlog
 
-from converter.format import untrusted
-from converter.format.annotations import is_seekable_descriptor
-from converter.format import toc as fmt
 from converter.conversion.config import ConvertConfig
-from converter.format.errors import FormatError
 from converter.conversion.image_source import ImageSource, ResolvedImage
 from converter.conversion.layer_writer import LayerResult, write_seekable_layer
+from converter.conversion.streams import AsyncIterReader, open_decompressed
+from converter.format import toc as fmt
+from converter.format import untrusted
+from converter.format.annotations import is_seekable_descriptor
+from converter.format.errors import FormatError
 from converter.registry import media_types as mt
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
-from converter.conversion.streams import AsyncIterReader, open_decompressed
 
 log = structlog.get_logger(__name__)
 
@@ -198,7 +198,7 @@ class Converter:
                     await asyncio.to_thread(f.write, block)
             await self._client.push_blob_file(dest, digest, path, desc["size"], mount_from=source.registry_ref)
 
-    def _temp_file(self) -> "_TempPath":
+    def _temp_file(self) -> _TempPath:
         return _TempPath(self._config.work_dir)
 
     async def _convert_layer(

@@ -184,7 +184,7 @@ def _want(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
 
 
 def _uint(value: Any, what: str, limit: int = 1 << 63) -> int:
-    v = _want(value, int, what)
+    v: int = _want(value, int, what)
     if not 0 <= v < limit:
         raise FormatError(f"TOC: {what} out of range ({v})")
     return v

@@ -23,8 +23,8 @@ from typing import Any
 from converter.format.errors import ConfigError, FailedPreconditionError
 from peerpull.config import PeerpullConfig
 from peerpull.testbed.process import end_process, started_at, unmount_under
-from peerpull.testbed.setup_marker import MARKER_NAME, NotASetupError, SetupMarker, has_marker, load_marker
 from peerpull.testbed.runner import DEFAULT_WORK_ROOT, RUN_LABEL
+from peerpull.testbed.setup_marker import MARKER_NAME, NotASetupError, SetupMarker, has_marker, load_marker
 
 DESCRIPTION = f"""\
 Remove what `peerpull run` left behind: private set-ups (kept with --keep, or left by an
@@ -149,7 +149,7 @@ def _end_containers(inside: list[str]) -> int:
         except (OSError, ValueError):
             init = 0
         if init:
-            ended += end_process(init, lambda pid, shim=shim: _parent(pid) == shim and _cwd(shim) == bundle, 2.0)
+            ended += end_process(init, lambda pid, shim=shim, bundle=bundle: _parent(pid) == shim and _cwd(shim) == bundle, 2.0)
         ended += end_process(shim, lambda pid, bundle=bundle: _cwd(pid) == bundle, 2.0)
     return ended
 

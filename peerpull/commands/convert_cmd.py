@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from converter.conversion.convert import ConvertReport, Converter
-from converter.format.errors import ConfigError
+from converter.conversion.convert import Converter, ConvertReport
 from converter.conversion.image_source import LayoutSource, open_source
+from converter.format.errors import ConfigError
 from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference

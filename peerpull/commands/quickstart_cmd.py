@@ -16,9 +16,9 @@ from typing import Any
 from rich.console import Console
 
 from converter.conversion.convert import Converter
-from converter.format.errors import ConfigError, PeerpullError
 from converter.conversion.image_source import open_source
 from converter.conversion.inspect import inspect_image
+from converter.format.errors import ConfigError, PeerpullError
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peerpull.commands.convert_cmd import print_summary

@@ -43,7 +43,7 @@ class LayerSource:
     chunks: list[fmt.Chunk] = field(default_factory=list)  # every distinct chunk, in blob order
 
     @classmethod
-    def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> "LayerSource":
+    def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> LayerSource:
         by_offset = {c.blob_offset: c for e in toc.entries for c in e.chunks}
         offsets = sorted(by_offset)
         return cls(repository, blob, dict(zip(offsets, [*offsets[1:], 0])), [by_offset[o] for o in offsets])

@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyfuse3
@@ -226,5 +227,5 @@ class LayerFS(pyfuse3.Operations):
         return None
 
     @fuse_handler
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inodes live as long as their layer

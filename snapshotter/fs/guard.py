@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 import functools
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 import structlog

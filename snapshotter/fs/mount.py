@@ -108,7 +108,7 @@ class FuseMount:
         await asyncio.sleep(READ_AHEAD_DELAY_S)
         await asyncio.to_thread(raise_read_ahead, self.mountpoint, self._read_ahead_kb)
 
-    async def stop(self, serving: "asyncio.Task[None]", timeout_s: float = 5.0) -> None:
+    async def stop(self, serving: asyncio.Task[None], timeout_s: float = 5.0) -> None:
         """End the loop cleanly (pyfuse3.terminate), or cancel it if it does not end in time."""
         if not serving.done():
             self._stopping = True

@@ -4,7 +4,8 @@ their failures retrieved (and logged unless expected), never orphaned."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 

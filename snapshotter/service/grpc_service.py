@@ -22,8 +22,13 @@ import structlog
 from google.protobuf import empty_pb2, timestamp_pb2
 
 import peerpull_proto as proto
-from converter.format.errors import (AlreadyExistsError, ConfigError, FailedPreconditionError, NotFoundError,
-                              PeerpullError)
+from converter.format.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    FailedPreconditionError,
+    NotFoundError,
+    PeerpullError,
+)
 from snapshotter.service import filters
 from snapshotter.service.mounts import Layout, MountSpec, mounts_for
 from snapshotter.service.remote import LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, NotSeekable, RemoteLayers
@@ -51,7 +56,7 @@ def rpc(method: F) -> F:
     """One error seam: our errors become gRPC statuses containerd's errdefs understands."""
 
     @functools.wraps(method)
-    async def wrapper(self: "SnapshotService", request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: SnapshotService, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
         except PeerpullError as exc:

@@ -101,7 +101,7 @@ class RemoteLayers:
                 self._start(above, image_ref, manifest)
         return await asyncio.shield(task)
 
-    def _start(self, digest: str, image_ref: str, manifest: str) -> "asyncio.Task[LayerRecord]":
+    def _start(self, digest: str, image_ref: str, manifest: str) -> asyncio.Task[LayerRecord]:
         task = self._resolving.get(digest)
         if task is None:
             task = asyncio.ensure_future(self._resolve(digest, image_ref, manifest))
@@ -109,7 +109,7 @@ class RemoteLayers:
             task.add_done_callback(lambda t: self._resolved(digest, t))
         return task
 
-    def _resolved(self, digest: str, task: "asyncio.Task[LayerRecord]") -> None:
+    def _resolved(self, digest: str, task: asyncio.Task[LayerRecord]) -> None:
         self._resolving.pop(digest, None)
         if not task.cancelled():
             task.exception()  # a look-ahead nobody awaited must not warn; its Prepare will retry
