@@ -12,8 +12,8 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 import proto
-from converter.format.errors import (AlreadyExistsError, ConfigError, FailedPreconditionError, NotFoundError,
-                              PeerpullError)
+from converter.format.errors import (AlreadyExistsError, ConfigError, ContainerdError, FailedPreconditionError,
+                                     NotFoundError, PeerpullError)
 
 _types = proto.load("containerd.types.descriptor_pb2")
 _snap = proto.load("containerd.services.snapshots.v1.snapshots_pb2")
@@ -28,12 +28,6 @@ _leases = proto.load("containerd.services.leases.v1.leases_pb2")
 _leases_grpc = proto.load("containerd.services.leases.v1.leases_pb2_grpc")
 
 WRITE_BLOCK = 1 << 20
-
-
-class ContainerdError(PeerpullError):
-    """containerd refused or failed a request."""
-
-    exit_code = 11
 
 
 def _translate(exc: grpc.aio.AioRpcError, what: str) -> PeerpullError:
