@@ -49,8 +49,8 @@ def _error_line(exc: BaseException) -> dict[str, object]:
         ours = [e for e in leaves if isinstance(e, PeerpullError)]
         exc = (ours or leaves)[0]
     if isinstance(exc, PeerpullError):
-        return {"event": "error", "error": str(exc), "exit_code": exc.exit_code}
-    return {"event": "error", "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}
+        return {"event": "error", "error": str(exc), "error_type": type(exc).__name__}
+    return {"event": "error", "error": f"{type(exc).__name__}: {exc}", "error_type": "PeerpullError"}
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -238,7 +238,7 @@ class PeerServer:
 
     async def _warm_endpoint(self, request: web.Request) -> web.StreamResponse:
         """`{"image": REF}` → NDJSON: a progress line every `warm_progress_s`, then one final line
-        (`{"event": "done", "report": …}` or `{"event": "error", "error": …, "exit_code": …}`), so a
+        (`{"event": "done", "report": …}` or `{"event": "error", "error": …, "error_type": …}`), so a
         client can tell a slow warm-up from a hung node."""
         if self._warm is None:
             return web.Response(status=404)

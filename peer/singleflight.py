@@ -26,12 +26,7 @@ class SingleFlight(Generic[T]):
 
         A waiter that is cancelled does not cancel the shared fetch for the others.
         """
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[key] = future
-            task = asyncio.ensure_future(fetch())
-            task.add_done_callback(lambda t: self._settle(key, future, t))
+        future = self.start(key, fetch)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             return await asyncio.shield(future)
@@ -39,6 +34,19 @@ class SingleFlight(Generic[T]):
             self._waiting[key] -= 1
             if not self._waiting[key]:
                 del self._waiting[key]
+
+    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start `fetch()` for `key` unless one is running, without waiting (look-ahead); the shared future.
+
+        Nobody needs to await it: a failure is marked retrieved, and the next `do` starts afresh.
+        """
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+            task = asyncio.ensure_future(fetch())
+            task.add_done_callback(lambda t: self._settle(key, future, t))
+        return future
 
     def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[T]) -> None:
         self._inflight.pop(key, None)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from converter.format.errors import PeerpullError
-from peerpull import __version__
+from peerpull import __version__, exit_codes
 from peerpull.commands import (
     clean_cmd,
     containerd_config_cmd,
@@ -31,8 +31,9 @@ from peerpull.commands import (
 from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
 from peerpull.logs import configure_logging
 
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = exit_codes.INTERNAL
+EXIT_INTERRUPTED = exit_codes.INTERRUPTED
+
 
 def _global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     """The same options before or after the subcommand; after it they must not reset the defaults."""
@@ -61,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start huge container images in seconds: convert images to seekable zstd layers, "
         "serve them lazily to containerd and share every chunk across the cluster.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit codes: 0 ok, 1 the operation failed (e.g. a container exited non-zero, a node could not "
-        "warm an image), 2 bad configuration or usage, 3 malformed data, 4 registry error, "
-        "5 registry or node unreachable, 6 authentication refused, 7 not found, 8 unsupported input, "
-        "9 already exists, 10 wrong state, 70 internal error, 130 interrupted.",
+        epilog=exit_codes.epilog(),
     )
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
@@ -149,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # from TaskGroups: report the first real cause
             raise _first_cause(group) from None
     except PeerpullError as exc:
-        report_error(" ".join(str(exc).split()), exc.exit_code, _json_errors(args, config))
-        return exc.exit_code
+        code = exit_codes.exit_code(exc)
+        report_error(" ".join(str(exc).split()), code, _json_errors(args, config))
+        return code
     except KeyboardInterrupt:
         report_error("interrupted", EXIT_INTERRUPTED, _json_errors(args, config))
         return EXIT_INTERRUPTED

@@ -15,7 +15,7 @@ import zstandard
 
 from converter.format import toc as fmt
 from converter.format.digest import sha256_digest
-from converter.format.errors import DigestMismatchError, FormatError
+from converter.format.errors import DigestMismatchError, FormatError, NoFooterError
 
 # One tail read usually brings the footer and the whole TOC.
 TAIL_READ_BYTES = 256 << 10
@@ -84,7 +84,7 @@ async def read_toc_frame(reader: RangeReader, expected: TocLocation | None = Non
     """
     size = reader.size
     if size < fmt.FOOTER_SIZE:
-        raise FormatError("blob too short for a peerpull footer: not a seekable layer")
+        raise NoFooterError("blob too short for a peerpull footer: not a seekable layer")
     tail_len = min(size, TAIL_READ_BYTES)
     tail = await _read_exact(reader, size - tail_len, tail_len, "layer tail")
     footer = fmt.decode_footer(tail[-fmt.FOOTER_SIZE:], size)
@@ -130,11 +130,3 @@ async def read_chunk(reader: RangeReader, chunk: fmt.Chunk) -> bytes:
     frame = await _read_exact(reader, chunk.blob_offset, chunk.compressed_length, f"chunk {chunk.digest_hex}")
     return decompress_chunk(frame, chunk)
 
-
-def is_seekable_blob_tail(tail: bytes, blob_size: int) -> bool:
-    """True when the last bytes of a blob are a valid peerpull footer."""
-    try:
-        fmt.decode_footer(tail[-fmt.FOOTER_SIZE:], blob_size)
-    except FormatError:
-        return False
-    return True

@@ -15,7 +15,7 @@ import msgpack
 import zstandard
 
 from converter.format.digest import raw_to_digest
-from converter.format.errors import FormatError
+from converter.format.errors import FormatError, NoFooterError
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: small enough for lazy reads, large enough for ranged throughput
@@ -134,19 +134,19 @@ def encode_footer(footer: Footer) -> bytes:
 def decode_footer(tail: bytes, blob_size: int) -> Footer:
     """Parse the footer from the last FOOTER_SIZE bytes of a blob of `blob_size` bytes."""
     if len(tail) != FOOTER_SIZE or blob_size < FOOTER_SIZE:
-        raise FormatError("blob too short for a peerpull footer: not a seekable layer")
+        raise NoFooterError("blob too short for a peerpull footer: not a seekable layer")
     magic, size = SKIPPABLE_HEADER.unpack_from(tail)
     if magic != FOOTER_FRAME_MAGIC or size != _FOOTER_PAYLOAD.size:
-        raise FormatError("no peerpull footer at the end of the blob: not a seekable layer")
+        raise NoFooterError("no peerpull footer at the end of the blob: not a seekable layer")
     fmagic, version, _flags, _r1, toc_offset, toc_length, toc_uncompressed, _r2 = _FOOTER_PAYLOAD.unpack_from(
         tail, SKIPPABLE_HEADER.size
     )
     if fmagic != FOOTER_MAGIC:
-        raise FormatError("footer magic mismatch: not a seekable layer")
+        raise NoFooterError("footer magic mismatch: not a seekable layer")
     if version != FORMAT_VERSION:
         raise FormatError(f"seekable layer format version {version} is not supported (this is {FORMAT_VERSION})")
     if toc_length <= SKIPPABLE_HEADER.size or toc_offset + toc_length + FOOTER_SIZE != blob_size:
-        raise FormatError("footer locates the TOC outside the blob")
+        raise NoFooterError("footer locates the TOC outside the blob")  # no usable footer: as if none
     if toc_uncompressed > MAX_TOC_BYTES:
         raise FormatError(f"TOC claims {toc_uncompressed} bytes, above the {MAX_TOC_BYTES} limit")
     if toc_length > MAX_TOC_BYTES:  # read before it is decompressed: bounded on its own

@@ -21,7 +21,7 @@ import aiohttp
 import structlog
 
 from converter.format import untrusted
-from converter.format.errors import AuthError, NotFoundError, RegistryError, RegistryUnreachableError
+from converter.format.errors import AuthError, RegistryError, RegistryNotFoundError, RegistryUnreachableError
 from converter.registry.auth import Authenticator
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
@@ -256,7 +256,7 @@ class RegistryTransport:
             return AuthError(f"{what}: {ref.registry} refused access (HTTP {resp.status}) with "
                              f"{self._auth.describe(ref.registry)}{suffix}")
         if resp.status == 404:
-            return NotFoundError(f"{what} not found{suffix}")
+            return RegistryNotFoundError(f"{what} not found{suffix}")
         if resp.status in _RETRY_STATUS:
             return RegistryError(f"{what}: {ref.registry} kept failing (HTTP {resp.status}) after retries{suffix}")
         return RegistryError(f"{what}: {ref.registry} answered HTTP {resp.status}{suffix}")

@@ -51,12 +51,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _node_error(message: str, code: int) -> PeerpullError:
-    """The error class of the node's exit code, so this command exits with the same code."""
-    for cls in (errors.NotFoundError, errors.AuthError, errors.RegistryUnreachableError, errors.RegistryError,
-                errors.FormatError, errors.UnsupportedError, errors.ConfigError):
-        if cls.exit_code == code:
-            return cls(message)
+_RELAYED = (errors.NotFoundError, errors.AuthError, errors.RegistryUnreachableError, errors.RegistryError,
+            errors.FormatError, errors.UnsupportedError, errors.ConfigError)
+
+
+def _node_error(message: str, error_type: object) -> PeerpullError:
+    """The node's error class (by name), so this command exits with the same code."""
+    cls = getattr(errors, error_type, None) if isinstance(error_type, str) else None
+    if isinstance(cls, type) and issubclass(cls, _RELAYED):
+        return cls(message)
     return PeerpullError(message)
 
 
@@ -96,9 +99,8 @@ async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, A
                 elif event == "done" and isinstance(record.get("report"), dict):
                     return record["report"]
                 elif event == "error":
-                    code = record.get("exit_code")
                     raise _node_error(f"node {args.node} could not warm {args.image}: {record.get('error')}",
-                                      code if isinstance(code, int) else 1)
+                                      record.get("error_type"))
                 else:
                     raise PeerpullError(f"node {args.node} sent a malformed warm-up answer")
 

@@ -15,6 +15,7 @@ import peerpull_proto as proto
 from converter.format.errors import (
     AlreadyExistsError,
     ConfigError,
+    ContainerdError,
     FailedPreconditionError,
     NotFoundError,
     PeerpullError,
@@ -33,12 +34,6 @@ _leases = proto.load("containerd.services.leases.v1.leases_pb2")
 _leases_grpc = proto.load("containerd.services.leases.v1.leases_pb2_grpc")
 
 WRITE_BLOCK = 1 << 20
-
-
-class ContainerdError(PeerpullError):
-    """containerd refused or failed a request."""
-
-    exit_code = 11
 
 
 def _translate(exc: grpc.aio.AioRpcError, what: str) -> PeerpullError:

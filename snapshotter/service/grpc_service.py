@@ -9,67 +9,29 @@ download; any failure there falls back to an ordinary snapshot (logged, counted,
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import structlog
 from google.protobuf import empty_pb2, timestamp_pb2
 
 import peerpull_proto as proto
-from converter.format.errors import (
-    AlreadyExistsError,
-    ConfigError,
-    FailedPreconditionError,
-    NotFoundError,
-    PeerpullError,
-)
+from converter.format.errors import AlreadyExistsError, ConfigError, NotSeekableError
 from snapshotter.service import filters
+from snapshotter.service.grpc_errors import rpc
 from snapshotter.service.mounts import Layout, MountSpec, mounts_for
-from snapshotter.service.remote import LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, NotSeekable, RemoteLayers
+from snapshotter.service.remote import LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, RemoteLayers
 from snapshotter.service.store import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotStore
 
 log = structlog.get_logger(__name__)
 pb = proto.load("containerd.services.snapshots.v1.snapshots_pb2")
 pb_grpc = proto.load("containerd.services.snapshots.v1.snapshots_pb2_grpc")
 mount_pb = proto.load("containerd.types.mount_pb2")
-
-_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def _status(exc: Exception) -> grpc.StatusCode:
-    return next((code for cls, code in _CODES if isinstance(exc, cls)), grpc.StatusCode.UNKNOWN)
-
-
-def rpc(method: F) -> F:
-    """One error seam: our errors become gRPC statuses containerd's errdefs understands."""
-
-    @functools.wraps(method)
-    async def wrapper(self: SnapshotService, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except PeerpullError as exc:
-            code = _status(exc)
-            if code == grpc.StatusCode.UNKNOWN:
-                log.error("snapshot_rpc_failed", method=method.__name__, error=str(exc))
-            await context.abort(code, str(exc))
-        except OSError as exc:
-            log.error("snapshot_rpc_failed", method=method.__name__, error=str(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {exc}")
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
@@ -103,7 +65,7 @@ def _usage(path: Path) -> tuple[int, int]:
     return size, inodes
 
 
-class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
+class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc,name-defined]
     def __init__(self, store: SnapshotStore, layout: Layout, remote: RemoteLayers | None,
                  on_fallback: Callable[[str], None] | None = None) -> None:
         self._store = store
@@ -114,7 +76,7 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
 
     # ---- creating -----------------------------------------------------------------------------
 
-    async def _create(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[Any]:
+    def _create_steps(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[MountSpec]:
         snap = self._store.create(key, parent, kind, labels)
         try:
             self._layout.upper(snap).mkdir(parents=True)
@@ -122,25 +84,33 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
         except OSError:
             self._store.remove(key)
             raise
+        return mounts_for(self._layout, snap, self._store.chain(snap))
+
+    def _mounts_of(self, key: str) -> list[MountSpec]:
+        snap = self._store.get(key)
+        return mounts_for(self._layout, snap, self._store.chain(snap))
+
+    async def _create(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[Any]:
+        specs = await self._store.run(self._create_steps, kind, key, parent, labels)
         log.debug("snapshot_created", key=key, parent=parent, kind=kind)
-        return _mount_messages(mounts_for(self._layout, snap, self._store.chain(snap)))
+        return _mount_messages(specs)
 
     async def _try_remote(self, key: str, parent: str, labels: dict[str, str]) -> bool:
         """Commit the target as a lazily served layer; False when it has to be an ordinary snapshot."""
         target = labels.get(LABEL_TARGET, "")
         if not target or self._remote is None:
             return False
-        existing = self._store.find(target)
+        existing = await self._store.run(self._store.find, target)
         if existing is not None and existing.kind == COMMITTED and existing.parent == parent:
             return True
         # the same layer on another parent (another namespace's ordinary snapshot): its own name
         name = target if existing is None else f"{target}@{hashlib.sha256(parent.encode()).hexdigest()[:16]}"
-        again = self._store.find(name)
+        again = await self._store.run(self._store.find, name)
         if again is not None and again.kind == COMMITTED and again.parent == parent:
             return True
         try:
             record = await self._remote.resolve(labels)
-        except NotSeekable as exc:
+        except NotSeekableError as exc:
             log.debug("layer_not_lazy", target=target, reason=str(exc))
             return False
         except Exception as exc:  # whatever failed, the layer still arrives the ordinary way
@@ -150,7 +120,7 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
             return False
         committed = {**labels, LABEL_REMOTE: record.digest}
         try:
-            self._store.create(name, parent, COMMITTED, committed, layer=record.digest)
+            await self._store.run(self._store.create, name, parent, COMMITTED, committed, record.digest)
         except AlreadyExistsError:
             pass
         log.info("snapshot_lazy", target=target, parent=parent, layer=record.digest)
@@ -169,14 +139,13 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
 
     @rpc
     async def Mounts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        snap = self._store.get(request.key)
-        return pb.MountsResponse(mounts=_mount_messages(mounts_for(self._layout, snap, self._store.chain(snap))))
+        return pb.MountsResponse(mounts=_mount_messages(await self._store.run(self._mounts_of, request.key)))
 
     @rpc
     async def Commit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        active = self._store.get(request.key)
+        active = await self._store.run(self._store.get, request.key)
         size, inodes = await asyncio.to_thread(_usage, self._layout.upper(active))
-        self._store.commit(request.name, request.key, dict(request.labels), size, inodes)
+        await self._store.run(self._store.commit, request.name, request.key, dict(request.labels), size, inodes)
         log.debug("snapshot_committed", key=request.key, name=request.name, bytes=size)
         return empty_pb2.Empty()
 
@@ -184,16 +153,16 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
 
     @rpc
     async def Remove(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        snap = self._store.remove(request.key)
+        snap = await self._store.run(self._store.remove, request.key)
         if snap.layer and self._remote is not None:
-            self._remote.release(snap.layer)
+            await self._remote.release(snap.layer)
         await asyncio.to_thread(shutil.rmtree, self._layout.snapshots / str(snap.id), True)
         log.debug("snapshot_removed", key=request.key)
         return empty_pb2.Empty()
 
     @rpc
     async def Cleanup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await asyncio.to_thread(self.remove_orphans)
+        await self._store.run(self.remove_orphans)  # its own thread: the store reads stay serialized
         return empty_pb2.Empty()
 
     def remove_orphans(self) -> int:
@@ -212,11 +181,11 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
 
     @rpc
     async def Stat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.StatSnapshotResponse(info=info_message(self._store.get(request.key)))
+        return pb.StatSnapshotResponse(info=info_message(await self._store.run(self._store.get, request.key)))
 
     @rpc
     async def Update(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        snap = self._store.get(request.info.name)
+        snap = await self._store.run(self._store.get, request.info.name)
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         labels = dict(snap.labels)
         if not paths:
@@ -232,16 +201,13 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
                     labels.pop(key, None)
             else:
                 raise ConfigError(f"cannot update field {path!r} of a snapshot (only labels)")
-        return pb.UpdateSnapshotResponse(info=info_message(self._store.set_labels(snap.key, labels)))
+        return pb.UpdateSnapshotResponse(info=info_message(await self._store.run(self._store.set_labels, snap.key, labels)))
 
+    @rpc
     async def List(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            compiled = filters.compile_filters(list(request.filters))
-        except ConfigError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return
+        compiled = filters.compile_filters(list(request.filters))  # ConfigError: INVALID_ARGUMENT
         batch = []
-        for snap in self._store.all():
+        for snap in await self._store.run(self._store.all):
             if filters.matches(snap, compiled):
                 batch.append(info_message(snap))
             if len(batch) >= 100:
@@ -252,7 +218,7 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
 
     @rpc
     async def Usage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        snap = self._store.get(request.key)
+        snap = await self._store.run(self._store.get, request.key)
         if snap.kind == ACTIVE:
             size, inodes = await asyncio.to_thread(_usage, self._layout.upper(snap))
         else:

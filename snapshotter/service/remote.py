@@ -10,6 +10,7 @@ every chunk. TOCs are kept on disk, so a restarted daemon serves its layers with
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from collections import OrderedDict
@@ -20,12 +21,13 @@ import structlog
 
 from converter.format import toc as fmt
 from converter.format.digest import is_digest
-from converter.format.errors import FormatError, NotFoundError, PeerpullError
+from converter.format.errors import FormatError, NoFooterError, NotSeekableError, PeerpullError, RegistryNotFoundError
 from converter.format.layer_reader import TocLocation, location_from_annotations, read_toc_frame
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peer.policy import registry_of
+from peer.singleflight import SingleFlight
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.service.store import LayerRecord, SnapshotStore
 
@@ -37,10 +39,6 @@ LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
 LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
-
-
-class NotSeekable(Exception):
-    """The layer is an ordinary one: containerd should download and unpack it."""
 
 
 class RemoteLayers:
@@ -55,7 +53,7 @@ class RemoteLayers:
         self._fs = fs
         self._client = client
         self._prefetch = prefetch
-        self._resolving: dict[str, asyncio.Task[LayerRecord]] = {}
+        self._resolving: SingleFlight[LayerRecord] = SingleFlight()
         self._manifests: OrderedDict[str, bytes] = OrderedDict()  # by digest: one fetch per image
 
     def _toc_path(self, digest: str) -> Path:
@@ -81,7 +79,7 @@ class RemoteLayers:
         return fmt.decode_toc(data[fmt.FOOTER_SIZE:], footer)
 
     async def resolve(self, labels: dict[str, str]) -> LayerRecord:
-        """The lazily served layer the labels describe, mounted; NotSeekable for ordinary layers.
+        """The lazily served layer the labels describe, mounted; NotSeekableError for ordinary layers.
 
         The first layer of an image also starts resolving the layers above it (CRI's
         `cri.image-layers` label lists them), so their Prepare calls find them ready.
@@ -90,32 +88,21 @@ class RemoteLayers:
         digest = labels.get(LABEL_LAYER_DIGEST, "")
         image_ref = labels.get(LABEL_IMAGE_REF, "")
         if not digest or not image_ref:
-            raise NotSeekable("no layer digest / image reference labels (plain `ctr pull`?)")
+            raise NotSeekableError("no layer digest / image reference labels (plain `ctr pull`?)")
         manifest = labels.get(LABEL_MANIFEST_DIGEST, "")
         # digests name files under the root (TOCs): only well-formed ones are used
         if not is_digest(digest) or (manifest and not is_digest(manifest)):
             raise FormatError(f"malformed digest label (layer {digest[:80]!r}, manifest {manifest[:80]!r})")
-        task = self._start(digest, image_ref, manifest)
+        fetch = functools.partial(self._resolve, digest, image_ref, manifest)
+        self._resolving.start(digest, fetch)
         for above in labels.get(LABEL_IMAGE_LAYERS, "").split(",")[1:]:
             if is_digest(above) and manifest:
-                self._start(above, image_ref, manifest)
-        return await asyncio.shield(task)
-
-    def _start(self, digest: str, image_ref: str, manifest: str) -> asyncio.Task[LayerRecord]:
-        task = self._resolving.get(digest)
-        if task is None:
-            task = asyncio.ensure_future(self._resolve(digest, image_ref, manifest))
-            self._resolving[digest] = task
-            task.add_done_callback(lambda t: self._resolved(digest, t))
-        return task
-
-    def _resolved(self, digest: str, task: asyncio.Task[LayerRecord]) -> None:
-        self._resolving.pop(digest, None)
-        if not task.cancelled():
-            task.exception()  # a look-ahead nobody awaited must not warn; its Prepare will retry
+                # look-ahead nobody awaits: a failure is dropped here and retried by that layer's Prepare
+                self._resolving.start(above, functools.partial(self._resolve, above, image_ref, manifest))
+        return await self._resolving.do(digest, fetch)
 
     async def _resolve(self, digest: str, image_ref: str, manifest_digest: str) -> LayerRecord:
-        known = self._store.layer(digest)
+        known = await self._store.run(self._store.layer, digest)
         if known is not None and self._toc_path(digest).exists():
             return known
         image = ImageReference.parse(image_ref)
@@ -123,19 +110,19 @@ class RemoteLayers:
         expected = await self._expected_toc(image, digest, manifest_digest)
         size = await self._client.blob_size(image, digest)
         if size is None:
-            raise NotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
+            raise RegistryNotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
         try:
             footer, frame = await read_toc_frame(RegistryBlobReader(self._client, image, digest, size), expected)
-        except FormatError as exc:
-            if expected is None and "footer" in str(exc):
-                raise NotSeekable(str(exc)) from None
+        except NoFooterError as exc:
+            if expected is None:  # nothing announced a TOC: an ordinary layer
+                raise NotSeekableError(str(exc)) from None
             raise
         toc = await asyncio.to_thread(fmt.decode_toc, frame, footer)
         path = self._toc_path(digest)
         tmp = path.with_suffix(".tmp")
         await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
         os.replace(tmp, path)
-        record = self._store.add_layer(digest, f"{image.registry}/{image.repository}", size)
+        record = await self._store.run(self._store.add_layer, digest, f"{image.registry}/{image.repository}", size)
         built = await asyncio.to_thread(LayerFS.build_layer, record.digest, record.slot, record.repository, toc)
         self._fs.add_built(built)
         log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
@@ -143,7 +130,7 @@ class RemoteLayers:
         return record
 
     async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
-        """The TOC location the manifest (fetched by its digest) announces; NotSeekable if none."""
+        """The TOC location the manifest (fetched by its digest) announces; NotSeekableError if none."""
         if not manifest_digest:
             return None
         body = self._manifests.get(manifest_digest)
@@ -161,13 +148,13 @@ class RemoteLayers:
             raise FormatError(f"manifest {manifest_digest} does not list layer {digest}")
         location = location_from_annotations(desc.get("annotations"))
         if location is None:
-            raise NotSeekable(f"layer {digest} has no peerpull annotations")
+            raise NotSeekableError(f"layer {digest} has no peerpull annotations")
         return location
 
-    def release(self, digest: str) -> None:
+    async def release(self, digest: str) -> None:
         """Forget a layer no snapshot uses any more."""
-        if self._store.layer_in_use(digest):
+        if await self._store.run(self._store.layer_in_use, digest):
             return
         self._fs.remove_layer(digest)
-        self._store.drop_layer(digest)
+        await self._store.run(self._store.drop_layer, digest)
         self._toc_path(digest).unlink(missing_ok=True)

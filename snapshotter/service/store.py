@@ -7,13 +7,20 @@ children cannot be removed, only active snapshots can be committed.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from converter.format.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+
+T = TypeVar("T")
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3
 KIND_NAMES = {VIEW: "view", ACTIVE: "active", COMMITTED: "committed"}
@@ -71,13 +78,21 @@ class SnapshotStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed snapshot must survive a power cut
         self._db.executescript(_SCHEMA)
+        # every fsync (synchronous=FULL) would stall every FUSE read on the loop: callers on the
+        # loop use run(), one thread keeps SQLite access serialized
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-store")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (a method of this store, or steps using it) on the store's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True)
         self._db.close()
 
     # ---- snapshots ----------------------------------------------------------------------------
 
-    def _row(self, row: tuple) -> Snapshot:
+    def _row(self, row: tuple[Any, ...]) -> Snapshot:
         return Snapshot(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7], row[8], row[9])
 
     _COLUMNS = "id, key, parent, kind, created, updated, labels, layer, size, inodes"
