@@ -87,6 +87,7 @@ class PeerClient:
         unpacker = msgpack.Unpacker(raw=False, max_bin_len=max(limits), max_buffer_size=max(limits) + (4 << 20))
         pending = dict(enumerate(refs))  # index → ref, until its item arrives
         received = 0
+        answering = False  # the peer's answer has begun: a reset from here on is a death mid-answer
         try:
             async with self._session.post(f"http://{address}/v1/chunks", data=body, headers=self._headers,
                                           timeout=self._timeout) as resp:
@@ -94,6 +95,7 @@ class PeerClient:
                     raise PeerFetchError(f"peer {address} answered HTTP {resp.status}", f"http_{resp.status}")
                 if resp.headers.get(PROTOCOL_HEADER) != PROTOCOL_VERSION:
                     raise PeerFetchError(f"peer {address} speaks another protocol version", "protocol")
+                answering = True
                 async for data in resp.content.iter_any():
                     received += len(data)
                     if received > total_limit:
@@ -111,6 +113,10 @@ class PeerClient:
             raise PeerFetchError(f"peer {address} refused the connection", "refused") from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionError):
             raise PeerFetchError(f"peer {address} died mid-body", "truncated") from None
+        except aiohttp.ClientOSError as exc:  # e.g. a connection reset by a peer that was killed
+            if answering:
+                raise PeerFetchError(f"peer {address} died mid-body ({exc.strerror or exc})", "truncated") from None
+            raise PeerFetchError(f"peer {address}: connection failed ({exc.strerror or exc})", "reset") from None
         except aiohttp.ClientError as exc:
             raise PeerFetchError(f"peer {address}: {type(exc).__name__}", type(exc).__name__) from None
         if pending:
