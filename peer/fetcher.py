@@ -115,6 +115,10 @@ class ChunkFetcher:
         while self._stores:
             await asyncio.gather(*list(self._stores), return_exceptions=True)
 
+    async def cancel_fetches(self) -> None:
+        """End every fetch still in flight (at shutdown, before the pools close)."""
+        await self._flights.close()
+
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)
         self._background_pool.shutdown(wait=True)

@@ -129,6 +129,7 @@ class PeerNode:
             stack.push_async_callback(origin.close)
             self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
             stack.callback(self.fetcher.close)
+            stack.push_async_callback(self.fetcher.cancel_fetches)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,
                                 warm=self.warm_image)
             stack.callback(server.close)

@@ -1,4 +1,8 @@
-"""Concurrent requests for the same key share one in-flight fetch."""
+"""Concurrent requests for the same key share one in-flight fetch.
+
+The one implementation every stage uses (the fetcher's tiers, the FUSE reader's chunk loads, the
+snapshotter's layer resolution). It owns the fetch tasks it starts: `close()` cancels and awaits
+them, and each owner registers that with the daemon's exit stack, so no task outlives its room."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
         self._waiting: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[T]] = set()
+        self._closed = False
 
     def inflight(self, key: str) -> bool:
         return key in self._inflight
@@ -40,15 +46,27 @@ class SingleFlight(Generic[T]):
 
         Nobody needs to await it: a failure is marked retrieved, and the next `do` starts afresh.
         """
+        if self._closed:
+            raise RuntimeError("SingleFlight is closed")
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._inflight[key] = future
             task = asyncio.ensure_future(fetch())
+            self._tasks.add(task)
             task.add_done_callback(lambda t: self._settle(key, future, t))
         return future
 
+    async def close(self) -> None:
+        """Cancel every fetch still running and wait for them to end."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[T]) -> None:
+        self._tasks.discard(task)
         self._inflight.pop(key, None)
         if future.done():
             return

@@ -64,6 +64,7 @@ class NodeDaemon:
             self.fs = LayerFS(reader)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
                                   trust_registry=self.peer.trust_registry)
+            stack.push_async_callback(remote.close)
             restored = remote.restore()
             fuse = FuseMount(self.fs, self.layout.fuse, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
             fuse.open()

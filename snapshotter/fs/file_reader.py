@@ -175,3 +175,4 @@ class FileReader:
 
     async def close(self) -> None:
         await self._tasks.close()
+        await self._loading.close()

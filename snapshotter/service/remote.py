@@ -59,6 +59,10 @@ class RemoteLayers:
     def _toc_path(self, digest: str) -> Path:
         return self._dir / (digest.split(":", 1)[1] + ".toc")
 
+    async def close(self) -> None:
+        """End resolutions still running (look-aheads nobody awaits) at shutdown."""
+        await self._resolving.close()
+
     def restore(self) -> int:
         """Put every layer recorded before a restart back in the FUSE mount; returns how many."""
         restored = 0
