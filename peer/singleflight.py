@@ -7,8 +7,10 @@ them, and each owner registers that with the daemon's exit stack, so no task out
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+from peer.tasks import TaskSet
 
 T = TypeVar("T")
 
@@ -17,8 +19,7 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[str, asyncio.Future[T]] = {}
         self._waiting: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[T]] = set()
-        self._closed = False
+        self._tasks = TaskSet("singleflight")
 
     def inflight(self, key: str) -> bool:
         return key in self._inflight
@@ -27,7 +28,7 @@ class SingleFlight(Generic[T]):
         """How many callers wait for the fetch of `key` now."""
         return self._waiting.get(key, 0)
 
-    async def do(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+    async def do(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run `fetch()` unless a fetch for `key` is already running; either way, return its result.
 
         A waiter that is cancelled does not cancel the shared fetch for the others.
@@ -41,32 +42,27 @@ class SingleFlight(Generic[T]):
             if not self._waiting[key]:
                 del self._waiting[key]
 
-    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+    def start(self, key: str, fetch: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Future[T]:
         """Start `fetch()` for `key` unless one is running, without waiting (look-ahead); the shared future.
 
         Nobody needs to await it: a failure is marked retrieved, and the next `do` starts afresh.
         """
-        if self._closed:
-            raise RuntimeError("SingleFlight is closed")
         future = self._inflight.get(key)
         if future is None:
+            # quiet: a failure reaches the waiters through the shared future (_settle)
+            task = self._tasks.spawn(fetch(), name=f"singleflight:{key}", quiet=True)
+            if task is None:
+                raise RuntimeError("SingleFlight is closed")
             future = asyncio.get_running_loop().create_future()
             self._inflight[key] = future
-            task = asyncio.ensure_future(fetch())
-            self._tasks.add(task)
             task.add_done_callback(lambda t: self._settle(key, future, t))
         return future
 
     async def close(self) -> None:
         """Cancel every fetch still running and wait for them to end."""
-        self._closed = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
 
-    def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[T]) -> None:
-        self._tasks.discard(task)
+    def _settle(self, key: str, future: asyncio.Future[T], task: asyncio.Task[Any]) -> None:
         self._inflight.pop(key, None)
         if future.done():
             return

@@ -21,7 +21,7 @@ from converter.format import toc as fmt
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 from peer.singleflight import SingleFlight
-from snapshotter.fs.tasks import TaskSet
+from peer.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 LAYER_PREFETCH_MIN_CHUNK = 256 << 10  # layer prefetch takes chunks of files at least this large
