@@ -1,8 +1,10 @@
 """Write a seekable layer from an uncompressed tar stream.
 
-The output decompresses (as one zstd stream) to exactly the input tar, byte for byte: headers and
-padding are copied verbatim into "header frames", each regular file's content is cut at fixed
-offsets into chunks of one frame each, then the TOC and the footer follow as skippable frames.
+The output decompresses (as one zstd stream) to exactly the input tar, byte for byte. Version 2:
+small files travel whole with their headers and padding in shared frames of at most the chunk
+size; a larger file's content is cut at fixed offsets into frames of its own. Version 1: headers
+and padding go into "header frames" and every file's content into frames of its own. Then the TOC
+and the footer follow as skippable frames.
 Memory stays bounded by the number of frames in flight, whatever the layer size.
 """
 
@@ -38,7 +40,9 @@ class LayerResult:
     toc_length: int
     toc_uncompressed: int
     entries: int
-    chunks: int
+    chunks: int  # file pieces listed in the TOC
+    frames: int = 0  # distinct content frames (equal to chunks in version 1)
+    format_version: int = fmt.FORMAT_VERSION
 
 
 def toc_entry_for(member: TarMember) -> fmt.TocEntry:
@@ -140,6 +144,7 @@ def write_seekable_layer(
     level: int = fmt.DEFAULT_COMPRESSION_LEVEL,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    format_version: int = fmt.FORMAT_VERSION,
 ) -> LayerResult:
     """Convert the uncompressed tar stream `src` into a seekable layer written to `out`.
 
@@ -147,18 +152,16 @@ def write_seekable_layer(
     """
     if not fmt.MIN_CHUNK_SIZE <= chunk_size <= fmt.MAX_CHUNK_SIZE:
         raise FormatError(f"chunk size must be between {fmt.MIN_CHUNK_SIZE} and {fmt.MAX_CHUNK_SIZE} bytes")
+    if format_version not in fmt.SUPPORTED_VERSIONS:
+        raise FormatError(f"format version must be one of {', '.join(map(str, fmt.SUPPORTED_VERSIONS))}")
     reader = _HashingReader(src)
     walker = TarWalker(reader)  # type: ignore[arg-type]
     counting = _CountingOut(out)
     pipeline = _FramePipeline(counting, level, workers, depth=4 * max(1, workers))
     entries: list[fmt.TocEntry] = []
-    pending = bytearray()  # header bytes and padding waiting for the next header frame
+    framer: _HeaderFrames = (_PackedFrames if format_version >= 2 else _HeaderFrames)(pipeline, chunk_size)
+    small = fmt.pack_threshold(chunk_size) if format_version >= 2 else 0  # below: packed with its neighbours
     reported = 0
-
-    def flush_pending() -> None:
-        if pending:
-            pipeline.submit(bytes(pending))
-            pending.clear()
 
     def report() -> None:
         nonlocal reported
@@ -170,41 +173,109 @@ def write_seekable_layer(
         while (member := walker.next_member()) is not None:
             entry = toc_entry_for(member)
             entries.append(entry)
-            pending += member.raw_header
-            if member.size:
-                flush_pending()
+            framer.stream(member.raw_header)
+            if 0 < member.size < small:
+                framer.piece(entry, walker.read_data(member.size))
+            elif member.size:
+                framer.flush()
                 file_offset = 0
                 while file_offset < member.size:
                     data = walker.read_data(chunk_size)
                     pipeline.submit(data, _chunk_recorder(entry, file_offset, len(data)))
                     file_offset += len(data)
                     report()
-            pending += walker.padding()
-            if len(pending) >= chunk_size:
-                flush_pending()
+            framer.stream(walker.padding())
+            framer.settle()
             report()
         while trailer := walker.read_trailer(chunk_size):
-            pending += trailer
-            if len(pending) >= chunk_size:
-                flush_pending()
-        flush_pending()
+            framer.stream(trailer)
+            framer.settle()
+        framer.flush()
         pipeline.flush()
     finally:
         pipeline.close()
     if progress is not None and walker.offset > reported:
         progress(walker.offset - reported)
 
-    toc = fmt.Toc(chunk_size=chunk_size, entries=entries)
+    toc = fmt.Toc(chunk_size=chunk_size, entries=entries, version=format_version)
     toc_frame, toc_uncompressed = fmt.encode_toc(toc)
     toc_offset = counting.hash.size
     counting.write(toc_frame)
-    counting.write(fmt.encode_footer(fmt.Footer(toc_offset, len(toc_frame), toc_uncompressed)))
+    counting.write(fmt.encode_footer(fmt.Footer(toc_offset, len(toc_frame), toc_uncompressed, format_version)))
     return LayerResult(
         digest=counting.hash.digest, size=counting.hash.size, diff_id=reader.hash.digest,
         uncompressed_size=reader.hash.size, toc_digest=sha256_digest(toc_frame), toc_offset=toc_offset,
         toc_length=len(toc_frame), toc_uncompressed=toc_uncompressed, entries=len(entries),
-        chunks=toc.chunk_count,
+        chunks=toc.chunk_count, frames=toc.frame_count, format_version=format_version,
     )
+
+
+class _HeaderFrames:
+    """Version 1: what is not file content (headers, padding, end of archive) waits here and becomes
+    a header frame before the next content, or once it reaches the chunk size."""
+
+    def __init__(self, pipeline: _FramePipeline, chunk_size: int) -> None:
+        self._pipeline = pipeline
+        self._size = chunk_size
+        self._buf = bytearray()
+
+    def stream(self, data: bytes) -> None:
+        self._buf += data
+
+    def settle(self) -> None:
+        if len(self._buf) >= self._size:
+            self.flush()
+
+    def piece(self, entry: fmt.TocEntry, content: bytes) -> None:
+        raise AssertionError("version 1 packs no file content")
+
+    def flush(self) -> None:
+        if self._buf:
+            self._pipeline.submit(bytes(self._buf))
+            self._buf.clear()
+
+
+class _PackedFrames(_HeaderFrames):
+    """Version 2: the tar stream cut into frames of at most the chunk size, small files' contents
+    whole inside them along with the headers and padding around them."""
+
+    def __init__(self, pipeline: _FramePipeline, chunk_size: int) -> None:
+        super().__init__(pipeline, chunk_size)
+        self._pieces: list[tuple[fmt.TocEntry, int, int]] = []  # (entry, frame_offset, length) in _buf
+
+    def stream(self, data: bytes) -> None:
+        # no piece ends past the chunk size, so a cut there never splits one
+        self._buf += data
+        while len(self._buf) >= self._size:
+            self._emit(self._size)
+
+    def settle(self) -> None:
+        pass
+
+    def piece(self, entry: fmt.TocEntry, content: bytes) -> None:
+        if len(self._buf) + len(content) > self._size:
+            self.flush()
+        self._pieces.append((entry, len(self._buf), len(content)))
+        self._buf += content
+
+    def flush(self) -> None:
+        if self._buf:
+            self._emit(len(self._buf))
+
+    def _emit(self, n: int) -> None:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        pieces, self._pieces = self._pieces, []
+        self._pipeline.submit(data, _pieces_recorder(pieces, n) if pieces else None)
+
+
+def _pieces_recorder(pieces: list[tuple[fmt.TocEntry, int, int]], frame_length: int) -> Callable[[int, int, bytes], None]:
+    def record(blob_offset: int, compressed_length: int, digest: bytes) -> None:
+        for entry, frame_offset, length in pieces:
+            entry.chunks.append(fmt.Chunk(0, length, blob_offset, compressed_length, digest, frame_offset,
+                                          frame_length))
+
+    return record
 
 
 def _chunk_recorder(entry: fmt.TocEntry, file_offset: int, length: int) -> Callable[[int, int, bytes], None]:

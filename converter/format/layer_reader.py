@@ -108,25 +108,33 @@ async def read_toc(reader: RangeReader, expected: TocLocation | None = None) -> 
 
 
 def decompress_chunk(frame: bytes, chunk: fmt.Chunk) -> bytes:
-    """Decompress one chunk's frame and verify it; raises FormatError / DigestMismatchError."""
+    """Decompress the frame holding `chunk` and verify it: the frame's whole uncompressed bytes
+    (`chunk.frame_length` of them), never just the piece. Raises FormatError / DigestMismatchError."""
     if len(frame) != chunk.compressed_length:
         raise FormatError(f"chunk {chunk.digest_hex}: frame is {len(frame)} bytes, TOC says {chunk.compressed_length}")
+    size = chunk.frame_length
     try:
-        fmt.check_frame_size(frame, chunk.length, f"chunk {chunk.digest_hex}")
+        fmt.check_frame_size(frame, size, f"chunk {chunk.digest_hex}")
         # a decompressor per call: instances are not safe to share between threads
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=chunk.length)
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FormatError(f"chunk {chunk.digest_hex}: frame does not decompress: {exc}") from None
-    if len(data) != chunk.length:
-        raise FormatError(f"chunk {chunk.digest_hex}: {len(data)} bytes after decompression, TOC says {chunk.length}")
+    if len(data) != size:
+        raise FormatError(f"chunk {chunk.digest_hex}: {len(data)} bytes after decompression, TOC says {size}")
     actual = sha256_digest(data)
     if actual != chunk.digest_hex:
         raise DigestMismatchError(f"chunk {chunk.digest_hex}: content hashes to {actual}")
     return data
 
 
-async def read_chunk(reader: RangeReader, chunk: fmt.Chunk) -> bytes:
-    """Fetch one chunk with a single ranged read, decompress and verify it."""
-    frame = await _read_exact(reader, chunk.blob_offset, chunk.compressed_length, f"chunk {chunk.digest_hex}")
-    return decompress_chunk(frame, chunk)
+def piece(frame_data: bytes, chunk: fmt.Chunk) -> bytes:
+    """The file's bytes of `chunk` inside its verified frame's uncompressed bytes."""
+    if chunk.frame_offset == 0 and chunk.length == len(frame_data):
+        return frame_data
+    return frame_data[chunk.frame_offset:chunk.frame_offset + chunk.length]
 
+
+async def read_chunk(reader: RangeReader, chunk: fmt.Chunk) -> bytes:
+    """Fetch the frame of one chunk with a single ranged read, verify it, and return the file's piece."""
+    frame = await _read_exact(reader, chunk.blob_offset, chunk.compressed_length, f"chunk {chunk.digest_hex}")
+    return piece(decompress_chunk(frame, chunk), chunk)

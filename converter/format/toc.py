@@ -1,4 +1,4 @@
-"""The seekable layer format, version 1: constants, footer and table of contents (TOC).
+"""The seekable layer format, versions 1 and 2: constants, footer and table of contents (TOC).
 
 docs/format.md is the normative description; this module is its executable form. Decoding
 treats every byte as hostile: anything malformed raises `FormatError`, never another exception.
@@ -17,11 +17,17 @@ import zstandard
 from converter.format.digest import raw_to_digest
 from converter.format.errors import FormatError, NoFooterError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written by default; version 1 layers still read
+SUPPORTED_VERSIONS = (1, 2)
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: small enough for lazy reads, large enough for ranged throughput
 MIN_CHUNK_SIZE = 4 << 10
 MAX_CHUNK_SIZE = 16 << 20
 DEFAULT_COMPRESSION_LEVEL = 3
+
+
+def pack_threshold(chunk_size: int) -> int:
+    """Version 2: regular files smaller than this share frames; larger ones get chunk-aligned frames."""
+    return chunk_size // 4
 
 # zstd skippable frames: magic 0x184D2A50..0x184D2A5F, then a u32 LE payload size (zstd format fact).
 SKIPPABLE_HEADER = struct.Struct("<II")
@@ -52,14 +58,28 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
 
-class Chunk(NamedTuple):
-    """One frame of file content: where it sits in the file and in the blob, and its identity."""
-
+class _ChunkFields(NamedTuple):
     file_offset: int
-    length: int  # uncompressed bytes
+    length: int  # uncompressed bytes of this file's piece
     blob_offset: int  # offset of the zstd frame in the layer blob
     compressed_length: int  # bytes of the zstd frame
-    digest: bytes  # sha256 of the uncompressed bytes, 32 raw bytes
+    digest: bytes  # sha256 of the frame's whole uncompressed bytes, 32 raw bytes
+    frame_offset: int = 0  # where the piece starts in the frame's uncompressed bytes (0 in version 1)
+    frame_length: int = 0  # the frame's uncompressed size (equals `length` in version 1)
+
+
+class Chunk(_ChunkFields):
+    """One file's piece of content and the frame holding it: where it sits in the file, in the frame
+    and in the blob. In version 2 several files' pieces may share a frame (same blob_offset and
+    digest); the frame, not the piece, is what is fetched, verified and cached."""
+
+    __slots__ = ()
+
+    def __new__(cls, file_offset: int, length: int, blob_offset: int, compressed_length: int, digest: bytes,
+                frame_offset: int = 0, frame_length: int = 0) -> Chunk:
+        # frame_length 0: a frame holding exactly this piece, as every frame of version 1
+        return tuple.__new__(cls, (file_offset, length, blob_offset, compressed_length, digest, frame_offset,
+                                   frame_length or length))
 
     @property
     def digest_hex(self) -> str:
@@ -89,10 +109,17 @@ class TocEntry:
 class Toc:
     chunk_size: int
     entries: list[TocEntry]
+    version: int = FORMAT_VERSION
 
     @property
     def chunk_count(self) -> int:
+        """File pieces listed (one per file per frame it has bytes in)."""
         return sum(len(e.chunks) for e in self.entries)
+
+    @property
+    def frame_count(self) -> int:
+        """Distinct content frames: what a node fetches, verifies and caches."""
+        return len({c.blob_offset for e in self.entries for c in e.chunks})
 
 
 @dataclass(frozen=True)
@@ -100,6 +127,7 @@ class Footer:
     toc_offset: int
     toc_length: int  # the whole TOC skippable frame, header included
     toc_uncompressed: int
+    version: int = FORMAT_VERSION
 
 
 def normalize_path(name: str) -> str:
@@ -126,7 +154,7 @@ def classify_whiteout(path: str) -> tuple[str, str] | None:
 
 def encode_footer(footer: Footer) -> bytes:
     payload = _FOOTER_PAYLOAD.pack(
-        FOOTER_MAGIC, FORMAT_VERSION, 0, 0, footer.toc_offset, footer.toc_length, footer.toc_uncompressed, 0
+        FOOTER_MAGIC, footer.version, 0, 0, footer.toc_offset, footer.toc_length, footer.toc_uncompressed, 0
     )
     return SKIPPABLE_HEADER.pack(FOOTER_FRAME_MAGIC, len(payload)) + payload
 
@@ -143,20 +171,21 @@ def decode_footer(tail: bytes, blob_size: int) -> Footer:
     )
     if fmagic != FOOTER_MAGIC:
         raise NoFooterError("footer magic mismatch: not a seekable layer")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"seekable layer format version {version} is not supported (this is {FORMAT_VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"seekable layer format version {version} is not supported (this reads "
+                          f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     if toc_length <= SKIPPABLE_HEADER.size or toc_offset + toc_length + FOOTER_SIZE != blob_size:
         raise NoFooterError("footer locates the TOC outside the blob")  # no usable footer: as if none
     if toc_uncompressed > MAX_TOC_BYTES:
         raise FormatError(f"TOC claims {toc_uncompressed} bytes, above the {MAX_TOC_BYTES} limit")
     if toc_length > MAX_TOC_BYTES:  # read before it is decompressed: bounded on its own
         raise FormatError(f"TOC frame claims {toc_length} bytes, above the {MAX_TOC_BYTES} limit")
-    return Footer(toc_offset, toc_length, toc_uncompressed)
+    return Footer(toc_offset, toc_length, toc_uncompressed, version)
 
 
 # ---- TOC ----------------------------------------------------------------------------------
 
-def _entry_to_wire(e: TocEntry) -> dict[str, Any]:
+def _entry_to_wire(e: TocEntry, frames: dict[int, int] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"path": e.path, "type": e.type, "mode": e.mode, "uid": e.uid, "gid": e.gid}
     optional = {
         "uname": e.uname, "gname": e.gname, "mtime": e.mtime, "mtime_nsec": e.mtime_nsec, "size": e.size,
@@ -164,13 +193,33 @@ def _entry_to_wire(e: TocEntry) -> dict[str, Any]:
     }
     out.update({k: v for k, v in optional.items() if v})
     if e.chunks:
-        out["chunks"] = [list(c) for c in e.chunks]
+        if frames is None:  # version 1: the piece is the frame
+            out["chunks"] = [list(c[:5]) for c in e.chunks]
+        else:
+            out["chunks"] = [[c.file_offset, c.length, frames[c.blob_offset], c.frame_offset] for c in e.chunks]
     return out
+
+
+def _frames_table(toc: Toc) -> tuple[list[list[Any]], dict[int, int]]:
+    """Version 2: the distinct frames in blob order, and each one's index by blob offset."""
+    by_offset: dict[int, Chunk] = {}
+    for e in toc.entries:
+        for c in e.chunks:
+            by_offset.setdefault(c.blob_offset, c)
+    offsets = sorted(by_offset)
+    table = [[o, by_offset[o].compressed_length, by_offset[o].frame_length, by_offset[o].digest] for o in offsets]
+    return table, {o: i for i, o in enumerate(offsets)}
 
 
 def encode_toc(toc: Toc, level: int = DEFAULT_COMPRESSION_LEVEL) -> tuple[bytes, int]:
     """The TOC skippable frame (header + zstd-compressed msgpack) and the msgpack length."""
-    wire = {"version": FORMAT_VERSION, "chunk_size": toc.chunk_size, "entries": [_entry_to_wire(e) for e in toc.entries]}
+    if toc.version not in SUPPORTED_VERSIONS:
+        raise FormatError(f"cannot write format version {toc.version}")
+    wire: dict[str, Any] = {"version": toc.version, "chunk_size": toc.chunk_size}
+    index: dict[int, int] | None = None
+    if toc.version >= 2:
+        wire["frames"], index = _frames_table(toc)
+    wire["entries"] = [_entry_to_wire(e, index) for e in toc.entries]
     packed = msgpack.packb(wire, use_bin_type=True)
     compressed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(packed)
     return SKIPPABLE_HEADER.pack(TOC_FRAME_MAGIC, len(compressed)) + compressed, len(packed)
@@ -195,7 +244,7 @@ _INT_FIELDS = {"mode": 1 << 16, "uid": 1 << 32, "gid": 1 << 32, "mtime_nsec": 10
 _STR_FIELDS = frozenset({"uname", "gname", "link"})
 
 
-def _decode_entry(raw: Any, chunk_size: int, data_end: int) -> TocEntry:
+def _decode_entry(raw: Any, chunk_size: int, data_end: int, frames: list[_Frame] | None) -> TocEntry:
     # One pass over the fields that are present, with exact type checks (bool is not an int here):
     # a node parses tens of thousands of entries per layer while containerd waits.
     raw = _want(raw, dict, "entry")
@@ -228,9 +277,20 @@ def _decode_entry(raw: Any, chunk_size: int, data_end: int) -> TocEntry:
     chunks_raw = _want(raw.get("chunks", []), list, "chunks")
     if etype != FILE and chunks_raw:
         raise FormatError(f"TOC: {etype} entry {path[:200]!r} has chunks")
+    if frames is not None:
+        covered = _decode_pieces(chunks_raw, frames, path, entry.chunks)
+    else:
+        covered = _decode_v1_chunks(chunks_raw, chunk_size, data_end, path, entry.chunks)
+    if etype == FILE and covered != entry.size:
+        raise FormatError(f"TOC: chunks of {path[:200]!r} cover {covered} of {entry.size} bytes")
+    return entry
+
+
+def _decode_v1_chunks(raw: list[Any], chunk_size: int, data_end: int, path: str, out: list[Chunk]) -> int:
+    """Version 1 chunks `[file_offset, length, blob_offset, compressed_length, sha256]`: one frame each."""
     expected_offset = 0
-    append = entry.chunks.append
-    for c in chunks_raw:
+    append = out.append
+    for c in raw:
         if type(c) is not list or len(c) != 5:
             raise FormatError("TOC: a chunk is a list of 5 fields")
         file_offset, length, blob_offset, clen, digest = c
@@ -243,9 +303,59 @@ def _decode_entry(raw: Any, chunk_size: int, data_end: int) -> TocEntry:
             raise FormatError(f"TOC: a chunk of {path[:200]!r} lies outside the layer data")
         expected_offset += length
         append(Chunk(file_offset, length, blob_offset, clen, digest))
-    if etype == FILE and expected_offset != entry.size:
-        raise FormatError(f"TOC: chunks of {path[:200]!r} cover {expected_offset} of {entry.size} bytes")
-    return entry
+    return expected_offset
+
+
+class _Frame(NamedTuple):
+    blob_offset: int
+    compressed_length: int
+    frame_length: int
+    digest: bytes
+
+
+def _decode_frames(raw: Any, chunk_size: int, data_end: int) -> list[_Frame]:
+    """Version 2's frame table: distinct frames in blob order, each inside the layer data."""
+    frames: list[_Frame] = []
+    previous_end = 0
+    for f in _want(raw, list, "frames"):
+        if type(f) is not list or len(f) != 4:
+            raise FormatError("TOC: a frame is a list of 4 fields")
+        blob_offset, clen, flen, digest = f
+        if not (type(blob_offset) is int and type(clen) is int and type(flen) is int and type(digest) is bytes):
+            raise FormatError("TOC: a frame has fields of the wrong type")
+        if len(digest) != 32 or not 0 < flen <= chunk_size or not 0 < clen <= 2 * chunk_size + 4096:
+            raise FormatError(f"TOC: frame at {blob_offset} has a bad size or digest")
+        if blob_offset < previous_end or blob_offset + clen > data_end:
+            raise FormatError(f"TOC: frame at {blob_offset} overlaps another or lies outside the layer data")
+        previous_end = blob_offset + clen
+        frames.append(_Frame(blob_offset, clen, flen, digest))
+    return frames
+
+
+def _decode_pieces(raw: list[Any], frames: list[_Frame], path: str, out: list[Chunk]) -> int:
+    """Version 2 pieces `[file_offset, length, frame index, frame_offset]`, tiling the file in order."""
+    expected = 0
+    count = len(frames)
+    new = tuple.__new__  # the fields are complete: skip Chunk.__new__'s default
+    append = out.append
+    for c in raw:
+        if type(c) is not list or len(c) != 4:
+            raise FormatError("TOC: a chunk is a list of 4 fields")
+        file_offset, length, index, frame_offset = c
+        if not (type(file_offset) is int and type(length) is int and type(index) is int
+                and type(frame_offset) is int):
+            raise FormatError(f"TOC: a chunk of {path[:200]!r} has fields of the wrong type")
+        if file_offset != expected or length <= 0:
+            raise FormatError(f"TOC: chunks of {path[:200]!r} do not tile the file")
+        if not 0 <= index < count:
+            raise FormatError(f"TOC: a chunk of {path[:200]!r} names frame {index} of {count}")
+        frame = frames[index]
+        if frame_offset < 0 or frame_offset + length > frame.frame_length:
+            raise FormatError(f"TOC: a chunk of {path[:200]!r} overruns its frame")
+        expected += length
+        append(new(Chunk, (file_offset, length, frame.blob_offset, frame.compressed_length, frame.digest,
+                           frame_offset, frame.frame_length)))
+    return expected
 
 
 def check_frame_size(frame: bytes, limit: int, what: str) -> None:
@@ -276,10 +386,12 @@ def decode_toc(frame: bytes, footer: Footer) -> Toc:
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
         raise FormatError(f"TOC is not valid msgpack: {exc}") from None
     wire = _want(wire, dict, "TOC")
-    if wire.get("version") != FORMAT_VERSION:
-        raise FormatError(f"TOC version {wire.get('version')!r} is not supported")
+    if wire.get("version") != footer.version:
+        raise FormatError(f"TOC version {str(wire.get('version'))[:20]!r} differs from the footer's {footer.version}")
     chunk_size = _uint(wire.get("chunk_size"), "chunk_size", MAX_CHUNK_SIZE + 1)
     if chunk_size < MIN_CHUNK_SIZE:
         raise FormatError(f"TOC chunk size {chunk_size} below the minimum")
-    entries = [_decode_entry(e, chunk_size, footer.toc_offset) for e in _want(wire.get("entries"), list, "entries")]
-    return Toc(chunk_size=chunk_size, entries=entries)
+    frames = _decode_frames(wire.get("frames"), chunk_size, footer.toc_offset) if footer.version >= 2 else None
+    entries = [_decode_entry(e, chunk_size, footer.toc_offset, frames)
+               for e in _want(wire.get("entries"), list, "entries")]
+    return Toc(chunk_size=chunk_size, entries=entries, version=footer.version)
