@@ -18,8 +18,8 @@ MAX_HINT_BYTES = 4096
 class ChunkRef:
     """A chunk and where the origin registry has it: `registry/repository`, the layer blob, the frame."""
 
-    digest: str  # sha256:… of the uncompressed chunk
-    length: int
+    digest: str  # sha256:… of the frame's whole uncompressed bytes
+    length: int  # the frame's uncompressed size (in format v2 a frame may hold several files' pieces)
     repository: str  # host[:port]/repo of the image the chunk was found in
     blob: str  # digest of the layer blob
     blob_offset: int
@@ -30,10 +30,11 @@ class ChunkRef:
 
     @classmethod
     def from_chunk(cls, chunk: Chunk, repository: str, blob: str, next_offset: int = 0) -> ChunkRef:
-        return cls(chunk.digest_hex, chunk.length, repository, blob, chunk.blob_offset, chunk.compressed_length,
+        return cls(chunk.digest_hex, chunk.frame_length, repository, blob, chunk.blob_offset, chunk.compressed_length,
                    next_offset)
 
     def as_chunk(self) -> Chunk:
+        """The whole frame as one chunk (frame_offset 0, frame_length = length): what is verified."""
         return Chunk(0, self.length, self.blob_offset, self.compressed_length, digest_to_raw(self.digest))
 
     def pack(self) -> bytes:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from converter.format.annotations import is_seekable_descriptor
 from converter.format.layer_reader import location_from_annotations, read_toc
+from converter.format.toc import Toc
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.manifest import parse_manifest
@@ -44,11 +45,17 @@ async def image_chunks(client: RegistryClient, image: str) -> tuple[list[ChunkRe
             continue
         reader = RegistryBlobReader(client, ref, desc["digest"], desc["size"])
         _, toc = await read_toc(reader, location_from_annotations(desc.get("annotations")))
-        frames = sorted((c for e in toc.entries for c in e.chunks), key=lambda c: c.blob_offset)
-        for chunk, following in zip(frames, [*frames[1:], None]):
-            next_offset = following.blob_offset if following is not None else 0
-            chunks.setdefault(chunk.digest_hex, ChunkRef.from_chunk(chunk, repository, desc["digest"], next_offset))
+        for chunk_ref in layer_refs(toc, repository, desc["digest"]):
+            chunks.setdefault(chunk_ref.digest, chunk_ref)
     return list(chunks.values()), skipped
+
+
+def layer_refs(toc: Toc, repository: str, blob: str) -> list[ChunkRef]:
+    """One ref per distinct frame of a layer, in blob order: in format v2 several files' chunks
+    share a frame (same blob offset), which is fetched once."""
+    frames = sorted({c.blob_offset: c for e in toc.entries for c in e.chunks}.values(), key=lambda c: c.blob_offset)
+    return [ChunkRef.from_chunk(chunk, repository, blob, following.blob_offset if following is not None else 0)
+            for chunk, following in zip(frames, [*frames[1:], None])]
 
 
 async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,

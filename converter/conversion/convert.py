@@ -66,6 +66,8 @@ class LayerReport:
     chunks: int | None = None
     toc_bytes: int | None = None
     seconds: float = 0.0
+    frames: int | None = None  # distinct content frames (format v2 packs small files: fewer than chunks)
+    format_version: int | None = None
 
 
 @dataclass
@@ -92,7 +94,7 @@ class _LayerOutcome:
 def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any]) -> dict[str, Any]:
     annotations = dict(source.get("annotations") or {})
     annotations.update({
-        fmt.ANNOTATION_VERSION: str(fmt.FORMAT_VERSION),
+        fmt.ANNOTATION_VERSION: str(result.format_version),
         fmt.ANNOTATION_TOC_DIGEST: result.toc_digest,
         fmt.ANNOTATION_TOC_OFFSET: str(result.toc_offset),
         fmt.ANNOTATION_TOC_LENGTH: str(result.toc_length),
@@ -217,7 +219,7 @@ class Converter:
                 tar = open_decompressed(reader, compression, what)  # type: ignore[arg-type]
                 result = write_seekable_layer(
                     tar, out, chunk_size=self._config.chunk_size, level=self._config.compression_level,
-                    workers=self._workers,
+                    workers=self._workers, format_version=self._config.format_version,
                 )
                 reader.drain()  # the source stream checks the blob digest at its end
             return result
@@ -231,11 +233,12 @@ class Converter:
         self._progress.layer_finished(digest)
         seconds = time.monotonic() - started
         log.debug("layer_converted", source_digest=digest, digest=result.digest, uncompressed=result.uncompressed_size,
-                 chunks=result.chunks, entries=result.entries, seconds=round(seconds, 2))
+                 chunks=result.chunks, frames=result.frames, format_version=result.format_version,
+                 entries=result.entries, seconds=round(seconds, 2))
         report = LayerReport(
             source_digest=digest, source_size=desc["size"], digest=result.digest, size=result.size, converted=True,
             uncompressed_size=result.uncompressed_size, entries=result.entries, chunks=result.chunks,
-            toc_bytes=result.toc_length, seconds=seconds,
+            toc_bytes=result.toc_length, seconds=seconds, frames=result.frames, format_version=result.format_version,
         )
         return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id)
 

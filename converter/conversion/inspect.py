@@ -1,4 +1,4 @@
-"""Describe an image: its layers, whether each is seekable, and the size of each TOC."""
+"""Describe an image: its layers, whether each is seekable, its format version, TOC size and frame count."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class LayerInfo:
     entries: int | None = None
     files: int | None = None
     chunk_size: int | None = None
+    format_version: int | None = None
+    frames: int | None = None  # distinct content frames: what a node fetches (chunks counts file pieces)
 
 
 @dataclass
@@ -58,6 +60,7 @@ async def inspect_image(client: RegistryClient, source: ImageSource) -> ImageInf
             digest=desc["digest"], media_type=desc["mediaType"], size=desc["size"], seekable=True,
             toc_bytes=footer.toc_length, toc_uncompressed_bytes=footer.toc_uncompressed,
             chunks=toc.chunk_count, entries=len(toc.entries), files=len(sizes), chunk_size=toc.chunk_size,
+            format_version=footer.version, frames=toc.frame_count,
         ))
     return ImageInfo(
         reference=source.description, manifest_digest=image.digest, media_type=image.media_type,

@@ -35,12 +35,15 @@ NEIGHBOURS_BYTES = 1 << 20
 
 @dataclass
 class LayerSource:
-    """Where a layer's chunks come from, and the blob offset of the frame after each chunk's frame."""
+    """Where a layer's chunks come from, and the blob offset of the frame after each chunk's frame.
+
+    `chunks` holds one chunk per distinct frame (format v2 frames hold several files' pieces; they
+    share the blob offset), in blob order."""
 
     repository: str
     blob: str
     next_offset: dict[int, int] = field(default_factory=dict)
-    chunks: list[fmt.Chunk] = field(default_factory=list)  # every distinct chunk, in blob order
+    chunks: list[fmt.Chunk] = field(default_factory=list)  # one per distinct frame, in blob order
 
     @classmethod
     def from_toc(cls, repository: str, blob: str, toc: fmt.Toc) -> LayerSource:
@@ -109,7 +112,7 @@ class FileReader:
         at = bisect.bisect_right(source.chunks, chunk.blob_offset, key=lambda c: c.blob_offset)
         out, total = [], 0
         for c in source.chunks[at:at + NEIGHBOURS_MAX]:
-            total += c.length
+            total += c.frame_length
             if total > NEIGHBOURS_BYTES:
                 break
             out.append(c)
@@ -152,9 +155,7 @@ class FileReader:
         self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
         if len(self._ends) > 65536:
             self._ends.clear()
-        base = wanted[0].file_offset
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        return data[offset - base:end - base]
+        return _slice(wanted, parts, offset, end)
 
     def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
@@ -176,3 +177,18 @@ class FileReader:
     async def close(self) -> None:
         await self._tasks.close()
         await self._loading.close()
+
+
+def _slice(chunks: list[fmt.Chunk], frames: list[bytes], offset: int, end: int) -> bytes:
+    """Bytes [offset, end) of a file from the frames holding its `chunks`: each frame's part is cut
+    out (at its frame_offset) and only the parts are joined, never the whole frames."""
+    if len(chunks) == 1:
+        c = chunks[0]
+        start = c.frame_offset + offset - c.file_offset
+        return frames[0][start:start + end - offset]
+    parts = []
+    for c, frame in zip(chunks, frames):
+        lo = max(offset, c.file_offset) - c.file_offset + c.frame_offset
+        hi = min(end, c.file_offset + c.length) - c.file_offset + c.frame_offset
+        parts.append(memoryview(frame)[lo:hi])
+    return b"".join(parts)
