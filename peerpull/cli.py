@@ -83,6 +83,7 @@ def _flags_to_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("log", "level", "log_level"), ("log", "format", "log_format"),
         ("convert", "chunk_size", "chunk_size"), ("convert", "compression_level", "level"),
         ("convert", "jobs", "jobs"), ("convert", "work_dir", "work_dir"),
+        ("convert", "format_version", "format_version"),
         ("peer", "node_id", "node_id"), ("peer", "cache_dir", "cache_dir"), ("peer", "cache_max_bytes", "cache_size"),
         ("snapshotter", "root", "root"), ("snapshotter", "socket", "socket"), ("snapshotter", "prefetch", "prefetch"),
         ("snapshotter", "containerd_address", "address"), ("snapshotter", "namespace", "namespace"),

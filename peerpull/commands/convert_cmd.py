@@ -25,9 +25,9 @@ from peerpull.options import parse_size
 
 _R = RegistryConfig()
 DESCRIPTION = f"""\
-Convert an image into a seekable image: every layer becomes independent zstd frames (one per
-file chunk) with a table of contents at its end, still a valid tar+zstd layer, so nodes without
-peerpull run the same tag unchanged. Layers are converted in parallel and pushed to DST.
+Convert an image into a seekable image: every layer becomes independent zstd frames (small
+files packed together, large files cut into chunks) with a table of contents at its end, still
+a valid tar+zstd layer, so nodes without peerpull run the same tag unchanged. Layers are converted in parallel and pushed to DST.
 
 SRC is a registry reference (host[:port]/repo:tag or @sha256:...) or an OCI image layout
 directory (oci:DIR[:TAG]). DST is a registry reference. Converting an image that is already
@@ -56,6 +56,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("destination", metavar="DST", help="registry reference to push the seekable image to")
     p.add_argument("--chunk-size", type=parse_size, help="bytes of file content per zstd frame (default 1MiB; 4KiB..16MiB)")
     p.add_argument("--level", type=int, help="zstd compression level 1..22 (default 3)")
+    p.add_argument("--format-version", type=int, choices=(1, 2),
+                   help="seekable format to write: 2 (default) packs small files into shared ~chunk-size frames, "
+                        "1 gives every file frames of its own (docs/format.md)")
     p.add_argument("--jobs", type=int, help="layers converted at once (default: number of cores)")
     p.add_argument("--work-dir", metavar="DIR", help="where converted layers wait for upload (default: system temp dir)")
     p.add_argument("--json", metavar="FILE", help="also write the conversion report as JSON to FILE ('-' for stdout)")
@@ -92,16 +95,16 @@ def print_summary(report: ConvertReport, console: Console) -> None:
         console.print(f"{report.source} is already seekable: nothing converted; pushed as {report.destination}")
         return
     table = Table(title=f"{report.source} → {report.destination}")
-    for column in ("layer", "source", "seekable", "ratio", "uncompressed", "files+dirs", "chunks", "TOC", "MB/s"):
+    for column in ("layer", "source", "seekable", "ratio", "uncompressed", "files+dirs", "chunks", "frames", "TOC", "MB/s"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     for layer in report.layers:
         if not layer.converted:
-            table.add_row(layer.source_digest[7:19], _mb(layer.source_size), "already seekable", "", "", "", "", "", "")
+            table.add_row(layer.source_digest[7:19], _mb(layer.source_size), "already seekable", "", "", "", "", "", "", "")
             continue
         rate = (layer.uncompressed_size or 0) / 1e6 / layer.seconds if layer.seconds else 0.0
         table.add_row(layer.source_digest[7:19], _mb(layer.source_size), _mb(layer.size),
                       f"{layer.size / max(1, layer.source_size):.2f}", _mb(layer.uncompressed_size or 0),
-                      str(layer.entries), str(layer.chunks), f"{(layer.toc_bytes or 0) / 1024:.1f} KiB", f"{rate:.0f}")
+                      str(layer.entries), str(layer.chunks), str(layer.frames), f"{(layer.toc_bytes or 0) / 1024:.1f} KiB", f"{rate:.0f}")
     console.print(table)
     src = sum(layer.source_size for layer in report.layers)
     out = sum(layer.size for layer in report.layers)

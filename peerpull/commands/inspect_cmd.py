@@ -18,7 +18,8 @@ from peerpull.config import PeerpullConfig
 
 _R = RegistryConfig()
 DESCRIPTION = f"""\
-Show an image's layers and, for seekable layers, what their table of contents holds. Only the
+Show an image's layers and, for seekable layers, their format version and what their table of
+contents holds (chunks: file pieces; frames: what a node fetches, fewer in version 2). Only the
 manifest and each TOC are read (ranged reads of the blob tails): nothing is downloaded.
 Exit status is 0 whether or not the image is seekable; use --json to script on it.
 A registry gets {_R.request_deadline_s:g} s per request, retries included (PEERPULL_REGISTRY_REQUEST_DEADLINE_S);
@@ -37,13 +38,14 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 def print_table(info: ImageInfo, console: Console) -> None:
     table = Table(title=f"{info.reference} ({info.manifest_digest[:19]})")
-    for column in ("layer", "media type", "size", "seekable", "entries", "files", "chunks", "chunk size", "TOC"):
+    for column in ("layer", "media type", "size", "seekable", "format", "entries", "files", "chunks", "frames",
+                   "chunk size", "TOC"):
         table.add_column(column)
     for layer in info.layers:
         table.add_row(
             layer.digest[7:19], layer.media_type.rsplit(".", 1)[-1], f"{layer.size / 1e6:.1f} MB",
-            "yes" if layer.seekable else "no", _opt(layer.entries), _opt(layer.files), _opt(layer.chunks),
-            _opt(layer.chunk_size), f"{layer.toc_bytes / 1024:.1f} KiB" if layer.toc_bytes else "",
+            "yes" if layer.seekable else "no", _opt(layer.format_version), _opt(layer.entries), _opt(layer.files),
+            _opt(layer.chunks), _opt(layer.frames), _opt(layer.chunk_size), f"{layer.toc_bytes / 1024:.1f} KiB" if layer.toc_bytes else "",
         )
     console.print(table)
     console.print(f"seekable: {'yes' if info.seekable else 'no'}; total {info.total_size / 1e6:.1f} MB in {len(info.layers)} layers")
