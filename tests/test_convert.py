@@ -118,3 +118,25 @@ def test_converting_a_seekable_image_is_a_noop(registry_session, converted: dict
     report = json.loads(peerpull("convert", converted["target"], converted["target"], "--force", "--json", "-",
                                  "--quiet").stdout)
     assert report["already_seekable"] is True and report["manifest_digest"] == converted["manifest"]
+
+
+def test_format_version_1_on_request_and_inspect_shows_version_and_frames(
+        registry_session, converted: dict[str, str]) -> None:
+    v1 = f"{registry_session.address}/corner/v1:1"
+    report = json.loads(peerpull("convert", converted["source"], v1, "--chunk-size", str(CHUNK), "--format-version",
+                                 "1", "--json", "-", "--quiet").stdout)
+    assert {layer["format_version"] for layer in report["layers"]} == {1}
+    assert all(layer["frames"] == layer["chunks"] for layer in report["layers"])
+    manifest, config, blobs = asyncio.run(fetch_image(v1))
+    v2_manifest, v2_config, _ = asyncio.run(fetch_image(converted["target"]))
+    assert config["rootfs"]["diff_ids"] == v2_config["rootfs"]["diff_ids"]  # the same tar either way
+    assert {d["annotations"][fmt.ANNOTATION_VERSION] for d in manifest["layers"]} == {"1"}
+    assert {d["annotations"][fmt.ANNOTATION_VERSION] for d in v2_manifest["layers"]} == {"2"}  # the default
+    old = json.loads(peerpull("inspect", v1, "--json").stdout)["layers"]
+    new = json.loads(peerpull("inspect", converted["target"], "--json").stdout)["layers"]
+    assert [layer["format_version"] for layer in old] == [1] * len(old)
+    assert [layer["format_version"] for layer in new] == [2] * len(new)
+    assert all(o["frames"] == o["chunks"] and n["frames"] <= n["chunks"] for o, n in zip(old, new))
+    assert sum(n["frames"] for n in new) < sum(o["frames"] for o in old)  # small files packed
+    table = peerpull("inspect", converted["target"]).stdout
+    assert "format" in table and "frames" in table

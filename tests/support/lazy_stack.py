@@ -37,8 +37,8 @@ class LazyStack:
         out = self.peerpull("pull", image, "--address", str(self.containerd.socket), "--namespace", NAMESPACE, "--json")
         return json.loads(out.stdout)
 
-    def convert(self, source: str, target: str, chunk_size: int) -> None:
-        self.peerpull("convert", source, target, "--chunk-size", str(chunk_size), "--quiet")
+    def convert(self, source: str, target: str, chunk_size: int, *extra: str) -> None:
+        self.peerpull("convert", source, target, "--chunk-size", str(chunk_size), "--quiet", *extra)
 
 
 def fuse_missing() -> str | None:
