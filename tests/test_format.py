@@ -271,7 +271,8 @@ def test_fuzz_toc_structure(wire: dict) -> None:
     packed = msgpack.packb(wire, use_bin_type=True)
     compressed = zstandard.ZstdCompressor().compress(packed)
     frame = fmt.SKIPPABLE_HEADER.pack(fmt.TOC_FRAME_MAGIC, len(compressed)) + compressed
-    footer = fmt.Footer(toc_offset=1 << 30, toc_length=len(frame), toc_uncompressed=len(packed))
+    version = wire["version"] if wire["version"] in fmt.SUPPORTED_VERSIONS else 1  # reach the entries
+    footer = fmt.Footer(toc_offset=1 << 30, toc_length=len(frame), toc_uncompressed=len(packed), version=version)
     try:
         toc = fmt.decode_toc(frame, footer)
     except FormatError:
