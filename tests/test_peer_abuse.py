@@ -42,7 +42,8 @@ def image(registry_session, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
     layout = tmp_path_factory.mktemp("abuse-layout")
     build_cluster_image(layout, big_bytes=6 << 20, small_files=40)
     target = f"{registry_session.address}/abuse/app:1"
-    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{layout}:latest", target)
+    # format 1: a frame per small file, so the peers have hundreds of chunks to trade
+    peerpull("convert", "--quiet", "--format-version", "1", "--chunk-size", str(CHUNK), f"oci:{layout}:latest", target)
 
     async def refs() -> list[ChunkRef]:
         async with RegistryClient(RegistryConfig()) as client:

@@ -25,7 +25,8 @@ CHUNK = 64 * 1024
 def seekable_image(registry, tmp_path: Path) -> str:
     build_cluster_image(tmp_path / "layout")
     target = f"{registry.address}/cluster/app:seekable"
-    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{tmp_path / 'layout'}:latest", target)
+    # format 1: a frame per small file, so the peers have hundreds of chunks to trade
+    peerpull("convert", "--quiet", "--format-version", "1", "--chunk-size", str(CHUNK), f"oci:{tmp_path / 'layout'}:latest", target)
     return "cluster/app:seekable"
 
 
