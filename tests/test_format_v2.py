@@ -276,3 +276,10 @@ def test_fuzz_v2_toc(frames: list, chunk_lists: list, sizes: list) -> None:
         for c in entry.chunks:
             assert 0 <= c.frame_offset and c.frame_offset + c.length <= c.frame_length <= CHUNK
             assert 0 <= c.blob_offset and c.blob_offset + c.compressed_length <= 1 << 20
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab./\0", max_size=12))
+def test_the_cheap_path_check_never_lets_an_unnormalized_path_through(path: str) -> None:
+    if fmt._plainly_normalized(path):
+        assert fmt.normalize_path(path) == path
