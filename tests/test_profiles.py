@@ -14,19 +14,23 @@ from aiohttp import web
 
 from converter.format import toc as fmt
 from converter.format.errors import FormatError
+from converter.format.layer_reader import location_from_annotations, read_toc_frame
 from converter.registry import media_types as mt
 from converter.registry import referrers
+from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
 from peer.config import PeerConfig
 from peer.node import PeerNode
+from peerpull import cli
 from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_recorder import ProfileRecorder
 from snapshotter.service.profiles_source import ProfileFinder
 from snapshotter.service.profiles_store import ProfileStore
 from tests.support.auth_registry import PASSWORD, USER, TokenServer, write_docker_config
-from tests.support.pushed_images import PushedImage, build_small_layout, push_image
+from tests.support.cli import assert_one_line_error, peerpull_cmd
+from tests.support.pushed_images import PushedImage, build_small_layout, push_image, push_seekable
 from tests.support.waiting import async_wait_until
 
 FAST = RegistryConfig(retries=1, backoff_base_s=0.01)
@@ -349,3 +353,36 @@ async def test_peer_route_serves_profiles_with_the_token_only(tmp_path: Path) ->
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+
+async def test_profile_show_reads_the_profile_and_the_tocs(registry, tmp_path: Path, capsys) -> None:
+    layout = build_small_layout(tmp_path / "layout", files=3, size=300_000)
+    image = await push_seekable(layout, registry.address, "app/shown")
+    async with RegistryClient(FAST) as client:
+        fetched = await client.get_manifest(ImageReference.parse(image.ref))
+    result = await asyncio.to_thread(peerpull_cmd, "profile", "show", image.ref)
+    assert_one_line_error(result, 7, "no startup profile")
+
+    desc = image.manifest["layers"][0]
+    async with RegistryClient(FAST) as client:
+        footer, frame = await read_toc_frame(
+            RegistryBlobReader(client, ImageReference.parse(image.ref), desc["digest"], desc["size"]),
+            location_from_annotations(desc["annotations"]))
+        chunks = sorted({c.blob_offset: c for e in fmt.decode_toc(frame, footer).entries for c in e.chunks}.values(),
+                        key=lambda c: c.blob_offset)
+        reads = [(desc["digest"], c.blob_offset) for c in chunks[:2]] + [(desc["digest"], chunks[0].blob_offset + 1)]
+        profile = pf.StartupProfile(fetched.digest, tuple(reads))
+        assert await ProfileFinder(ProfileStore(tmp_path / "a"), client, deadline_s=10).publish(image.ref, profile)
+    # in-process from here: the subprocess above covered the user's path, a second would only add start-up time
+    assert await asyncio.to_thread(cli.main, ["--log-level", "warning", "profile", "show", image.ref, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["manifest_digest"] == fetched.digest
+    assert (info["chunks"], info["stale"]) == (2, 1)
+    assert info["bytes"] == chunks[0].compressed_length + chunks[1].compressed_length
+    assert [layer["digest"] for layer in info["layers"]] == [desc["digest"]]
+    assert await asyncio.to_thread(cli.main, ["--log-level", "warning", "profile", "show", image.ref]) == 0
+    text = capsys.readouterr().out
+    assert "2 chunks" in text and "1 stale" in text

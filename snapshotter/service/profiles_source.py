@@ -35,6 +35,20 @@ def profile_url(address: str, manifest_digest: str) -> str:
     return f"http://{address}/v1/profiles/{manifest_digest}"
 
 
+async def registry_profile(client: RegistryClient, image_ref: str, manifest_digest: str) -> pf.StartupProfile | None:
+    """The newest valid profile the registry holds for the image (its referrers), or None."""
+    repo = ImageReference.parse(image_ref)
+    found = await referrers.list_referrers(client, repo, manifest_digest, pf.PROFILE_MEDIA_TYPE)
+    for descriptor in found[:REFERRERS_TRIED]:
+        try:
+            data = await referrers.fetch_payload(client, repo, descriptor, manifest_digest,
+                                                 pf.PROFILE_MEDIA_TYPE, pf.PROFILE_MEDIA_TYPE, pf.MAX_PROFILE_BYTES)
+            return pf.decode(data, manifest_digest)
+        except FormatError as exc:  # a broken artifact: try the next older one
+            log.info("profile_artifact_ignored", image=image_ref, artifact=descriptor.get("digest"), error=str(exc))
+    return None
+
+
 class ProfileFinder:
     def __init__(self, store: ProfileStore, client: RegistryClient, *, deadline_s: float,
                  frames: Callable[[str], Collection[int] | None] = lambda blob: None,
@@ -113,16 +127,7 @@ class ProfileFinder:
             return None
 
     async def _from_registry(self, image_ref: str, manifest_digest: str) -> pf.StartupProfile | None:
-        repo = ImageReference.parse(image_ref)
-        found = await referrers.list_referrers(self._client, repo, manifest_digest, pf.PROFILE_MEDIA_TYPE)
-        for descriptor in found[:REFERRERS_TRIED]:
-            try:
-                data = await referrers.fetch_payload(self._client, repo, descriptor, manifest_digest,
-                                                     pf.PROFILE_MEDIA_TYPE, pf.PROFILE_MEDIA_TYPE, pf.MAX_PROFILE_BYTES)
-                return pf.decode(data, manifest_digest)
-            except FormatError as exc:  # a broken artifact: try the next older one
-                log.info("profile_artifact_ignored", image=image_ref, artifact=descriptor.get("digest"), error=str(exc))
-        return None
+        return await registry_profile(self._client, image_ref, manifest_digest)
 
     # ---- publishing ---------------------------------------------------------------------------
 
