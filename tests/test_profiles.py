@@ -386,3 +386,17 @@ async def test_profile_show_reads_the_profile_and_the_tocs(registry, tmp_path: P
     assert await asyncio.to_thread(cli.main, ["--log-level", "warning", "profile", "show", image.ref]) == 0
     text = capsys.readouterr().out
     assert "2 chunks" in text and "1 stale" in text
+
+
+async def test_recordings_under_way_are_kept_when_the_daemon_stops() -> None:
+    done: list[pf.StartupProfile] = []
+
+    async def on_done(ref: str, profile: pf.StartupProfile) -> None:
+        done.append(profile)
+
+    recorder = ProfileRecorder(quiet_s=600, max_s=600, max_chunks=100, on_done=on_done)
+    recorder.start("r/img:1", M, [L1])
+    recorder.start("r/other:1", "sha256:" + "b" * 64, [L2])  # nothing read: nothing kept
+    recorder.observe(L1, chunk(4))
+    await recorder.close()
+    assert done == [pf.StartupProfile(M, ((L1, 4),))]

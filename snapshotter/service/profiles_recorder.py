@@ -2,9 +2,11 @@
 
 The FileReader calls `observe` for every chunk a read needs (on the event loop, no await): a
 dict look-up when nothing records, an append when something does. A recording ends when the image
-has been quiet (no new chunk) for `quiet_s`, at `max_s` after its start, or at `max_chunks`; the
-finished profile goes to `on_done`. One recording per image at a time: a second container of an
-image that is being recorded adds nothing new.
+has been quiet (no new chunk) for `quiet_s`, at `max_s` after its start, at `max_chunks`, or when
+the daemon stops (`close` gives the recordings under way up to `flush_s` to be kept: so a short
+`peerpull run` on the embedded set-up learns the image's profile too); the finished profile goes
+to `on_done`. One recording per image at a time: a second container of an image that is being
+recorded adds nothing new.
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ class Recording:
     last: float
     reads: list[tuple[str, int]] = field(default_factory=list)
     seen: set[tuple[str, int]] = field(default_factory=set)
-    full: asyncio.Event = field(default_factory=asyncio.Event)
+    full: asyncio.Event = field(default_factory=asyncio.Event)  # set at the size cap, or to end it now
+    closing: bool = False
+    task: asyncio.Task[None] | None = None
 
 
 class ProfileRecorder:
     def __init__(self, quiet_s: float, max_s: float, max_chunks: int,
-                 on_done: Callable[[str, StartupProfile], Awaitable[None]]) -> None:
+                 on_done: Callable[[str, StartupProfile], Awaitable[None]], flush_s: float = 5.0) -> None:
         self._quiet_s = quiet_s
         self._max_s = max_s
         self._max_chunks = max_chunks
         self._on_done = on_done
+        self._flush_s = flush_s
         self._by_manifest: dict[str, Recording] = {}
         self._by_blob: dict[str, list[Recording]] = {}
         self._tasks = TaskSet("profile_recorder")
@@ -72,7 +77,7 @@ class ProfileRecorder:
         self._by_manifest[manifest_digest] = rec
         for blob in rec.layers:
             self._by_blob.setdefault(blob, []).append(rec)
-        self._tasks.spawn(self._watch(rec), f"profile {manifest_digest}")
+        rec.task = self._tasks.spawn(self._watch(rec), f"profile {manifest_digest}")
         log.info("profile_recording_started", image=image_ref, manifest=manifest_digest, layers=len(rec.layers))
         return True
 
@@ -91,8 +96,11 @@ class ProfileRecorder:
         finally:
             self._stop(rec)
         profile = StartupProfile(rec.manifest_digest, tuple(rec.reads))
+        now = time.monotonic()
+        why = ("shutdown" if rec.closing else "size" if rec.full.is_set() else
+               "time" if now >= rec.started + self._max_s else "quiet")
         log.info("profile_recording_ended", image=rec.image_ref, manifest=rec.manifest_digest, chunks=len(rec.reads),
-                 seconds=round(time.monotonic() - rec.started, 2), full=rec.full.is_set())
+                 seconds=round(now - rec.started, 2), reason=why)
         if profile.reads:
             await self._on_done(rec.image_ref, profile)
 
@@ -106,4 +114,11 @@ class ProfileRecorder:
                 self._by_blob.pop(blob, None)
 
     async def close(self) -> None:
+        """End the recordings under way and keep what they have (within `flush_s`), then stop."""
+        pending = [rec.task for rec in self._by_manifest.values() if rec.task is not None]
+        for rec in list(self._by_manifest.values()):
+            rec.closing = True
+            rec.full.set()
+        if pending:
+            await asyncio.wait(pending, timeout=self._flush_s)
         await self._tasks.close()
