@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from converter.format import toc as fmt
-from converter.format.errors import FormatError
+from converter.format.errors import FormatError, RegistryNotFoundError
 from converter.format.layer_reader import location_from_annotations, read_toc_frame
 from converter.registry import media_types as mt
 from converter.registry import referrers
@@ -28,6 +28,7 @@ from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_recorder import ProfileRecorder
 from snapshotter.service.profiles_source import ProfileFinder
 from snapshotter.service.profiles_store import ProfileStore
+from tests.support.aio_site import serve_local
 from tests.support.auth_registry import PASSWORD, USER, TokenServer, write_docker_config
 from tests.support.cli import assert_one_line_error, peerpull_cmd
 from tests.support.pushed_images import PushedImage, build_small_layout, push_image, push_seekable
@@ -214,7 +215,7 @@ async def test_round_trip_through_the_referrers_api(registry, tmp_path: Path) ->
             assert await ProfileFinder(ProfileStore(tmp_path / "a"), client, deadline_s=10).publish(image_ref, profile)
             assert front.referrers[image.manifest_digest]
             tag = ImageReference.parse(image.ref).with_tag(referrers.fallback_tag(image.manifest_digest))
-            with pytest.raises(Exception, match="not found"):
+            with pytest.raises(RegistryNotFoundError):
                 await client.get_manifest(tag)  # the registry indexed it: no fallback tag written
             found = await ProfileFinder(ProfileStore(tmp_path / "b"), client, deadline_s=10).find(
                 image_ref, image.manifest_digest)
@@ -266,8 +267,6 @@ class ReferrersFront:
             return response
 
     async def start(self) -> None:
-        from tests.support.aio_site import serve_local
-
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
