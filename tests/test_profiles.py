@@ -105,6 +105,7 @@ def test_store_keeps_the_better_profile_and_removes_a_corrupt_file(tmp_path: Pat
     assert store.save(long)
     assert not store.save(pf.StartupProfile(M, ((L1, 9),)))  # fewer chunks: a warmer start, kept the old
     assert store.load(M) == long
+    assert not store.save(pf.StartupProfile(M, ((L1, 3), (L1, 1), (L1, 2))))  # as many: not clearly better
     assert store.save(pf.StartupProfile(M, ((L1, 0), (L1, 1), (L1, 2), (L1, 3))))
     store.path(M).write_bytes(b"{garbage")
     assert store.load(M) is None

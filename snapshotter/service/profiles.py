@@ -102,9 +102,13 @@ def restrict(profile: StartupProfile, frames: Callable[[str], Collection[int] | 
     return StartupProfile(profile.manifest_digest, tuple(kept))
 
 
+BETTER_BY = 1.1  # a new profile replaces a stored one with at least 10% more chunks
+
+
 def better(new: StartupProfile, old: StartupProfile | None) -> bool:
-    """Whether `new` should replace `old`: it saw more of the start-up (more distinct chunks).
+    """Whether `new` should replace `old`: it saw clearly more of the start-up (10% more chunks).
 
     A later start that reads less (its files already in the page cache, or a shorter run) does not
-    shrink the profile; an image change has another manifest digest and so another profile."""
-    return bool(new.reads) and (old is None or len(new.reads) > len(old.reads))
+    shrink the profile, and nodes that each record about the same do not push one after another;
+    an image change has another manifest digest and so another profile."""
+    return bool(new.reads) and (old is None or len(new.reads) >= len(old.reads) * BETTER_BY)
