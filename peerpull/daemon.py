@@ -97,7 +97,6 @@ class NodeDaemon:
                 ready.set()
             await asyncio.Future()  # until cancelled
 
-
     async def _profiles(self, stack: AsyncExitStack, reader: FileReader, remote: RemoteLayers) -> ProfileRecorder | None:
         """Startup profiles: kept under the root, served to peers, found for pulls, recorded and pushed."""
         sc = self.config
