@@ -253,7 +253,8 @@ def test_a_container_start_records_a_startup_profile_and_pushes_it(lazy_stack: L
     source = images.push_layout(layout, lazy_stack.registry.address, "profiled/original")
     target = f"{lazy_stack.registry.address}/profiled/seekable:1"
     lazy_stack.convert(source, target, images.CHUNK)
-    assert lazy_stack.pull(target)["lazy"] == 2
+    report = lazy_stack.pull(target)
+    assert report["lazy"] + report["already_present"] == 2 and report["downloaded"] == 0  # busybox: maybe shared
     run_container(lazy_stack.containerd, target, [], snapshotter="peerpull")
 
     def get(path: str, accept: str) -> bytes:
@@ -268,8 +269,9 @@ def test_a_container_start_records_a_startup_profile_and_pushes_it(lazy_stack: L
     stored = lazy_stack.daemon.root / "snapshotter" / "profiles" / f"{digest[7:]}.json"
     wait_until(stored.exists, 120, "the startup profile on the node's disk")
     profile = pf.decode(stored.read_bytes(), digest)
-    assert set(profile.layers) == set(layers)  # busybox ran, and it read the two files of the code layer
-    assert len(profile.reads) >= 3
+    # the two files of the code layer (busybox itself may be in the page cache from other containers)
+    assert layers[1] in profile.layers and set(profile.layers) <= set(layers)
+    assert len([blob for blob, _ in profile.reads if blob == layers[1]]) >= 2
 
     def pushed() -> bool:
         try:
