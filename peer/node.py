@@ -31,7 +31,7 @@ from peer.membership import Membership
 from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
 from peer.policy import OriginPolicy
-from peer.server import PeerServer
+from peer.server import PeerServer, ProfileReader
 from peer.warm import WarmProgress, image_chunks, warm
 
 log = structlog.get_logger(__name__)
@@ -94,6 +94,7 @@ class PeerNode:
         self.policy = OriginPolicy(peer.trusted_registries)
         self.listener: GuardedListener | None = None
         self._client: RegistryClient | None = None
+        self.profiles: ProfileReader | None = None  # set by the node daemon: startup profiles it keeps
 
     @property
     def registry(self) -> RegistryClient | None:
@@ -111,6 +112,9 @@ class PeerNode:
         report["layers_not_seekable"] = skipped
         log.info("image_warmed", image=image, **report)
         return report
+
+    async def _profile(self, manifest_digest: str) -> bytes | None:
+        return await self.profiles(manifest_digest) if self.profiles is not None else None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -131,7 +135,7 @@ class PeerNode:
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,
-                                warm=self.warm_image)
+                                warm=self.warm_image, profiles=self._profile)
             stack.callback(server.close)
             listener = GuardedListener(self.config.header_timeout_s, self.config.max_connections,
                                        on_evicted=lambda: self.metrics.refused.labels("connections").inc())

@@ -24,6 +24,7 @@ import msgpack
 import structlog
 from aiohttp import web
 
+from converter.format.digest import is_digest
 from converter.format.errors import FormatError, PeerpullError
 from converter.registry.reference import ImageReference
 from peer.budget import ByteBudget
@@ -38,6 +39,8 @@ from peer.warm import WarmProgress
 
 log = structlog.get_logger(__name__)
 WarmHandler = Callable[[str, WarmProgress], Awaitable[dict[str, object]]]
+ProfileReader = Callable[[str], Awaitable[bytes | None]]  # manifest digest → a stored startup profile
+MAX_PROFILE_ANSWER = 4 << 20  # a startup profile above this is not served (snapshotter/service/profiles.py)
 OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
 HIT_GROUP = 16  # cache hits loaded per worker hop
 HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's idle timeout (>= 1 s)
@@ -62,7 +65,8 @@ def _is_loopback(remote: str | None) -> bool:
 
 class PeerServer:
     def __init__(self, node_id: str, fetcher: ChunkFetcher, cache: ChunkCache, metrics: PeerMetrics,
-                 config: PeerConfig, policy: OriginPolicy, warm: WarmHandler | None = None) -> None:
+                 config: PeerConfig, policy: OriginPolicy, warm: WarmHandler | None = None,
+                 profiles: ProfileReader | None = None) -> None:
         self._node_id = node_id
         self._cache = cache
         self._fetcher = fetcher
@@ -75,6 +79,7 @@ class PeerServer:
         # cache reads for peers on their own threads: never behind verification of origin frames
         self._cache_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-cache")
         self._warm = warm
+        self._profiles = profiles
 
     def app(self, middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = ()) -> web.Application:
         app = web.Application(client_max_size=MAX_BATCH * (MAX_HINT_BYTES + 8) + 1024,
@@ -83,6 +88,7 @@ class PeerServer:
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/metrics", self._metrics_endpoint)
         app.router.add_post("/v1/warm", self._warm_endpoint)
+        app.router.add_get("/v1/profiles/{digest}", self._profile_endpoint)
         return app
 
     def close(self) -> None:
@@ -235,6 +241,18 @@ class PeerServer:
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _profile_endpoint(self, request: web.Request) -> web.Response:
+        """An image's startup profile by manifest digest, as this node keeps it (a hint: the asker
+        checks it); 404 when it has none."""
+        digest = request.match_info["digest"]
+        if not is_digest(digest):
+            self._metrics.refused.labels("malformed").inc()
+            return web.Response(status=400, text="expected /v1/profiles/sha256:<hex>")
+        data = await self._profiles(digest) if self._profiles is not None else None
+        if data is None or len(data) > MAX_PROFILE_ANSWER:
+            return web.Response(status=404, text="no startup profile for that manifest")
+        return web.Response(body=data, content_type="application/vnd.peerpull.startup-profile.v1+json")
 
     async def _warm_endpoint(self, request: web.Request) -> web.StreamResponse:
         """`{"image": REF}` → NDJSON: a progress line every `warm_progress_s`, then one final line

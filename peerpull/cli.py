@@ -23,6 +23,7 @@ from peerpull.commands import (
     daemon_cmd,
     inspect_cmd,
     peer_cmd,
+    profile_cmd,
     pull_cmd,
     quickstart_cmd,
     run_cmd,
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
-                   containerd_config_cmd, quickstart_cmd):
+                   containerd_config_cmd, quickstart_cmd, profile_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser

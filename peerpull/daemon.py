@@ -9,6 +9,7 @@ import asyncio
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import aiohttp
 import structlog
 
 from converter.format.errors import ConfigError
@@ -22,6 +23,10 @@ from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import FuseMount, unmount_stale
 from snapshotter.service.grpc_service import SnapshotService, serve
 from snapshotter.service.mounts import Layout
+from snapshotter.service.profiles import StartupProfile
+from snapshotter.service.profiles_recorder import ProfileRecorder
+from snapshotter.service.profiles_source import ProfileFinder
+from snapshotter.service.profiles_store import ProfileStore
 from snapshotter.service.remote import RemoteLayers
 from snapshotter.service.store import SnapshotStore
 
@@ -38,6 +43,7 @@ class NodeDaemon:
         self._prefetch_parallel = peer.prefetch_parallel
         self.fs: LayerFS | None = None
         self.service: SnapshotService | None = None
+        self.profiles: ProfileFinder | None = None  # the ProfileSource of this node's startup profiles
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -73,8 +79,10 @@ class NodeDaemon:
             # daemon exits with its error
             fuse_task = group.create_task(fuse.serve(), name="fuse-loop")
             stack.push_async_callback(fuse.stop, fuse_task)
+            recorder = await self._profiles(stack, reader, remote)
             self.service = SnapshotService(store, self.layout, remote,
-                                           on_fallback=lambda reason: self.peer.metrics.errors.labels("lazy", reason).inc())
+                                           on_fallback=lambda reason: self.peer.metrics.errors.labels("lazy", reason).inc(),
+                                           on_container=recorder.start if recorder is not None else None)
             orphans = await asyncio.to_thread(self.service.remove_orphans)
             server = await serve(self.service, socket_path)
             stack.push_async_callback(server.stop, 5)
@@ -88,6 +96,35 @@ class NodeDaemon:
             if ready is not None:
                 ready.set()
             await asyncio.Future()  # until cancelled
+
+    async def _profiles(self, stack: AsyncExitStack, reader: FileReader, remote: RemoteLayers) -> ProfileRecorder | None:
+        """Startup profiles: kept under the root, served to peers, found for pulls, recorded and pushed."""
+        sc = self.config
+        assert self.fs is not None and self.peer.registry is not None and self.peer.membership is not None
+        store = ProfileStore(self.layout.root)
+        session = await stack.enter_async_context(aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=sc.profile_find_timeout_s)))
+        membership = self.peer.membership
+        finder = ProfileFinder(store, self.peer.registry, deadline_s=sc.profile_find_timeout_s, frames=self.fs.frames,
+                               image_layers=remote.image_layers, peers=lambda: [m.address for m in membership.alive()],
+                               session=session, token=self.peer.config.token)
+        self.profiles = finder
+        self.peer.profiles = lambda digest: asyncio.to_thread(store.read_bytes, digest)
+        if not sc.profile_record:
+            return None
+
+        async def recorded(image_ref: str, profile: StartupProfile) -> None:
+            if not await asyncio.to_thread(store.save, profile):
+                log.info("profile_kept", image=image_ref, manifest=profile.manifest_digest, chunks=len(profile.reads))
+                return
+            log.info("profile_saved", image=image_ref, manifest=profile.manifest_digest, chunks=len(profile.reads))
+            if sc.profile_push:
+                await finder.publish(image_ref, profile)
+
+        recorder = ProfileRecorder(sc.profile_quiet_s, sc.profile_max_s, sc.profile_max_chunks, recorded)
+        stack.push_async_callback(recorder.close)
+        reader.add_observer(recorder.observe)
+        return recorder
 
 
 async def _wait_or_fail(event: asyncio.Event, task: asyncio.Task[None]) -> None:

@@ -15,6 +15,14 @@ class SnapshotterConfig:
     root: str = "/var/lib/peerpull/snapshotter"  # metadata, snapshot directories, layer TOCs, the FUSE mount
     socket: str = "/run/peerpull/snapshotter.sock"  # containerd's [proxy_plugins.peerpull] address
     name: str = "peerpull"  # the snapshotter name containerd knows us by
+    # startup profiles (docs/snapshotter.md): record the chunks a container of an image reads first,
+    # until no new chunk for profile_quiet_s, profile_max_s after its start, or profile_max_chunks
+    profile_record: bool = True
+    profile_quiet_s: float = setting(5.0, lo=0.1, hi=600)
+    profile_max_s: float = setting(60.0, lo=1.0, hi=3600)
+    profile_max_chunks: int = setting(50_000, lo=1, hi=200_000)
+    profile_push: bool = True  # push recorded profiles to the image's repository (needs write access)
+    profile_find_timeout_s: float = setting(1.0, lo=0.05, hi=30)  # local disk → peers → registry, at most this
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
     namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
     # none: fetch only what is read; file (default): when a file is read, fetch the rest of it ahead

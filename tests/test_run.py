@@ -59,6 +59,22 @@ def test_run_reports_timings_and_bytes_in_both_modes(web_image: dict[str, str], 
     assert results["normal"]["registry_wire_bytes"] > 24 << 20
     assert results["lazy"]["registry_wire_bytes"] < results["normal"]["registry_wire_bytes"] / 5
     assert results["lazy"]["bytes_by_tier"]["origin"] > 0  # busybox came from the registry, through the fetcher
+    # its private daemon recorded the start and, stopping, kept the profile and pushed it next to the image
+    assert _has_profile(web_image["target"])
+
+
+def _has_profile(image: str) -> bool:
+    from converter.registry.client import RegistryClient
+    from converter.registry.reference import ImageReference
+    from snapshotter.service.profiles_source import registry_profile
+
+    async def find() -> bool:
+        async with RegistryClient(RegistryConfig()) as client:
+            ref = ImageReference.parse(image)
+            digest = (await client.get_manifest(ref)).digest
+            return await registry_profile(client, image, digest) is not None
+
+    return asyncio.run(find())
 
 
 def test_run_readiness_mode_waits_for_the_endpoint(web_image: dict[str, str], tmp_path: Path) -> None:

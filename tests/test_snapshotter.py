@@ -252,3 +252,55 @@ def test_daemon_says_when_containerd_is_missing(tmp_path: Path) -> None:
     with EmbeddedDaemon(tmp_path / "daemon", extra_env=env) as daemon:
         log = daemon.log_tail(20000)
     assert '"containerd_not_found"' in log and "peerpull containerd-config" in log
+
+
+def test_a_container_start_records_a_startup_profile_and_pushes_it(lazy_stack: LazyStack) -> None:
+    """Default settings: the first reads after a container starts become the image's profile, on
+    the node's disk and, as an artifact referring to the manifest, in the registry."""
+    import json
+    import urllib.request
+
+    from converter.registry import media_types as mt
+    from converter.registry.referrers import fallback_tag
+    from snapshotter.service import profiles as pf
+    from tests.support.waiting import wait_until
+
+    rnd = random.Random(9)
+    code = images.LayerBuilder()
+    code.dir("srv")
+    for i in range(40):
+        code.file(f"srv/f{i:02d}", rnd.randbytes(rnd.randint(1000, 150_000)))
+    layout = lazy_stack.root / "profiled"
+    images.write_oci_image(layout, [images.busybox_layer().tar_bytes(), code.tar_bytes()],
+                           cmd=["/bin/busybox", "sha256sum", "/srv/f03", "/srv/f17"])
+    source = images.push_layout(layout, lazy_stack.registry.address, "profiled/original")
+    target = f"{lazy_stack.registry.address}/profiled/seekable:1"
+    lazy_stack.convert(source, target, images.CHUNK)
+    report = lazy_stack.pull(target)
+    assert report["lazy"] + report["already_present"] == 2 and report["downloaded"] == 0  # busybox: maybe shared
+    run_container(lazy_stack.containerd, target, [], snapshotter="peerpull")
+
+    def get(path: str, accept: str) -> bytes:
+        request = urllib.request.Request(f"{lazy_stack.registry.url}/v2/profiled/seekable/{path}",
+                                         headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return bytes(resp.read())
+
+    body = get("manifests/1", mt.OCI_MANIFEST)
+    manifest, digest = json.loads(body), "sha256:" + hashlib.sha256(body).hexdigest()
+    layers = [d["digest"] for d in manifest["layers"]]
+    stored = lazy_stack.daemon.root / "snapshotter" / "profiles" / f"{digest[7:]}.json"
+    wait_until(stored.exists, 120, "the startup profile on the node's disk")
+    profile = pf.decode(stored.read_bytes(), digest)
+    # the two files of the code layer (busybox itself may be in the page cache from other containers)
+    assert layers[1] in profile.layers and set(profile.layers) <= set(layers)
+    assert len([blob for blob, _ in profile.reads if blob == layers[1]]) >= 2
+
+    def pushed() -> bool:
+        try:
+            index = json.loads(get(f"manifests/{fallback_tag(digest)}", mt.OCI_INDEX))
+        except OSError:
+            return False
+        return any(e.get("artifactType") == pf.PROFILE_MEDIA_TYPE for e in index["manifests"])
+
+    wait_until(pushed, 60, "the profile artifact in the registry")

@@ -119,6 +119,37 @@ class RegistryClient(RegistryTransport):
                             read=self._discard(ref, what), headers={"Content-Type": media_type}, body=body, push=True)
         return sha256_digest(body)
 
+    async def put_manifest(self, ref: ImageReference, body: bytes, media_type: str) -> tuple[str, bool]:
+        """Push a manifest; (its digest, whether the registry says it indexed the manifest's
+        `subject`: the `OCI-Subject` answer header of registries with the referrers API)."""
+        what = f"push of manifest {ref}"
+        discard = self._discard(ref, what)
+
+        async def read(resp: aiohttp.ClientResponse) -> bool:
+            subject = "OCI-Subject" in resp.headers
+            await discard(resp)
+            return subject
+
+        indexed = await self._bounded("PUT", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what,
+                                      ok=(200, 201), read=read, headers={"Content-Type": media_type}, body=body,
+                                      push=True)
+        return sha256_digest(body), indexed
+
+    async def get_referrers(self, ref: ImageReference, digest: str, artifact_type: str = "") -> bytes | None:
+        """The referrers API's image index for `digest` (filtered by `artifact_type` where the
+        registry filters); None when the registry has no referrers API (it answers 404)."""
+        what = f"referrers of {digest} in {ref.registry}/{ref.repository}"
+        query = f"?{urlencode({'artifactType': artifact_type})}" if artifact_type else ""
+
+        async def read(resp: aiohttp.ClientResponse) -> bytes | None:
+            if resp.status == 404:
+                await self._read_limited(resp, MAX_ERROR_BODY_BYTES, ref, what)
+                return None
+            return await self._read_limited(resp, MAX_MANIFEST_BYTES, ref, what)
+
+        return await self._bounded("GET", ref, f"{self._base(ref)}/referrers/{digest}{query}", what=what,
+                                   ok=(200, 404), read=read, headers={"Accept": mt.OCI_INDEX})
+
     # ---- blobs ---------------------------------------------------------------------------
 
     async def blob_size(self, ref: ImageReference, digest: str) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -94,6 +95,12 @@ class FileReader:
         # only the remote tiers, so this one is not redundant with it.
         self._loading: SingleFlight[bytes] = SingleFlight()
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
+        self._observers: list[Callable[[str, fmt.Chunk], None]] = []
+
+    def add_observer(self, fn: Callable[[str, fmt.Chunk], None]) -> None:
+        """Call `fn(layer blob digest, chunk)` for every chunk a read needs (startup profiles):
+        on the event loop, before the chunk is fetched; it must be cheap and must not raise."""
+        self._observers.append(fn)
 
     async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
         """A chunk's verified bytes, from memory or through the fetcher (one load per digest at a time)."""
@@ -133,6 +140,9 @@ class FileReader:
         first = bisect.bisect_right(chunks, offset, key=lambda c: c.file_offset) - 1
         last = bisect.bisect_left(chunks, end, key=lambda c: c.file_offset)
         wanted = chunks[max(first, 0):last]
+        for observe in self._observers:
+            for c in wanted:
+                observe(source.blob, c)
         if len(chunks) == 1 and self._prefetch != "none" and self._memory.get(chunks[0].digest) is None:
             self._read_ahead(source, self._neighbours(source, chunks[0]))
         if len(wanted) == 1:

@@ -25,13 +25,22 @@ from converter.format.errors import AlreadyExistsError, ConfigError, NotSeekable
 from snapshotter.service import filters
 from snapshotter.service.grpc_errors import rpc
 from snapshotter.service.mounts import Layout, MountSpec, mounts_for
-from snapshotter.service.remote import LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, RemoteLayers
+from snapshotter.service.remote import (
+    LABEL_IMAGE_REF,
+    LABEL_LAYER_DIGEST,
+    LABEL_MANIFEST_DIGEST,
+    LABEL_REMOTE,
+    LABEL_TARGET,
+    RemoteLayers,
+)
 from snapshotter.service.store import ACTIVE, COMMITTED, VIEW, Snapshot, SnapshotStore
 
 log = structlog.get_logger(__name__)
 pb = proto.load("containerd.services.snapshots.v1.snapshots_pb2")
 pb_grpc = proto.load("containerd.services.snapshots.v1.snapshots_pb2_grpc")
 mount_pb = proto.load("containerd.types.mount_pb2")
+# a container of an image starts: (image ref, manifest digest, its lazily served layers)
+ContainerStarted = Callable[[str, str, list[str]], object]
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
@@ -67,8 +76,9 @@ def _usage(path: Path) -> tuple[int, int]:
 
 class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc,name-defined]
     def __init__(self, store: SnapshotStore, layout: Layout, remote: RemoteLayers | None,
-                 on_fallback: Callable[[str], None] | None = None) -> None:
+                 on_fallback: Callable[[str], None] | None = None, on_container: ContainerStarted | None = None) -> None:
         self._store = store
+        self._on_container = on_container
         self._layout = layout
         self._remote = remote
         self._on_fallback = on_fallback or (lambda reason: None)
@@ -131,7 +141,32 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc,name-defi
         labels = dict(request.labels)
         if await self._try_remote(request.key, request.parent, labels):
             raise AlreadyExistsError(f"target snapshot {labels[LABEL_TARGET]!r} is served lazily")
-        return pb.PrepareSnapshotResponse(mounts=await self._create(ACTIVE, request.key, request.parent, labels))
+        mounts = await self._create(ACTIVE, request.key, request.parent, labels)
+        if self._on_container is not None and request.parent and LABEL_TARGET not in labels:
+            await self._container_started(request.key, request.parent)
+        return pb.PrepareSnapshotResponse(mounts=mounts)
+
+    def _lazy_image(self, parent: str) -> tuple[str, str, list[str]] | None:
+        """The image (ref, manifest digest) and lazily served layers under `parent`, if it has any."""
+        top = self._store.get(parent)
+        chain = [top, *self._store.chain(top)]
+        layers = [s.layer for s in chain if s.layer]
+        image = next((s.labels for s in chain if s.layer and s.labels.get(LABEL_IMAGE_REF)
+                      and s.labels.get(LABEL_MANIFEST_DIGEST)), None)
+        if not layers or image is None:
+            return None
+        return image[LABEL_IMAGE_REF], image[LABEL_MANIFEST_DIGEST], layers
+
+    async def _container_started(self, key: str, parent: str) -> None:
+        """An active snapshot that is no layer being unpacked (no target label): a container's
+        root file system. Its image's startup gets recorded; nothing here may fail the Prepare."""
+        assert self._on_container is not None
+        try:
+            image = await self._store.run(self._lazy_image, parent)
+            if image is not None:
+                self._on_container(*image)
+        except Exception as exc:  # a profile is a hint: the container starts whatever happens here
+            log.warning("profile_start_failed", key=key, error=f"{type(exc).__name__}: {exc}")
 
     @rpc
     async def View(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -133,16 +133,29 @@ class RemoteLayers:
                  toc_verified=expected is not None)
         return record
 
-    async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
-        """The TOC location the manifest (fetched by its digest) announces; NotSeekableError if none."""
-        if not manifest_digest:
+    async def image_layers(self, image_ref: str, manifest_digest: str) -> list[str] | None:
+        """The layer digests the image's manifest lists (fetched by digest once), None if unreadable."""
+        try:
+            body = await self._manifest(ImageReference.parse(image_ref), manifest_digest)
+            layers = json.loads(body).get("layers") or []
+            return [d["digest"] for d in layers if isinstance(d, dict) and is_digest(d.get("digest"))]
+        except (PeerpullError, ValueError, AttributeError):
             return None
+
+    async def _manifest(self, image: ImageReference, manifest_digest: str) -> bytes:
         body = self._manifests.get(manifest_digest)
         if body is None:
             body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
             self._manifests[manifest_digest] = body
             while len(self._manifests) > 64:
                 self._manifests.popitem(last=False)
+        return body
+
+    async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
+        """The TOC location the manifest (fetched by its digest) announces; NotSeekableError if none."""
+        if not manifest_digest:
+            return None
+        body = await self._manifest(image, manifest_digest)
         try:
             layers = json.loads(body).get("layers") or []
         except (ValueError, AttributeError):
