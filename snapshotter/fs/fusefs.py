@@ -77,6 +77,11 @@ class LayerFS(pyfuse3.Operations):
             self._by_slot.pop(layer.tree.slot, None)
             log.info("layer_unmounted", layer=digest)
 
+    def source(self, digest: str) -> LayerSource | None:
+        """Where a mounted layer's chunks come from (None: not mounted)."""
+        layer = self._by_name.get(digest.split(":", 1)[1].encode())
+        return layer.source if layer is not None else None
+
     def _node(self, ino: int) -> tuple[MountedLayer, Inode]:
         layer = self._by_slot.get(ino >> 32)
         node = layer.tree.inodes.get(ino) if layer is not None else None
