@@ -21,6 +21,7 @@ from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import FuseMount, unmount_stale
 from snapshotter.service.grpc_service import SnapshotService, serve
+from snapshotter.service.image_fetch import ImageFetch, ProfileSource
 from snapshotter.service.mounts import Layout
 from snapshotter.service.remote import RemoteLayers
 from snapshotter.service.store import SnapshotStore
@@ -31,13 +32,16 @@ log = structlog.get_logger(__name__)
 class NodeDaemon:
     """Each component gets only its own config section."""
 
-    def __init__(self, snapshotter: SnapshotterConfig, peer: PeerConfig, registry: RegistryConfig) -> None:
+    def __init__(self, snapshotter: SnapshotterConfig, peer: PeerConfig, registry: RegistryConfig,
+                 profiles: ProfileSource | None = None) -> None:
         self.config = snapshotter
+        self._profiles = profiles  # startup profiles (snapshotter/service/profiles.py), wired by the caller
         self.layout = Layout(Path(snapshotter.root))
         self.peer = PeerNode(peer, registry)
         self._prefetch_parallel = peer.prefetch_parallel
         self.fs: LayerFS | None = None
         self.service: SnapshotService | None = None
+        self.image_fetch: ImageFetch | None = None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -59,11 +63,18 @@ class NodeDaemon:
             stack.callback(peer_task.cancel)
             await _wait_or_fail(peer_ready, peer_task)
             assert self.peer.fetcher is not None and self.peer.registry is not None
-            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel)
+            assert self.peer.streamer is not None
+            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel,
+                                sc.prefetch_sequential_bytes, self.peer.streamer)
             stack.push_async_callback(reader.close)
             self.fs = LayerFS(reader)
+            # profile + background streaming of each pulled image; stopped before the reader and the
+            # fetcher close (the stack unwinds in reverse)
+            self.image_fetch = ImageFetch(self.peer.streamer, sc, self._profiles)
+            stack.push_async_callback(self.image_fetch.close)
+            reader.add_observer(self.image_fetch.observe)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
-                                  trust_registry=self.peer.trust_registry)
+                                  trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch)
             stack.push_async_callback(remote.close)
             restored = remote.restore()
             fuse = FuseMount(self.fs, self.layout.fuse, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
@@ -84,7 +95,8 @@ class NodeDaemon:
                             hint="start containerd with the snippet of `peerpull containerd-config` in its config; "
                                  "until then nothing calls this snapshotter")
             log.info("daemon_ready", socket=str(socket_path), mount=str(self.layout.fuse), layers_restored=restored,
-                     snapshots=len(store.all()), orphans_removed=orphans, prefetch=sc.prefetch)
+                     snapshots=len(store.all()), orphans_removed=orphans, prefetch=sc.prefetch,
+                     stream=sc.stream)
             if ready is not None:
                 ready.set()
             await asyncio.Future()  # until cancelled

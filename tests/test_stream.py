@@ -27,11 +27,12 @@ CHUNK = 64 * 1024
 RUN = 512 << 10
 
 
-@pytest.fixture
-def image(registry, tmp_path: Path) -> str:
-    build_cluster_image(tmp_path / "layout", big_bytes=3 << 20, small_files=40)
-    target = f"{registry.address}/stream/app:1"
-    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{tmp_path / 'layout'}:latest", target)
+@pytest.fixture(scope="module")
+def image(registry_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    layout = tmp_path_factory.mktemp("stream") / "layout"
+    build_cluster_image(layout, big_bytes=3 << 20, small_files=40)
+    target = f"{registry_session.address}/stream/app:1"
+    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{layout}:latest", target)
     return target
 
 
@@ -60,9 +61,9 @@ class Node:
         self.cache.close()
 
 
-async def test_a_stream_fetches_every_frame_once_in_coalesced_ranges(registry, image: str, tmp_path: Path) -> None:
-    proxy = await FaultProxy(registry.url).start()
-    proxied = image.replace(registry.address, proxy.address)
+async def test_a_stream_fetches_every_frame_once_in_coalesced_ranges(registry_session, image: str, tmp_path: Path) -> None:
+    proxy = await FaultProxy(registry_session.url).start()
+    proxied = image.replace(registry_session.address, proxy.address)
     async with RegistryClient(RegistryConfig()) as client:
         refs, _ = await image_chunks(client, proxied)
         node = Node(client, tmp_path, PeerConfig(coalesce_max_bytes=RUN, stream_parallel=3))
@@ -110,9 +111,9 @@ def test_plan_keeps_the_order_asked_for_and_never_reads_across_a_frame_not_asked
     assert all(item.origin for item in items)
 
 
-async def test_an_on_demand_read_goes_before_the_streams_queued_requests(registry, image: str, tmp_path: Path) -> None:
-    proxy = await FaultProxy(registry.url).start()
-    proxied = image.replace(registry.address, proxy.address)
+async def test_an_on_demand_read_goes_before_the_streams_queued_requests(registry_session, image: str, tmp_path: Path) -> None:
+    proxy = await FaultProxy(registry_session.url).start()
+    proxied = image.replace(registry_session.address, proxy.address)
     # 3 slots, 2 reserved for on-demand reads: the stream has one request on the wire at a time
     config = PeerConfig(coalesce_max_bytes=RUN, stream_parallel=4, origin_max_inflight=3)
     async with RegistryClient(RegistryConfig(read_timeout_s=60)) as client:
