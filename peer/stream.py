@@ -131,9 +131,13 @@ class Streamer:
             present.update(r.digest for r, hit in zip(batch, found) if hit)
         return [r for r in refs if r.digest not in present]
 
-    async def stream(self, refs: Iterable[ChunkRef], what: str) -> StreamReport:
-        """Bring every frame of `refs` into the cache, earliest first; cancelling stops it at once."""
+    async def stream(self, refs: Iterable[ChunkRef], what: str, quiet: bool = False) -> StreamReport:
+        """Bring every frame of `refs` into the cache, earliest first; cancelling stops it at once.
+
+        `quiet`: log start and end at debug level (a file's fetch-ahead), not info.
+        """
         started = time.monotonic()
+        emit = log.debug if quiet else log.info
         seen: set[str] = set()
         unique = [r for r in refs if not (r.digest in seen or seen.add(r.digest))]  # type: ignore[func-returns-value]
         report = StreamReport(frames=len(unique))
@@ -143,13 +147,13 @@ class Streamer:
         if self._membership is not None:
             to_peers = {r.digest for r in todo if self._membership.candidates_for(r.digest)}
         items = plan(todo, to_peers, self._config.coalesce_max_bytes)
-        log.info("stream_started", what=what, frames=len(unique), cached=report.cached, items=len(items),
+        emit("stream_started", what=what, frames=len(unique), cached=report.cached, items=len(items),
                  bytes=sum(i.size for i in items))
         work = iter(items)
         async with asyncio.TaskGroup() as group:
             for _ in range(min(self._config.stream_parallel, len(items))):
                 group.create_task(self._worker(work, report, what))
-        log.info("stream_done", what=what, seconds=round(time.monotonic() - started, 3), **report.as_dict())
+        emit("stream_done", what=what, seconds=round(time.monotonic() - started, 3), **report.as_dict())
         return report
 
     async def _worker(self, work: Iterator[_Item], report: StreamReport, what: str) -> None:
