@@ -131,6 +131,12 @@ class OriginSource:
             for digest in futures:
                 self._on_wire.pop(digest, None)
 
+    def busy(self, ref: ChunkRef) -> bool:
+        """Whether `ref`'s frame is being fetched already: queued, on the wire, or arrived."""
+        if ref.digest in self._on_wire or ref.digest in self._staged:
+            return True
+        return any(q.digest == ref.digest for q in self._queue.waiting((ref.repository, ref.blob)))
+
     def unstage(self, refs: Sequence[ChunkRef]) -> None:
         """Forget the staged frames of a run once the fetcher has them (verified and cached, or failed)."""
         for ref in refs:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import structlog
@@ -104,6 +104,20 @@ def plan(refs: list[ChunkRef], to_peers: set[str], budget: int) -> list[_Item]:
     return items
 
 
+def _split(refs: Sequence[ChunkRef], skip: Callable[[ChunkRef], bool]) -> Iterator[list[ChunkRef]]:
+    """The runs of `refs` left when the skipped ones are cut out (never read across a cut)."""
+    run: list[ChunkRef] = []
+    for ref in refs:
+        if skip(ref):
+            if run:
+                yield run
+            run = []
+        else:
+            run.append(ref)
+    if run:
+        yield run
+
+
 class Streamer:
     """One per node: every stream shares its in-flight slots and byte budget."""
 
@@ -127,7 +141,7 @@ class Streamer:
         present: set[str] = set()
         for i in range(0, len(maybe), 256):
             batch = maybe[i:i + 256]
-            found = await asyncio.gather(*(self._cache.contains(r.digest) for r in batch))
+            found = await asyncio.gather(*(self._cached(r) for r in batch))
             present.update(r.digest for r, hit in zip(batch, found) if hit)
         return [r for r in refs if r.digest not in present]
 
@@ -152,36 +166,78 @@ class Streamer:
         work = iter(items)
         async with asyncio.TaskGroup() as group:
             for _ in range(min(self._config.stream_parallel, len(items))):
-                group.create_task(self._worker(work, report, what))
+                group.create_task(self._worker(work, report, what, group))
         emit("stream_done", what=what, seconds=round(time.monotonic() - started, 3), **report.as_dict())
         return report
 
-    async def _worker(self, work: Iterator[_Item], report: StreamReport, what: str) -> None:
+    async def _worker(self, work: Iterator[_Item], report: StreamReport, what: str,
+                      group: asyncio.TaskGroup) -> None:
         for item in work:  # one shared iterator: items start in order
-            async with self._slots:
-                size = item.size
-                await self._budget.acquire(size)
-                try:
-                    await (self._run(item, report) if item.origin else self._peers(item, report))
-                except Exception as exc:  # the frames stay on demand: a read fetches and reports them
-                    report.failed += len(item.refs)
-                    log.info("stream_item_failed", what=what, blob=item.refs[0].blob, frames=len(item.refs),
-                             error=str(exc) or type(exc).__name__)
-                finally:
+            size = item.size
+            await self._budget.acquire(size)  # memory first: verification below still holds it
+            handed_on = False
+            try:
+                async with self._slots:
+                    if not item.origin:
+                        await self._peers(item, report)
+                        continue
+                    runs = await self._fetch_runs(item, report)
+                # the slot is free for the next run while these frames are verified and cached
+                group.create_task(self._verify(runs, size, report, what))
+                handed_on = True
+            except Exception as exc:
+                self._failed(item.refs, exc, report, what)
+            finally:
+                if not handed_on:
                     self._budget.release(size)
 
-    async def _run(self, item: _Item, report: StreamReport) -> None:
+    @staticmethod
+    def _failed(refs: Sequence[ChunkRef], exc: Exception, report: StreamReport, what: str) -> None:
+        """The frames stay on demand: a read fetches (and reports) them."""
+        report.failed += len(refs)
+        log.info("stream_item_failed", what=what, blob=refs[0].blob, frames=len(refs), error=str(exc) or type(exc).__name__)
+
+    async def _fetch_runs(self, item: _Item, report: StreamReport) -> list[list[ChunkRef]]:
+        """The item's frames still missing, staged at the origin, in as few Range requests as that allows."""
+        # a reader may have fetched some frames since the plan: leave those out, and never read
+        # across them (their bytes would come twice)
+        cached = dict(zip(item.refs, await asyncio.gather(*(self._cached(r) for r in item.refs))))
+        fetched: list[list[ChunkRef]] = []
         try:
-            await self._origin.fetch_run(item.refs, background=True)
-            report.requests += 1
-            # the staged frames are verified and cached through the fetcher's own path
-            await asyncio.gather(*(self._fetcher.fetch(r, use_peers=False, background=True) for r in item.refs))
+            for part in _split(item.refs, cached.__getitem__):
+                for run in _split(part, self._origin.busy):  # checked again as each run starts
+                    fetched.append(run)
+                    await self._origin.fetch_run(run, background=True)
+                    report.requests += 1
+        except BaseException:
+            for run in fetched:
+                self._origin.unstage(run)
+            raise
+        report.cached += sum(cached.values())
+        return fetched
+
+    async def _verify(self, runs: list[list[ChunkRef]], size: int, report: StreamReport, what: str) -> None:
+        """Staged frames verified and cached through the fetcher's own path."""
+        try:
+            for run in runs:
+                try:
+                    await asyncio.gather(*(self._fetcher.fetch(r, use_peers=False, background=True) for r in run))
+                    report.from_origin += len(run)
+                    report.bytes += sum(r.compressed_length for r in run)
+                except Exception as exc:
+                    self._failed(run, exc, report, what)
         finally:
-            self._origin.unstage(item.refs)
-        report.from_origin += len(item.refs)
-        report.bytes += item.size
+            for run in runs:
+                self._origin.unstage(run)
+            self._budget.release(size)
+
+    async def _cached(self, ref: ChunkRef) -> bool:
+        if not self._cache.might_have(ref.digest):
+            return False
+        return self._cache.staged(ref.digest) or await self._cache.contains(ref.digest)
 
     async def _peers(self, item: _Item, report: StreamReport) -> None:
+        """Frames the owner peers hold (the peer client batches them); a failed peer falls back to the origin."""
         fetched = await asyncio.gather(*(self._fetcher.fetch(r, use_peers=True, background=True)
                                          for r in item.refs))
         for f in fetched:
