@@ -52,6 +52,10 @@ class BatchQueue(Generic[K, R, T]):
         """How many requests of `key` wait to be sent now."""
         return len(self._queues.get(key, ()))
 
+    def waiting(self, key: K) -> list[R]:
+        """The requests of `key` waiting to be sent now."""
+        return list(self._queues.get(key, {}).values())
+
     async def submit(self, key: K, request: R, slot: Callable[[], AbstractAsyncContextManager[Any]]) -> T:
         """The answer to `request`: sent in a batch by whichever waiter of `key` gets a slot first."""
         loop = asyncio.get_running_loop()

@@ -60,6 +60,10 @@ class ChunkCache:
         """A verified frame about to be stored (store_verified): lookups find it already."""
         self._staged[ref.digest] = frame
 
+    def staged(self, digest: str) -> bool:
+        """A verified frame on its way to disk: a stream must not fetch it again."""
+        return digest in self._staged
+
     def close(self) -> None:
         self._cache.close()
 

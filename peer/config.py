@@ -37,6 +37,10 @@ class PeerConfig:
     coalesce_max_bytes: int = setting(8 << 20, lo=64 << 10, hi=256 << 20)
     # chunks in flight for warm-up/prefetch: queued ones coalesce at the origin
     prefetch_parallel: int = setting(64, lo=1, hi=4096)
+    # streams (startup profiles, background streaming of an image): Range requests of up to
+    # coalesce_max_bytes in flight at once, and the bytes they may hold in memory, for all streams
+    stream_parallel: int = setting(4, lo=1, hi=256)
+    stream_max_bytes_in_flight: int = setting(64 << 20, lo=1 << 20, hi=4 << 30)
     # peer server: misses that need the origin get their own slots and deadline (cache hits never wait
     # behind them); bytes being answered are bounded per connection and in total
     max_concurrent_serves: int = setting(64, lo=1, hi=4096)  # origin fetches for peers at once; more wait

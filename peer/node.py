@@ -32,6 +32,7 @@ from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
 from peer.policy import OriginPolicy
 from peer.server import PeerServer, ProfileReader
+from peer.stream import Streamer
 from peer.warm import WarmProgress, image_chunks, warm
 
 log = structlog.get_logger(__name__)
@@ -90,6 +91,7 @@ class PeerNode:
         self._registry_config = registry
         self.metrics = PeerMetrics()
         self.fetcher: ChunkFetcher | None = None
+        self.streamer: Streamer | None = None  # streams of frames for the snapshotter (peer/stream.py)
         self.membership: Membership | None = None
         self.policy = OriginPolicy(peer.trusted_registries)
         self.listener: GuardedListener | None = None
@@ -132,6 +134,7 @@ class PeerNode:
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
             self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
+            self.streamer = Streamer(self.fetcher, origin, cache, self.config, self.membership)
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,

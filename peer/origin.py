@@ -3,12 +3,17 @@
 Each registry gets at most `origin_max_inflight` requests at once, so a prefetch cannot flood
 it; requests that queue meanwhile for nearby frames of one blob (gaps up to MAX_GAP_BYTES) are
 served by one Range request of up to `coalesce_max_bytes`. A gap is read across only when nothing
-but header frames lies in it (`ChunkRef.next_offset`), so no other node's chunk is fetched twice.
+but header frames lies in it (`ChunkRef.next_offset`, `joinable`), so no other node's chunk is fetched twice.
+
+A stream (peer/stream.py) sends its own runs (`fetch_run`): while a run is on the wire, a request
+for one of its frames waits for that answer instead of asking again, and a frame that arrived
+stays staged (`staged`) until the fetcher has verified and cached it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -24,7 +29,7 @@ log = structlog.get_logger(__name__)
 MAX_GAP_BYTES = 64 * 1024
 
 
-def _joinable(first: ChunkRef, second: ChunkRef) -> bool:
+def joinable(first: ChunkRef, second: ChunkRef) -> bool:
     """One Range request may cover both: adjacent, the same frame, or only header frames between."""
     end = first.blob_offset + first.compressed_length
     if second.blob_offset <= end:
@@ -45,11 +50,11 @@ def coalescing(budget: int) -> Callable[[list[ChunkRef], int], list[int]]:
         start, end = ref.blob_offset, ref.blob_offset + ref.compressed_length
         while True:
             grown = False
-            if hi + 1 < len(items) and _joinable(items[hi], items[hi + 1]):
+            if hi + 1 < len(items) and joinable(items[hi], items[hi + 1]):
                 new_end = max(end, items[hi + 1].blob_offset + items[hi + 1].compressed_length)
                 if new_end - start <= budget:
                     hi, end, grown = hi + 1, new_end, True
-            if lo > 0 and _joinable(items[lo - 1], items[lo]) and end - items[lo - 1].blob_offset <= budget:
+            if lo > 0 and joinable(items[lo - 1], items[lo]) and end - items[lo - 1].blob_offset <= budget:
                 lo, start, grown = lo - 1, min(start, items[lo - 1].blob_offset), True
             if not grown:
                 break
@@ -66,6 +71,14 @@ class OriginSource:
         self._queue: BatchQueue[tuple[str, str], ChunkRef, bytes] = BatchQueue(
             self._read_run, coalescing(config.coalesce_max_bytes))
         self.requests = 0  # Range requests sent
+        self.bytes = 0  # bytes those requests asked for
+        # frames of stream runs: on the wire (a future) or arrived and not yet cached (bytes)
+        self._on_wire: dict[str, asyncio.Future[bytes]] = {}
+        self._staged: dict[str, bytes] = {}
+
+    def _slots(self, ref: ChunkRef) -> PrioritySlots:
+        image = ImageReference.parse(ref.repository)
+        return self._limits.setdefault(image.registry, PrioritySlots(self._config.origin_max_inflight))
 
     async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
         """The compressed frame of `ref` as the registry stores it (not yet verified).
@@ -74,15 +87,67 @@ class OriginSource:
         same blob may have queued up, and one Range request serves them all. Background requests
         wait behind on-demand ones and never hold the last two slots.
         """
-        image = ImageReference.parse(ref.repository)
-        limit = self._limits.setdefault(image.registry, PrioritySlots(self._config.origin_max_inflight))
+        staged = self._staged.get(ref.digest)
+        if staged is not None:
+            return staged
+        wire = self._on_wire.get(ref.digest)
+        if wire is not None:
+            try:
+                return await asyncio.shield(wire)  # already on its way: asking again doubles the bytes
+            except Exception:  # noqa: BLE001 — the run failed: this request asks on its own
+                pass
+        limit = self._slots(ref)
         return await self._queue.submit((ref.repository, ref.blob), ref, lambda: limit.slot(background))
+
+    async def fetch_run(self, refs: Sequence[ChunkRef], background: bool = True) -> list[bytes]:
+        """The frames of `refs` (one blob, in blob order, joinable) in one Range
+        request under a slot of their registry; each stays staged until `unstage`."""
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future[bytes]] = {}
+        for ref in refs:
+            if ref.digest not in self._on_wire and ref.digest not in self._staged:
+                futures[ref.digest] = self._on_wire[ref.digest] = loop.create_future()
+        try:
+            async with self._slots(refs[0]).slot(background):
+                start = refs[0].blob_offset
+                end = max(r.blob_offset + r.compressed_length for r in refs)
+                self.requests += 1
+                self.bytes += end - start
+                data = await self._client.read_range(ImageReference.parse(refs[0].repository), refs[0].blob,
+                                                     start, end - start)
+            frames = [data[r.blob_offset - start:r.blob_offset - start + r.compressed_length] for r in refs]
+            for ref, frame in zip(refs, frames):
+                if ref.digest in futures:
+                    self._staged[ref.digest] = frame
+                    futures[ref.digest].set_result(frame)
+            return frames
+        except BaseException as exc:
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                    future.exception()  # retrieved: a waiter may be gone
+            raise
+        finally:
+            for digest in futures:
+                self._on_wire.pop(digest, None)
+
+    def busy(self, ref: ChunkRef) -> bool:
+        """Whether `ref`'s frame is being fetched already: queued, on the wire, or arrived."""
+        if ref.digest in self._on_wire or ref.digest in self._staged:
+            return True
+        return any(q.digest == ref.digest for q in self._queue.waiting((ref.repository, ref.blob)))
+
+    def unstage(self, refs: Sequence[ChunkRef]) -> None:
+        """Forget the staged frames of a run once the fetcher has them (verified and cached, or failed)."""
+        for ref in refs:
+            self._staged.pop(ref.digest, None)
 
     async def _read_run(self, key: tuple[str, str], run: Batch[ChunkRef, bytes]) -> None:
         repository, blob = key
         start = min(ref.blob_offset for ref, _ in run)
         end = max(ref.blob_offset + ref.compressed_length for ref, _ in run)
         self.requests += 1
+        self.bytes += end - start
         data = await self._client.read_range(ImageReference.parse(repository), blob, start, end - start)
         for ref, future in run:
             if not future.done():
@@ -91,3 +156,4 @@ class OriginSource:
 
     async def close(self) -> None:
         self._queue.cancel_all()
+        self._staged.clear()

@@ -87,6 +87,7 @@ def _flags_to_config(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("convert", "format_version", "format_version"),
         ("peer", "node_id", "node_id"), ("peer", "cache_dir", "cache_dir"), ("peer", "cache_max_bytes", "cache_size"),
         ("snapshotter", "root", "root"), ("snapshotter", "socket", "socket"), ("snapshotter", "prefetch", "prefetch"),
+        ("snapshotter", "stream", "stream"),
         ("snapshotter", "containerd_address", "address"), ("snapshotter", "namespace", "namespace"),
         ("peer", "discovery", "discovery"), ("peer", "dns_name", "dns_name"), ("peer", "advertise_host", "advertise"),
     ):

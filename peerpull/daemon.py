@@ -22,6 +22,7 @@ from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import FuseMount, unmount_stale
 from snapshotter.service.grpc_service import SnapshotService, serve
+from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.mounts import Layout
 from snapshotter.service.profiles import StartupProfile
 from snapshotter.service.profiles_recorder import ProfileRecorder
@@ -44,6 +45,7 @@ class NodeDaemon:
         self.fs: LayerFS | None = None
         self.service: SnapshotService | None = None
         self.profiles: ProfileFinder | None = None  # the ProfileSource of this node's startup profiles
+        self.image_fetch: ImageFetch | None = None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
@@ -65,11 +67,18 @@ class NodeDaemon:
             stack.callback(peer_task.cancel)
             await _wait_or_fail(peer_ready, peer_task)
             assert self.peer.fetcher is not None and self.peer.registry is not None
-            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel)
+            assert self.peer.streamer is not None
+            reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel,
+                                sc.prefetch_sequential_bytes, self.peer.streamer)
             stack.push_async_callback(reader.close)
             self.fs = LayerFS(reader)
+            # profile + background streaming of each pulled image; stopped before the reader and the
+            # fetcher close (the stack unwinds in reverse)
+            self.image_fetch = ImageFetch(self.peer.streamer, sc)  # its profile source: _profiles below
+            stack.push_async_callback(self.image_fetch.close)
+            reader.add_observer(self.image_fetch.observe)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
-                                  trust_registry=self.peer.trust_registry)
+                                  trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch)
             stack.push_async_callback(remote.close)
             restored = remote.restore()
             fuse = FuseMount(self.fs, self.layout.fuse, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
@@ -92,7 +101,8 @@ class NodeDaemon:
                             hint="start containerd with the snippet of `peerpull containerd-config` in its config; "
                                  "until then nothing calls this snapshotter")
             log.info("daemon_ready", socket=str(socket_path), mount=str(self.layout.fuse), layers_restored=restored,
-                     snapshots=len(store.all()), orphans_removed=orphans, prefetch=sc.prefetch)
+                     snapshots=len(store.all()), orphans_removed=orphans, prefetch=sc.prefetch,
+                     stream=sc.stream)
             if ready is not None:
                 ready.set()
             await asyncio.Future()  # until cancelled
@@ -109,6 +119,8 @@ class NodeDaemon:
                                image_layers=remote.image_layers, peers=lambda: [m.address for m in membership.alive()],
                                session=session, token=self.peer.config.token)
         self.profiles = finder
+        if self.image_fetch is not None:
+            self.image_fetch.use_profiles(finder)
         self.peer.profiles = lambda digest: asyncio.to_thread(store.read_bytes, digest)
         if not sc.profile_record:
             return None

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from converter.format.settings import setting
 
-PREFETCH_MODES = ("none", "file", "layer")
+PREFETCH_MODES = ("none", "sequential", "file", "layer")
+STREAM_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,20 @@ class SnapshotterConfig:
     profile_find_timeout_s: float = setting(1.0, lo=0.05, hi=30)  # local disk → peers → registry, at most this
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
     namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
-    # none: fetch only what is read; file (default): when a file is read, fetch the rest of it ahead
-    # in parallel, and bring a small file's blob neighbours along; layer: that, and once a container
-    # reads from a layer, fetch the layer's large files (chunks of 256 KiB and more: most of the bytes
-    # in few requests) in the background. Background fetches queue behind on-demand reads at the
-    # origin and never take its last slots. On 2 cores `layer` slowed `import torch` (CPU contention).
-    prefetch: str = setting("file", choices=PREFETCH_MODES)
+    # none: fetch only what is read; sequential (default): a small file read from the network brings
+    # its blob neighbours along, and once a file has been read sequentially past
+    # prefetch_sequential_bytes (a whole-file reader, not a library's scattered page faults) the
+    # rest of it is fetched ahead in parallel; file: the rest of a file on its first read (moved 6x
+    # the bytes for big shared libraries); layer: file, and once a container reads from a layer,
+    # the layer's large files in the background. Background fetches queue behind on-demand reads.
+    prefetch: str = setting("sequential", choices=PREFETCH_MODES)
+    prefetch_sequential_bytes: int = setting(4 << 20, lo=0, hi=1 << 40)
+    # the rest of an image streamed in the background at the link's rate (docs/snapshotter.md):
+    # auto: once containers read more than stream_after_bytes of it outside its startup profile;
+    # always: right after the pull (and the profile); never: on demand only
+    stream: str = setting("auto", choices=STREAM_MODES)
+    stream_after_bytes: int = setting(64 << 20, lo=0, hi=1 << 50)
+    profile_fetch: bool = True  # at pull time, stream the image's startup profile when one is found
     # decompressed chunks kept in memory for the FUSE read path
     memory_cache_bytes: int = setting(256 << 20, lo=16 << 20, hi=64 << 30)
     # kernel readahead on the FUSE mount (the default 128 halves throughput)

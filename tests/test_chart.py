@@ -140,7 +140,7 @@ def test_config_map_has_only_known_keys_and_the_daemon_accepts_it(default, tmp_p
     assert parsed["peer"]["dns_name"] == "pp-peers.kube-system.svc.cluster.local"  # the headless Service
     assert "token" not in parsed["peer"] and "docker_config" not in parsed["registry"]  # unset: left out
     assert parsed["snapshotter"] == {"root": "/var/lib/peerpull/snapshotter",
-                                     "socket": "/run/peerpull/snapshotter.sock", "prefetch": "file",
+                                     "socket": "/run/peerpull/snapshotter.sock", "prefetch": "sequential",
                                      "containerd_address": "/run/containerd/containerd.sock"}
     assert parsed["log"] == {"level": "info", "format": "json"}
 

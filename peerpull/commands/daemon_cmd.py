@@ -8,7 +8,7 @@ from typing import Any
 from peerpull.commands.peer_cmd import add_peer_options, run_until_stopped, with_peer_flags
 from peerpull.config import PeerpullConfig
 from peerpull.daemon import NodeDaemon
-from snapshotter.config import PREFETCH_MODES
+from snapshotter.config import PREFETCH_MODES, STREAM_MODES
 
 DESCRIPTION = """\
 Run everything a node needs, in one process: the containerd remote snapshotter (gRPC on a unix
@@ -40,7 +40,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help="snapshots, metadata and the FUSE mount (default /var/lib/peerpull/snapshotter)")
     p.add_argument("--socket", metavar="PATH", help="gRPC socket for containerd (default /run/peerpull/snapshotter.sock)")
     p.add_argument("--prefetch", choices=PREFETCH_MODES,
-                   help="fetch ahead: nothing, the rest of a file once it is read (default), or whole layers")
+                   help="fetch ahead: nothing, the rest of a file once it is read sequentially (default), "
+                        "the rest of a file on its first read, or whole layers")
+    p.add_argument("--stream", choices=STREAM_MODES,
+                   help="stream the rest of an image in the background: once it is read beyond a threshold "
+                        "(auto, default), always, or never")
     add_peer_options(p)
     p.set_defaults(handler=run)
     return p

@@ -2,10 +2,12 @@
 
 Reads fetch every chunk they cover at once through the node's chunk fetcher (cache → peers →
 origin). Recently used chunks stay decompressed in a bounded memory cache, because the kernel
-asks for a 1 MiB chunk in several pieces. With prefetch, the first read of a file schedules the
-rest of it in the background, in parallel; with layer prefetch, the first read from a layer
-schedules every chunk of the layer. Background fetches queue behind on-demand reads at the origin
-and never hold its last slots, so they use the spare bandwidth without delaying a reader.
+asks for a 1 MiB chunk in several pieces. With sequential prefetch (the default), a file read
+sequentially past a threshold has the rest of it scheduled in the background, in parallel; with
+file prefetch, on its first read; with layer prefetch, the first read from a layer schedules every
+large chunk of the layer. Background fetches queue behind on-demand reads at the origin and never
+hold its last slots, so they use the spare bandwidth without delaying a reader. Observers
+(`add_observer`) learn of every chunk a read needs (the image fetch counts what an image reads).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from converter.format import toc as fmt
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 from peer.singleflight import SingleFlight
+from peer.stream import Streamer
 from peer.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
@@ -80,11 +83,19 @@ class MemoryChunks:
             self._used -= len(dropped)
 
 
+Observer = Callable[[str, fmt.Chunk], None]
+
+
 class FileReader:
-    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, prefetch_parallel: int) -> None:
+    def __init__(self, fetcher: ChunkFetcher, memory_bytes: int, prefetch: str, prefetch_parallel: int,
+                 sequential_bytes: int = 4 << 20, streamer: Streamer | None = None) -> None:
         self._fetcher = fetcher
+        self._streamer = streamer  # fetch-ahead in coalesced runs when given, else chunk by chunk
         self._memory = MemoryChunks(memory_bytes)
         self._prefetch = prefetch
+        self._sequential_bytes = sequential_bytes
+        self._observers: list[Observer] = []
+        self._streaks: dict[int, int] = {}  # inode → where its current sequential run of reads began
         # enough queued that the origin can merge neighbours into large Range requests
         self._background = asyncio.Semaphore(max(1, prefetch_parallel))
         self._layers_started: set[str] = set()
@@ -95,11 +106,10 @@ class FileReader:
         # only the remote tiers, so this one is not redundant with it.
         self._loading: SingleFlight[bytes] = SingleFlight()
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
-        self._observers: list[Callable[[str, fmt.Chunk], None]] = []
 
-    def add_observer(self, fn: Callable[[str, fmt.Chunk], None]) -> None:
-        """Call `fn(layer blob digest, chunk)` for every chunk a read needs (startup profiles):
-        on the event loop, before the chunk is fetched; it must be cheap and must not raise."""
+    def add_observer(self, fn: Observer) -> None:
+        """Call `fn(layer blob digest, chunk)` for every chunk a read needs (startup profiles, the
+        image's read volume): on the event loop, before the chunk is fetched; cheap, must not raise."""
         self._observers.append(fn)
 
     async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
@@ -149,23 +159,34 @@ class FileReader:
             parts = [await self.chunk(source, wanted[0])]
         else:
             parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
-        if self._prefetch == "layer" and source.blob not in self._layers_started:
-            self._layers_started.add(source.blob)
-            # the big chunks carry most of the bytes for few requests; small files stay on demand
-            big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]
-            self.background(source, big, f"layer {source.blob}")
-        elif self._prefetch != "none" and last < len(chunks) and (source.blob, ino) not in self._prefetched:
-            self._prefetched.add((source.blob, ino))
-            self.background(source, chunks[last:], f"file {ino:#x}")
+        self._ahead(source, ino, chunks, offset, end, last)
+        return _slice(wanted, parts, offset, end)
+
+    def _ahead(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], offset: int, end: int,
+               last: int) -> None:
+        """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next."""
         # the kernel's readahead sends several requests at once, not always in order: near the last
         # read's end counts as sequential
         previous = self._ends.get(ino, 0)
-        if previous - SEQUENTIAL_SLACK <= offset <= previous + SEQUENTIAL_SLACK and last < len(chunks):
+        sequential = previous - SEQUENTIAL_SLACK <= offset <= previous + SEQUENTIAL_SLACK
+        streak = self._streaks.get(ino, offset) if sequential else offset
+        self._streaks[ino] = min(streak, offset)
+        whole_file = self._prefetch in ("file", "layer") or (
+            self._prefetch == "sequential" and end - self._streaks[ino] >= self._sequential_bytes)
+        if self._prefetch == "layer" and source.blob not in self._layers_started:
+            self._layers_started.add(source.blob)
+            # the big chunks carry most of the bytes for few requests; small files stay on demand
+            big = [c for c in source.chunks if c.frame_length >= LAYER_PREFETCH_MIN_CHUNK]
+            self.background(source, big, f"layer {source.blob}")
+        elif whole_file and last < len(chunks) and (source.blob, ino) not in self._prefetched:
+            self._prefetched.add((source.blob, ino))
+            self.background(source, chunks[last:], f"file {ino:#x}")
+        if sequential and last < len(chunks):
             self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
         self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
         if len(self._ends) > 65536:
             self._ends.clear()
-        return _slice(wanted, parts, offset, end)
+            self._streaks.clear()
 
     def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
@@ -182,6 +203,9 @@ class FileReader:
         seen: set[bytes] = set()
         unique = [c for c in chunks if not (c.digest in seen or seen.add(c.digest))]  # type: ignore[func-returns-value]
         log.debug("prefetch_started", what=what, blob=source.blob, chunks=len(unique))
+        if self._streamer is not None:
+            await self._streamer.stream([source.ref(c) for c in unique], f"prefetch {what}", quiet=True)
+            return
         await asyncio.gather(*(one(c) for c in unique))
 
     async def close(self) -> None:

@@ -77,10 +77,15 @@ class LayerFS(pyfuse3.Operations):
             self._by_slot.pop(layer.tree.slot, None)
             log.info("layer_unmounted", layer=digest)
 
+    def source(self, digest: str) -> LayerSource | None:
+        """Where a mounted layer's chunks come from (None: not mounted)."""
+        layer = self._by_name.get(digest.split(":", 1)[-1].encode())
+        return layer.source if layer is not None else None
+
     def frames(self, digest: str) -> dict[int, int] | None:
         """The blob offsets of a mounted layer's frames (keys), None when it is not mounted."""
-        layer = self._by_name.get(digest.split(":", 1)[-1].encode())
-        return layer.source.next_offset if layer is not None else None
+        source = self.source(digest)
+        return source.next_offset if source is not None else None
 
     def _node(self, ino: int) -> tuple[MountedLayer, Inode]:
         layer = self._by_slot.get(ino >> 32)

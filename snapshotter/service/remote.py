@@ -28,7 +28,9 @@ from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
 from peer.policy import registry_of
 from peer.singleflight import SingleFlight
+from snapshotter.fs.file_reader import LayerSource
 from snapshotter.fs.fusefs import LayerFS
+from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.store import LayerRecord, SnapshotStore
 
 log = structlog.get_logger(__name__)
@@ -43,7 +45,8 @@ LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we s
 
 class RemoteLayers:
     def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str,
-                 trust_registry: Callable[[str], None] = lambda registry: None) -> None:
+                 trust_registry: Callable[[str], None] = lambda registry: None,
+                 image_fetch: ImageFetch | None = None) -> None:
         self._dir = root / "layers"
         # the registries this node's own containerd pulls from: the peer node may fetch from them
         # when another node asks (and from no other, unless configured)
@@ -53,6 +56,7 @@ class RemoteLayers:
         self._fs = fs
         self._client = client
         self._prefetch = prefetch
+        self._image_fetch = image_fetch  # what an image brings in at pull time (profile, streaming)
         self._resolving: SingleFlight[LayerRecord] = SingleFlight()
         self._manifests: OrderedDict[str, bytes] = OrderedDict()  # by digest: one fetch per image
 
@@ -99,11 +103,23 @@ class RemoteLayers:
             raise FormatError(f"malformed digest label (layer {digest[:80]!r}, manifest {manifest[:80]!r})")
         fetch = functools.partial(self._resolve, digest, image_ref, manifest)
         self._resolving.start(digest, fetch)
+        layers = [digest]
         for above in labels.get(LABEL_IMAGE_LAYERS, "").split(",")[1:]:
             if is_digest(above) and manifest:
                 # look-ahead nobody awaits: a failure is dropped here and retried by that layer's Prepare
                 self._resolving.start(above, functools.partial(self._resolve, above, image_ref, manifest))
+                layers.append(above)
+        if self._image_fetch is not None and manifest:
+            self._image_fetch.pulled(image_ref, manifest, layers, functools.partial(self._source_of, image_ref, manifest))
         return await self._resolving.do(digest, fetch)
+
+    async def _source_of(self, image_ref: str, manifest: str, digest: str) -> LayerSource | None:
+        """A layer of an image, resolved and mounted (None if it is not served lazily)."""
+        try:
+            await self._resolving.do(digest, functools.partial(self._resolve, digest, image_ref, manifest))
+        except PeerpullError:
+            return None  # its Prepare falls back (and reports it)
+        return self._fs.source(digest)
 
     async def _resolve(self, digest: str, image_ref: str, manifest_digest: str) -> LayerRecord:
         known = await self._store.run(self._store.layer, digest)
@@ -173,5 +189,7 @@ class RemoteLayers:
         if await self._store.run(self._store.layer_in_use, digest):
             return
         self._fs.remove_layer(digest)
+        if self._image_fetch is not None:
+            self._image_fetch.release(digest)
         await self._store.run(self._store.drop_layer, digest)
         self._toc_path(digest).unlink(missing_ok=True)
