@@ -42,7 +42,8 @@ def image(registry_session, tmp_path_factory: pytest.TempPathFactory) -> str:
     layout = tmp_path_factory.mktemp("image-fetch") / "layout"
     build_cluster_image(layout, big_bytes=2 << 20, small_files=40)
     target = f"{registry_session.address}/imagefetch/app:1"
-    peerpull("convert", "--quiet", "--chunk-size", str(CHUNK), f"oci:{layout}:latest", target)
+    # format 1: one frame per small file, so the profiles below can pick frames that are not neighbours
+    peerpull("convert", "--quiet", "--format-version", "1", "--chunk-size", str(CHUNK), f"oci:{layout}:latest", target)
     return target
 
 
