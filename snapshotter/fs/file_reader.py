@@ -176,7 +176,7 @@ class FileReader:
         if self._prefetch == "layer" and source.blob not in self._layers_started:
             self._layers_started.add(source.blob)
             # the big chunks carry most of the bytes for few requests; small files stay on demand
-            big = [c for c in source.chunks if c.frame_length >= LAYER_PREFETCH_MIN_CHUNK]
+            big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]  # pieces of large files
             self.background(source, big, f"layer {source.blob}")
         elif whole_file and last < len(chunks) and (source.blob, ino) not in self._prefetched:
             self._prefetched.add((source.blob, ino))
