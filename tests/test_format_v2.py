@@ -260,7 +260,7 @@ def test_footer_versions_outside_1_and_2_are_refused() -> None:
 _ints = st.integers(-2, 1 << 21) | st.booleans() | st.binary(max_size=33) | st.none()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(_ints, min_size=3, max_size=5), max_size=4),
        st.lists(st.lists(st.lists(_ints, min_size=3, max_size=5), max_size=4), max_size=3),
        st.lists(st.integers(0, 1 << 21), min_size=3, max_size=3))
@@ -278,7 +278,7 @@ def test_fuzz_v2_toc(frames: list, chunk_lists: list, sizes: list) -> None:
             assert 0 <= c.blob_offset and c.blob_offset + c.compressed_length <= 1 << 20
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="ab./\0", max_size=12))
 def test_the_cheap_path_check_never_lets_an_unnormalized_path_through(path: str) -> None:
     if fmt._plainly_normalized(path):
