@@ -29,11 +29,12 @@ from tests.test_chunk_cache import flip, stored_file
 from tests.test_convert import peerpull
 
 
-@pytest.fixture
-def image(registry, tmp_path: Path) -> str:
-    build_cluster_image(tmp_path / "layout", big_bytes=2 << 20, small_files=30)
-    target = f"{registry.address}/holders/app:1"
-    peerpull("convert", "--quiet", "--chunk-size", str(64 * 1024), f"oci:{tmp_path / 'layout'}:latest", target)
+@pytest.fixture(scope="module")
+def image(registry_session, tmp_path_factory: pytest.TempPathFactory) -> str:
+    layout = tmp_path_factory.mktemp("holders") / "layout"
+    build_cluster_image(layout, big_bytes=2 << 20, small_files=30)
+    target = f"{registry_session.address}/holders/app:1"
+    peerpull("convert", "--quiet", "--chunk-size", str(64 * 1024), f"oci:{layout}:latest", target)
     return target
 
 
@@ -115,7 +116,7 @@ async def _refs(node: PeerNode, image: str) -> list[ChunkRef]:
     return (await image_chunks(node.registry, image))[0]
 
 
-@pytest.mark.parametrize("size", [0, FILTER_BYTES - 1, FILTER_BYTES + 1, 8 * FILTER_BYTES])
+@pytest.mark.parametrize("size", [FILTER_BYTES - 1, 8 * FILTER_BYTES])
 async def test_a_summary_of_the_wrong_size_is_ignored(image: str, tmp_path: Path, size: int) -> None:
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"node_id": "liar", "protocol": PROTOCOL_VERSION, "summary": 7})
