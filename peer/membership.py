@@ -25,6 +25,7 @@ from peer.summary import DigestFilter
 from peer.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
+MISSED_ROUNDS = 3  # health checks a member may miss in a row before it is gone
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Member:
     node_id: str
     address: str
     last_ok: float
+    round_ok: int = 0  # the last health-check round it answered in
     skip_until: float = 0.0
     holds: DigestFilter | None = None  # what it holds, as of `generation`
     generation: int = -1
@@ -50,16 +52,16 @@ class Membership:
         # for a busy peer's 128 KiB would make every member look dead
         self._summaries = TaskSet("membership")
         self._refreshing: set[str] = set()
-        self._round_started = float("inf")
+        self._round = 0  # health-check rounds started
 
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
 
     def alive(self) -> list[Member]:
-        # judged at the start of the round in progress: a round slowed by busy peers (or a busy
-        # event loop) must not make every member look dead and send every chunk to the origin
-        horizon = min(time.monotonic(), self._round_started) - 3 * self._interval
-        return [m for m in self._members.values() if m.last_ok >= horizon]
+        """Members that missed fewer than three complete health-check rounds. Counted in rounds, not
+        seconds: a round slowed by busy peers, or a late wake-up of a busy event loop, must not
+        make every member look dead for a moment and send every chunk to the origin."""
+        return [m for m in self._members.values() if self._round - m.round_ok <= MISSED_ROUNDS]
 
     def ring_members(self) -> list[str]:
         return [self.node_id, *(m.node_id for m in self.alive())]
@@ -93,7 +95,7 @@ class Membership:
 
     async def check_once(self) -> None:
         addresses = set(self._candidates)
-        self._round_started = time.monotonic()
+        self._round += 1
         results = await asyncio.gather(*(self._client.health(a) for a in addresses), return_exceptions=True)
         now = time.monotonic()
         for address, result in zip(addresses, results):
@@ -108,13 +110,14 @@ class Membership:
                 member = self._members[node_id] = Member(node_id, address, now)
             else:
                 member.address, member.last_ok = address, now
+            member.round_ok = self._round
             generation = result.get("summary")
             if (isinstance(generation, int) and not isinstance(generation, bool) and generation != member.generation
                     and node_id not in self._refreshing):
                 self._refreshing.add(node_id)
                 self._summaries.spawn(self._refresh_summary(member, generation), f"summary {node_id}")
         for node_id, member in list(self._members.items()):
-            if member.last_ok < self._round_started - 3 * self._interval:
+            if self._round - member.round_ok >= MISSED_ROUNDS:
                 log.info("peer_left", peer=node_id, address=member.address)
                 del self._members[node_id]
         alone = not self._members

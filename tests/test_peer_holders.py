@@ -10,13 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from converter.registry.config import RegistryConfig
 from peer.chunk import ChunkRef
-from peer.client import PROTOCOL_VERSION
+from peer.client import PROTOCOL_VERSION, PeerClient
 from peer.config import PeerConfig
+from peer.membership import Membership
 from peer.node import PeerNode
 from peer.ring import owners
 from peer.summary import FILTER_BYTES
@@ -139,3 +141,33 @@ async def test_a_summary_of_the_wrong_size_is_ignored(image: str, tmp_path: Path
                 assert (a.membership.candidates_for(r.digest) == [liar]) == (owners(r.digest, ["a", "liar"]) == ["liar"])
     finally:
         await runner.cleanup()
+
+
+async def test_a_member_with_slow_health_answers_stays_alive_between_answers() -> None:
+    async def slow_health(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)  # a busy peer: each answer takes several health intervals
+        return web.json_response({"node_id": "busy", "protocol": PROTOCOL_VERSION})
+
+    app = web.Application()
+    app.router.add_get("/v1/health", slow_health)
+    runner, address = await serve_local(app)
+    async with aiohttp.ClientSession() as session:
+        membership = Membership("me", PeerClient(session, "", 5.0), health_interval_s=0.05, failure_skip_s=1)
+        membership.set_candidates({address})
+        task = asyncio.create_task(membership.run())
+        try:
+            await async_wait_until(lambda: bool(membership.alive()), 30, "the busy peer to join")
+            seen_dead = False
+
+            def rounds_done(until: int) -> bool:
+                nonlocal seen_dead
+                seen_dead |= not membership.alive()
+                return membership._round >= until
+
+            target = membership._round + 4
+            await async_wait_until(lambda: rounds_done(target), 30, "four more health rounds")
+            assert not seen_dead  # never "gone" while it answers every check, however slowly
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
