@@ -26,6 +26,10 @@ from peer.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
 MISSED_ROUNDS = 3  # health checks a member may miss in a row before it is gone
+# a changed summary is fetched at most this often per member (10 health intervals, within 1-10 s):
+# while a cluster warms, every filter changes all the time, and N nodes fetching N-1 filters of
+# 128 KiB every interval would cost more than it saves
+SUMMARY_EVERY = (10, 1.0, 10.0)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Member:
     skip_until: float = 0.0
     holds: DigestFilter | None = None  # what it holds, as of `generation`
     generation: int = -1
+    summary_at: float = float("-inf")  # when it was last fetched
 
 
 class Membership:
@@ -53,6 +58,8 @@ class Membership:
         self._summaries = TaskSet("membership")
         self._refreshing: set[str] = set()
         self._round = 0  # health-check rounds started
+        factor, lo, hi = SUMMARY_EVERY
+        self._summary_every = min(hi, max(lo, factor * health_interval_s))
 
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
@@ -113,8 +120,9 @@ class Membership:
             member.round_ok = self._round
             generation = result.get("summary")
             if (isinstance(generation, int) and not isinstance(generation, bool) and generation != member.generation
-                    and node_id not in self._refreshing):
+                    and node_id not in self._refreshing and now - member.summary_at >= self._summary_every):
                 self._refreshing.add(node_id)
+                member.summary_at = now
                 self._summaries.spawn(self._refresh_summary(member, generation), f"summary {node_id}")
         for node_id, member in list(self._members.items()):
             if self._round - member.round_ok >= MISSED_ROUNDS:
