@@ -1,5 +1,17 @@
-"""The node's chunk cache on local disk: content-addressed compressed frames, verified on the way in
-and on the way out, LRU-evicted under a size limit, shared by every image on the node.
+"""The node's chunk cache on local disk: content-addressed compressed frames, sha256-verified once on
+the way in (by the fetcher), evicted under a size limit, shared by every image on the node.
+
+A hit costs no hash and no SQLite write:
+* a local reader's hit is decompressed only. Every peerpull frame carries zstd's content checksum
+  (XXH64), which libzstd checks while decompressing, so a flipped byte on disk fails there and the
+  entry is dropped as a miss. A stored frame without the checksum flag is sha256-checked instead.
+* a frame served to a peer or counted by a warm-up is not decompressed at all: the receiver
+  verifies what it gets (a corrupt frame costs it one fallback, never a wrong byte).
+* eviction is diskcache's "least-recently-stored" (its `get` is a plain SELECT; LRU would write
+  the access time on every hit). Recency lives in memory: hits note their digest, and the next
+  store, which is the only moment diskcache evicts, first moves the noted entries to the front of
+  the store order in the same transaction. So the hot set survives culls, and the write is batched
+  on the store thread, off every reader's path.
 
 diskcache does the storage (SQLite index + files, safe across threads and processes, survives
 restarts); every call goes through a worker thread so the event loop never blocks on disk.
@@ -13,26 +25,52 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import diskcache
 import structlog
+import zstandard
 
 from converter.format.errors import FormatError
 from converter.format.layer_reader import decompress_chunk
+from converter.format.toc import check_frame_size
 from peer.chunk import ChunkRef
+from peer.summary import DigestFilter
 
 log = structlog.get_logger(__name__)
+MAX_TOUCHED = 8192  # hits remembered between two stores; more are not refreshed (they only age)
+
+
+def decompress_stored(frame: bytes, ref: ChunkRef) -> bytes:
+    """A frame this node verified when it came in: decompress, with zstd's checksum as the disk check."""
+    try:
+        has_checksum = zstandard.get_frame_parameters(frame).has_checksum
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"chunk {ref.digest}: stored frame header unreadable: {exc}") from None
+    if not has_checksum:  # no cheap check for this one: the full one
+        return decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+    check_frame_size(frame, ref.length, f"chunk {ref.digest}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=ref.length)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"chunk {ref.digest}: stored frame does not decompress: {exc}") from None
+    if len(data) != ref.length:
+        raise FormatError(f"chunk {ref.digest}: stored frame holds {len(data)} bytes, expected {ref.length}")
+    return data
 
 
 class ChunkCache:
     def __init__(self, directory: str, max_bytes: int) -> None:
-        self._cache = diskcache.Cache(directory, size_limit=max_bytes, eviction_policy="least-recently-used",
+        self._cache = diskcache.Cache(directory, size_limit=max_bytes, eviction_policy="least-recently-stored",
                                       cull_limit=4, statistics=False)  # evict a few per insert: never the hot set
         self.directory = directory
         self._known: set[str] = set()  # digests stored (may hold a few evicted ones: those just miss)
         self._staged: dict[str, bytes] = {}  # verified frames on their way to disk: already served
+        self._touched: set[str] = set()  # hit since the last store: refreshed in the store order then
+        self._refresh_failed = False
         self._indexed = False
         self._indexer: threading.Thread | None = None
+        self.holdings = DigestFilter()  # what peers are told this node holds (/v1/summary)
 
     def start_index(self) -> None:
         """Fill the in-memory index from disk in a background thread (once).
@@ -50,6 +88,8 @@ class ChunkCache:
             log.warning("cache_index_failed", error=str(exc))
             return
         self._known |= keys
+        for key in keys:
+            self.holdings.add(key)
         self._indexed = True
 
     def might_have(self, digest: str) -> bool:
@@ -59,6 +99,7 @@ class ChunkCache:
     def stage(self, ref: ChunkRef, frame: bytes) -> None:
         """A verified frame about to be stored (store_verified): lookups find it already."""
         self._staged[ref.digest] = frame
+        self.holdings.add(ref.digest)
 
     def staged(self, digest: str) -> bool:
         """A verified frame on its way to disk: a stream must not fetch it again."""
@@ -67,42 +108,80 @@ class ChunkCache:
     def close(self) -> None:
         self._cache.close()
 
-    def _load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
+    def _frame(self, ref: ChunkRef) -> bytes | None:
         frame = self._staged.get(ref.digest)
         if frame is None:
             frame = self._cache.get(ref.digest)
+            if frame is None:
+                self._known.discard(ref.digest)
+                return None
+            if len(self._touched) < MAX_TOUCHED:
+                self._touched.add(ref.digest)
+        return frame
+
+    def _drop(self, ref: ChunkRef) -> None:
+        log.warning("cache_entry_corrupt", digest=ref.digest)
+        self._cache.delete(ref.digest)
+        self._known.discard(ref.digest)
+
+    def _load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
+        frame = self._frame(ref)
         if frame is None:
-            self._known.discard(ref.digest)
             return None
         try:
-            data = decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
+            data = decompress_stored(frame, ref)
         except FormatError:  # disk corruption: drop it and call it a miss
-            log.warning("cache_entry_corrupt", digest=ref.digest)
-            self._cache.delete(ref.digest)
-            self._known.discard(ref.digest)
+            self._drop(ref)
             return None
         return frame, data
 
-    def load_many(self, refs: list[ChunkRef]) -> list[tuple[bytes, bytes] | None]:
-        """`load` for a batch, in the calling (worker) thread: one hop instead of one per chunk."""
-        return [self._load(ref) for ref in refs]
+    def load_frames(self, refs: list[ChunkRef]) -> list[bytes | None]:
+        """Stored frames as they are, not decompressed (for peers, which verify what they get), in
+        the calling (worker) thread: one hop for a batch."""
+        return [self._frame(ref) for ref in refs]
 
     async def load(self, ref: ChunkRef) -> tuple[bytes, bytes] | None:
-        """(compressed frame, verified uncompressed bytes) of `ref`, or None on a miss."""
+        """(compressed frame, uncompressed bytes) of `ref`, or None on a miss."""
         if not self.might_have(ref.digest):
             return None
         return await asyncio.to_thread(self._load, ref)
 
+    async def load_frame(self, ref: ChunkRef) -> bytes | None:
+        if not self.might_have(ref.digest):
+            return None
+        return await asyncio.to_thread(self._frame, ref)
+
     async def contains(self, digest: str) -> bool:
+        if digest in self._staged:
+            return True
+        if not self.might_have(digest):
+            return False
         return await asyncio.to_thread(self._cache.__contains__, digest)
 
     def store_verified(self, ref: ChunkRef, frame: bytes) -> None:
         """Store a frame whose content the caller has already verified (blocking: call from a worker thread)."""
         try:
-            self._cache.set(ref.digest, frame)
+            with self._cache.transact(retry=True):
+                self._refresh()
+                self._cache.set(ref.digest, frame, retry=True)
             self._known.add(ref.digest)
+            self.holdings.add(ref.digest)
         finally:
             self._staged.pop(ref.digest, None)
+
+    def _refresh(self) -> None:
+        """Move the entries hit since the last store to the front of the store order (inside the
+        store's transaction: this insert may cull, and must not cull the hot set)."""
+        if not self._touched or self._refresh_failed:
+            return
+        touched, self._touched = self._touched, set()
+        now = time.time()
+        try:  # diskcache's own table; its API has no "touch the store time"
+            self._cache._con.executemany("UPDATE Cache SET store_time = ? WHERE key = ? AND raw = 1",
+                                         [(now, digest) for digest in touched])
+        except Exception as exc:  # eviction then ages hot entries too; nothing else is lost
+            self._refresh_failed = True
+            log.warning("cache_recency_refresh_failed", error=str(exc))
 
     async def put_verified(self, ref: ChunkRef, frame: bytes) -> None:
         await asyncio.to_thread(self.store_verified, ref, frame)

@@ -18,6 +18,7 @@ import msgpack
 from converter.format.errors import PeerpullError
 from peer.batching import Batch, BatchQueue, oldest
 from peer.chunk import ChunkRef
+from peer.summary import FILTER_BYTES
 
 PROTOCOL_VERSION = "2"  # 2: /v1/chunks answers are a stream of [index, tier, frame]
 PROTOCOL_HEADER = "X-Peerpull-Protocol"
@@ -141,7 +142,23 @@ class PeerClient:
                 future.set_exception(PeerFetchError(f"peer {address} could not obtain {ref.digest}", "unavailable"))
                 future.exception()
 
-    async def health(self, address: str) -> dict[str, str]:
+    async def summary(self, address: str) -> bytes:
+        """The peer's holdings filter (peer/summary.py): exactly FILTER_BYTES, or a PeerFetchError."""
+        try:
+            async with self._session.get(f"http://{address}/v1/summary", headers=self._headers,
+                                         timeout=self._timeout) as resp:
+                if resp.status != 200:
+                    raise PeerFetchError(f"peer {address} summary: HTTP {resp.status}", f"http_{resp.status}")
+                body = await resp.content.read(FILTER_BYTES + 1)
+                while len(body) < FILTER_BYTES + 1 and (more := await resp.content.read(FILTER_BYTES + 1 - len(body))):
+                    body += more
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PeerFetchError(f"peer {address} summary: {type(exc).__name__}", "summary") from None
+        if len(body) != FILTER_BYTES:
+            raise PeerFetchError(f"peer {address} summary: {len(body)} bytes, expected {FILTER_BYTES}", "summary")
+        return body
+
+    async def health(self, address: str) -> dict[str, object]:
         try:
             async with self._session.get(f"http://{address}/v1/health", headers=self._headers,
                                          timeout=self._timeout) as resp:

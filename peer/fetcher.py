@@ -1,13 +1,16 @@
 """The chunk fetcher: local cache → the chunk's owner among the peers → origin registry.
 
-Every chunk, from any tier, is decompressed and checked against its digest before it is cached,
-served or returned. Concurrent requests for one digest share one fetch, whoever asked (a local
-reader, a prefetch, or another node).
+A chunk is decompressed and checked against its sha256 exactly once, when it enters the node
+(from a peer or the origin), before it is cached, served or returned. Later hits trust the cache
+(see peer/cache.py for its cheap disk check); `fetch_frame` and `ensure` serve peers and warm-ups
+without decompressing at all. Concurrent requests for one digest share one fetch, whoever asked
+(a local reader, a prefetch, or another node).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +29,9 @@ from peer.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
 MAX_PENDING_STORES = 256  # fetched frames waiting to be written to the disk cache
+# background (prefetch, warm-up) verification in parallel: zstd and hashlib release the GIL; one core
+# is left to on-demand reads, which verify in the loop's default executor, never behind these
+BACKGROUND_VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 class FrameSource(Protocol):
@@ -50,7 +56,8 @@ class ChunkFetcher:
         self._flights: SingleFlight[Fetched] = SingleFlight()
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
-        self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-verify")
+        self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS,
+                                                   thread_name_prefix="prefetch-verify")
         # writing to the disk cache is off the reader's path: a reader waits for the verified bytes only
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
         self._stores: set[asyncio.Future[None]] = set()
@@ -70,6 +77,29 @@ class ChunkFetcher:
         loaded = await self._cache_load(ref)
         if loaded is not None:
             return self._count(loaded, started)
+        return await self._remote(ref, use_peers, background)
+
+    async def fetch_frame(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> tuple[bytes, str]:
+        """(compressed frame, tier): a cache hit is sent as stored, neither decompressed nor hashed
+        (for peers: they verify what they receive)."""
+        started = time.monotonic()
+        frame = await self._cache.load_frame(ref)
+        if frame is not None:
+            self._count_tier("cache", ref.length, 0, started)
+            return frame, "cache"
+        fetched = await self._remote(ref, use_peers, background)
+        return fetched.frame, fetched.tier
+
+    async def ensure(self, ref: ChunkRef, use_peers: bool = True, background: bool = True) -> str:
+        """Make sure the chunk is in this node (warm-up); the tier it came from. A chunk already
+        here is not read at all."""
+        started = time.monotonic()
+        if await self._cache.contains(ref.digest):
+            self._count_tier("cache", ref.length, 0, started)
+            return "cache"
+        return (await self._remote(ref, use_peers, background)).tier
+
+    async def _remote(self, ref: ChunkRef, use_peers: bool, background: bool) -> Fetched:
         if background and self._flights.inflight(ref.digest):
             return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers, False))
         key = f"bg:{ref.digest}" if background else ref.digest
@@ -80,12 +110,15 @@ class ChunkFetcher:
         return Fetched(loaded[0], loaded[1], "cache") if loaded else None
 
     def _count(self, fetched: Fetched, started: float) -> Fetched:
-        self._metrics.requests.labels(fetched.tier).inc()
-        self._metrics.bytes.labels(fetched.tier).inc(len(fetched.data))
-        if fetched.tier != "cache":
-            self._metrics.wire_bytes.labels(fetched.tier).inc(len(fetched.frame))
-        self._metrics.latency.labels(fetched.tier).observe(time.monotonic() - started)
+        self._count_tier(fetched.tier, len(fetched.data), len(fetched.frame), started)
         return fetched
+
+    def _count_tier(self, tier: str, length: int, wire: int, started: float) -> None:
+        self._metrics.requests.labels(tier).inc()
+        self._metrics.bytes.labels(tier).inc(length)
+        if tier != "cache":
+            self._metrics.wire_bytes.labels(tier).inc(wire)
+        self._metrics.latency.labels(tier).observe(time.monotonic() - started)
 
     @staticmethod
     def _decompress_verified(ref: ChunkRef, frame: bytes) -> bytes:
@@ -126,7 +159,7 @@ class ChunkFetcher:
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()
         if use_peers and self._membership is not None and self._peers is not None:
-            for member in self._membership.candidates_for(ref.digest):
+            for member in self._membership.candidates_for(ref.digest):  # holders first, then the owner
                 try:
                     frame, remote_tier = await self._peers.fetch_frame(member.address, ref)
                     data = await self._verify(ref, frame, background)

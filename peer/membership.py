@@ -2,6 +2,13 @@
 
 mDNS and DNS cannot tell that a node died (stale records live on), so a member is alive only
 while it answers `/v1/health`; the hash ring is built over the live members and this node.
+
+A health answer also carries the generation of the member's holdings filter (peer/summary.py);
+when it changes, the filter itself is fetched from `/v1/summary` (fixed size, so a hostile peer
+can neither grow it nor send a malformed one). A chunk is asked first from members whose filter
+says they hold it, even when this node owns it on the ring: a warm peer serves what it has, and
+in a cold cluster (empty filters) the ring order is unchanged, so the origin still sees each
+chunk about once.
 """
 
 from __future__ import annotations
@@ -14,8 +21,15 @@ import structlog
 
 from peer.client import PeerClient, PeerFetchError
 from peer.ring import ranked
+from peer.summary import DigestFilter
+from peer.tasks import TaskSet
 
 log = structlog.get_logger(__name__)
+MISSED_ROUNDS = 3  # health checks a member may miss in a row before it is gone
+# a changed summary is fetched at most this often per member (10 health intervals, within 1-10 s):
+# while a cluster warms, every filter changes all the time, and N nodes fetching N-1 filters of
+# 128 KiB every interval would cost more than it saves
+SUMMARY_EVERY = (10, 1.0, 10.0)
 
 
 @dataclass
@@ -23,7 +37,11 @@ class Member:
     node_id: str
     address: str
     last_ok: float
+    round_ok: int = 0  # the last health-check round it answered in
     skip_until: float = 0.0
+    holds: DigestFilter | None = None  # what it holds, as of `generation`
+    generation: int = -1
+    summary_at: float = float("-inf")  # when it was last fetched
 
 
 class Membership:
@@ -35,30 +53,47 @@ class Membership:
         self._members: dict[str, Member] = {}  # node_id → member
         self._candidates: set[str] = set()
         self._was_alone = True
+        # summaries are fetched beside the health checks, never in their way: a check that waited
+        # for a busy peer's 128 KiB would make every member look dead
+        self._summaries = TaskSet("membership")
+        self._refreshing: set[str] = set()
+        self._round = 0  # health-check rounds started
+        factor, lo, hi = SUMMARY_EVERY
+        self._summary_every = min(hi, max(lo, factor * health_interval_s))
 
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
 
     def alive(self) -> list[Member]:
-        horizon = time.monotonic() - 3 * self._interval
-        return [m for m in self._members.values() if m.last_ok >= horizon]
+        """Members that missed fewer than three complete health-check rounds. Counted in rounds, not
+        seconds: a round slowed by busy peers, or a late wake-up of a busy event loop, must not
+        make every member look dead for a moment and send every chunk to the origin."""
+        return [m for m in self._members.values() if self._round - m.round_ok <= MISSED_ROUNDS]
 
     def ring_members(self) -> list[str]:
         return [self.node_id, *(m.node_id for m in self.alive())]
 
     def candidates_for(self, digest: str) -> list[Member]:
-        """Peers to ask for `digest`, owner first; empty when this node is the owner."""
+        """Peers to ask for `digest`: those that hold it first, then the owners ranked above this
+        node; empty when no live peer holds it and this node is the owner (it goes to the origin)."""
         alive = {m.node_id: m for m in self.alive()}
         order = ranked(digest, [self.node_id, *alive])
         now = time.monotonic()
-        out = []
+        holders: list[Member] = []
+        owners: list[Member] = []
+        above = True
         for node_id in order:
             if node_id == self.node_id:
-                break  # we rank above the rest: we are the one who goes to the origin
+                above = False  # we rank above the rest: only holders come before the origin now
+                continue
             member = alive[node_id]
-            if member.skip_until <= now:
-                out.append(member)
-        return out[:2]
+            if member.skip_until > now:
+                continue
+            if member.holds is not None and member.holds.might_hold(digest):
+                holders.append(member)
+            elif above:
+                owners.append(member)
+        return [*holders, *owners][:2]
 
     def failed(self, member: Member, reason: str) -> None:
         member.skip_until = time.monotonic() + self._skip_s
@@ -67,22 +102,30 @@ class Membership:
 
     async def check_once(self) -> None:
         addresses = set(self._candidates)
+        self._round += 1
         results = await asyncio.gather(*(self._client.health(a) for a in addresses), return_exceptions=True)
         now = time.monotonic()
         for address, result in zip(addresses, results):
             if isinstance(result, PeerFetchError) or not isinstance(result, dict):
                 continue
-            node_id = result["node_id"]
+            node_id = str(result["node_id"])  # the client checked it is a string
             if node_id == self.node_id:
                 continue  # ourselves, found through discovery
             member = self._members.get(node_id)
             if member is None:
                 log.info("peer_joined", peer=node_id, address=address)
-                self._members[node_id] = Member(node_id, address, now)
+                member = self._members[node_id] = Member(node_id, address, now)
             else:
                 member.address, member.last_ok = address, now
+            member.round_ok = self._round
+            generation = result.get("summary")
+            if (isinstance(generation, int) and not isinstance(generation, bool) and generation != member.generation
+                    and node_id not in self._refreshing and now - member.summary_at >= self._summary_every):
+                self._refreshing.add(node_id)
+                member.summary_at = now
+                self._summaries.spawn(self._refresh_summary(member, generation), f"summary {node_id}")
         for node_id, member in list(self._members.items()):
-            if member.last_ok < now - 3 * self._interval:
+            if self._round - member.round_ok >= MISSED_ROUNDS:
                 log.info("peer_left", peer=node_id, address=member.address)
                 del self._members[node_id]
         alone = not self._members
@@ -90,7 +133,20 @@ class Membership:
             log.warning("member_list_shrunk_to_self", node=self.node_id)
         self._was_alone = alone
 
+    async def _refresh_summary(self, member: Member, generation: int) -> None:
+        try:
+            member.holds = DigestFilter(await self._client.summary(member.address))
+        except PeerFetchError as exc:  # keep asking by the ring only; tried again at the next change
+            member.holds = None
+            log.info("peer_summary_failed", peer=member.node_id, reason=exc.reason)
+        finally:
+            self._refreshing.discard(member.node_id)
+        member.generation = generation
+
     async def run(self) -> None:
-        while True:
-            await self.check_once()
-            await asyncio.sleep(self._interval)
+        try:
+            while True:
+                await self.check_once()
+                await asyncio.sleep(self._interval)
+        finally:
+            await self._summaries.close()

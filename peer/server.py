@@ -1,4 +1,4 @@
-"""The peer endpoints of a node (aiohttp): chunks by digest, health, metrics, warm-up.
+"""The peer endpoints of a node (aiohttp): chunks by digest, health, holdings summary, metrics, warm-up.
 
 Only content-addressed chunks are served, never paths or listings. With a cluster token set,
 every endpoint but /v1/health and /metrics requires it (probes use those two).
@@ -86,6 +86,7 @@ class PeerServer:
                               middlewares=[*middlewares, self._auth])
         app.router.add_post("/v1/chunks", self._chunks)
         app.router.add_get("/v1/health", self._health)
+        app.router.add_get("/v1/summary", self._summary)
         app.router.add_get("/metrics", self._metrics_endpoint)
         app.router.add_post("/v1/warm", self._warm_endpoint)
         app.router.add_get("/v1/profiles/{digest}", self._profile_endpoint)
@@ -194,12 +195,12 @@ class PeerServer:
                     size = sum(r.compressed_length for _, r in part)
                     async with self._held(budget, size):
                         loaded = await asyncio.get_running_loop().run_in_executor(
-                            self._cache_pool, self._cache.load_many, [r for _, r in part])
+                            self._cache_pool, self._cache.load_frames, [r for _, r in part])
                         for (index, ref), hit in zip(part, loaded):
                             if hit is None:
                                 misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
-                            else:
-                                await emit(index, "cache", hit[0])
+                            else:  # as stored: the asker verifies it
+                                await emit(index, "cache", hit)
                         del loaded
                 if misses:
                     group.create_task(heartbeat(misses))
@@ -224,8 +225,7 @@ class PeerServer:
         frame, tier = b"", ""
         try:
             async with asyncio.timeout(self._config.serve_origin_timeout_s), self._origin_slots:
-                fetched = await self._fetcher.fetch(ref, use_peers=False)
-            frame, tier = fetched.frame, fetched.tier
+                frame, tier = await self._fetcher.fetch_frame(ref, use_peers=False)
         except TimeoutError:
             self._metrics.refused.labels("origin_timeout").inc()
             log.warning("peer_serve_failed", digest=ref.digest, error="origin deadline passed")
@@ -237,7 +237,12 @@ class PeerServer:
     # ---- the rest -----------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"node_id": self._node_id, "protocol": PROTOCOL_VERSION})
+        return web.json_response({"node_id": self._node_id, "protocol": PROTOCOL_VERSION,
+                                  "summary": self._cache.holdings.generation})
+
+    async def _summary(self, request: web.Request) -> web.Response:
+        """This node's holdings filter (peer/summary.py); peers fetch it when `summary` in health changes."""
+        return web.Response(body=self._cache.holdings.to_bytes(), content_type="application/octet-stream")
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")

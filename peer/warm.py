@@ -60,7 +60,11 @@ def layer_refs(toc: Toc, repository: str, blob: str) -> list[ChunkRef]:
 
 async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,
                progress: WarmProgress | None = None) -> dict[str, object]:
-    """Fetch every chunk in `refs` (at most `parallel` at once); a summary by serving tier."""
+    """Fetch every chunk in `refs` (at most `parallel` at once); a summary by serving tier.
+
+    A chunk already cached is not read (it was verified when it came in); a fetched one is verified
+    once, by the fetcher, and lands in the cache.
+    """
     started = time.monotonic()
     slots = asyncio.Semaphore(parallel)
     tiers: Counter[str] = Counter()
@@ -71,9 +75,9 @@ async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,
     async def one(ref: ChunkRef) -> None:
         nonlocal total
         async with slots:
-            fetched = await fetcher.fetch(ref, use_peers=True)
-        tiers[fetched.tier] += 1
-        total += len(fetched.data)
+            tier = await fetcher.ensure(ref, use_peers=True, background=False)
+        tiers[tier] += 1
+        total += ref.length
         progress.done += 1
         progress.bytes = total
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from pathlib import Path
 
 import zstandard
@@ -24,7 +25,19 @@ def make_chunk(seed: int, size: int = 256 * 1024) -> tuple[ChunkRef, bytes]:
     return ref, frame
 
 
-async def test_entries_survive_a_restart_and_corruption_is_a_miss(tmp_path: Path) -> None:
+def stored_file(cache: ChunkCache, ref: ChunkRef) -> Path:
+    """The file diskcache keeps `ref`'s frame in (frames are larger than its inline limit)."""
+    (name,), = cache._cache._sql("SELECT filename FROM Cache WHERE key = ?", (ref.digest,)).fetchall()
+    return Path(cache.directory) / name
+
+
+def flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+async def test_entries_survive_a_restart_and_a_flipped_byte_is_a_miss(tmp_path: Path) -> None:
     ref, frame = make_chunk(1)
     cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
     await cache.put_verified(ref, frame)
@@ -32,11 +45,38 @@ async def test_entries_survive_a_restart_and_corruption_is_a_miss(tmp_path: Path
     reopened = ChunkCache(str(tmp_path / "c"), 64 << 20)
     loaded = await reopened.load(ref)
     assert loaded is not None and sha256_digest(loaded[1]) == ref.digest
-    other, other_frame = make_chunk(2)
-    await reopened.put_verified(ref, other_frame)  # the disk now lies about this digest
-    assert await reopened.load(ref) is None
-    assert not await reopened.contains(ref.digest)  # and the bad entry is gone
+    for at in (len(frame) // 2, len(frame) - 2):  # in the data, then in zstd's checksum itself
+        await reopened.put_verified(ref, frame)
+        flip(stored_file(reopened, ref), at)
+        assert await reopened.load(ref) is None  # caught by zstd's checksum, without a sha256
+        assert not await reopened.contains(ref.digest)  # and the bad entry is gone
     reopened.close()
+
+
+async def test_a_stored_frame_without_zstd_checksum_is_checked_by_sha256(tmp_path: Path) -> None:
+    ref, _ = make_chunk(1)
+    other = random.Random(2).randbytes(ref.length)  # same size, other content, no checksum flag
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    await cache.put_verified(ref, zstandard.ZstdCompressor(write_checksum=False).compress(other))
+    assert await cache.load(ref) is None and not await cache.contains(ref.digest)
+    cache.close()
+
+
+async def test_cache_hits_write_nothing_to_sqlite(tmp_path: Path) -> None:
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    chunks = [make_chunk(seed) for seed in range(8)]
+    for ref, frame in chunks:
+        await cache.put_verified(ref, frame)
+    watcher = sqlite3.connect(tmp_path / "c" / "cache.db")  # data_version moves when another connection commits
+    before = watcher.execute("PRAGMA data_version").fetchone()
+    for _ in range(5):
+        for ref, frame in chunks:
+            assert (await cache.load(ref)) is not None and await cache.load_frame(ref) == frame
+    assert watcher.execute("PRAGMA data_version").fetchone() == before
+    await cache.put_verified(*make_chunk(99))  # the next store writes (and refreshes the hot entries)
+    assert watcher.execute("PRAGMA data_version").fetchone() != before
+    watcher.close()
+    cache.close()
 
 
 async def test_the_size_limit_holds_and_recent_entries_stay(tmp_path: Path) -> None:
@@ -116,3 +156,62 @@ async def test_the_index_answers_misses_without_the_disk_and_staged_frames_are_s
     reopened.store_verified(absent, absent_frame)
     assert reopened.might_have(absent.digest) and not reopened._staged
     reopened.close()
+
+
+async def test_hot_entries_outlive_colder_ones_under_eviction(tmp_path: Path) -> None:
+    cache = ChunkCache(str(tmp_path / "c"), 4 << 20)
+    hot = [make_chunk(seed) for seed in range(4)]
+    for ref, frame in hot:
+        await cache.put_verified(ref, frame)
+    for seed in range(100, 140):  # 10 MiB of newer entries through a 4 MiB cache, the old ones read meanwhile
+        await cache.put_verified(*make_chunk(seed))
+        for ref, _ in hot:
+            assert await cache.load_frame(ref) is not None
+    assert cache.volume() <= 5 << 20
+    cache.close()
+
+
+async def test_serving_and_warming_a_cached_chunk_neither_decompresses_nor_hashes(tmp_path: Path) -> None:
+    ref, frame = make_chunk(7)
+
+    class NoOrigin:
+        async def fetch_frame(self, r: ChunkRef, background: bool = False) -> bytes:
+            raise AssertionError("the cached chunk went to the origin")
+
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    await cache.put_verified(ref, frame)
+    flip(stored_file(cache, ref), len(frame) // 2)  # a bad frame is sent as it is: the receiver checks
+    fetcher = ChunkFetcher(cache, NoOrigin(), PeerMetrics())
+    assert await fetcher.fetch_frame(ref, use_peers=False) != (frame, "cache")
+    assert (await fetcher.fetch_frame(ref, use_peers=False))[1] == "cache"
+    assert await fetcher.ensure(ref) == "cache"
+    fetcher.close()
+    cache.close()
+
+
+async def test_a_fetched_chunk_is_verified_once_and_found_by_the_next_read(tmp_path: Path) -> None:
+    ref, frame = make_chunk(8)
+
+    class Origin:
+        calls = 0
+
+        async def fetch_frame(self, r: ChunkRef, background: bool = False) -> bytes:
+            Origin.calls += 1
+            return frame
+
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    fetcher = ChunkFetcher(cache, Origin(), PeerMetrics())
+    assert await fetcher.ensure(ref, background=True) == "origin"  # a prefetch: verified, staged, stored
+    assert (await fetcher.fetch(ref, use_peers=True)).tier == "cache"
+    await fetcher.flush()
+    assert Origin.calls == 1 and await cache.contains(ref.digest)
+    bad = ChunkRef(sha256_digest(b"other"), ref.length, ref.repository, ref.blob, 0, len(frame))
+    try:
+        await fetcher.ensure(bad)  # what enters the node is checked against its sha256
+    except Exception as exc:
+        assert type(exc).__name__ == "DigestMismatchError"
+    else:
+        raise AssertionError("a frame that does not hash to its digest was accepted")
+    assert not await cache.contains(bad.digest)
+    fetcher.close()
+    cache.close()

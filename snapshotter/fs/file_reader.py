@@ -196,7 +196,7 @@ class FileReader:
         async def one(chunk: fmt.Chunk) -> None:
             async with self._background:
                 try:
-                    await self._fetcher.fetch(source.ref(chunk), use_peers=True, background=True)
+                    await self._fetcher.ensure(source.ref(chunk), use_peers=True, background=True)
                 except Exception as exc:  # a read of this chunk will retry and report it
                     log.info("prefetch_chunk_failed", blob=source.blob, digest=chunk.digest_hex, error=str(exc))
 
