@@ -221,7 +221,7 @@ class Streamer:
         try:
             for run in runs:
                 try:
-                    await asyncio.gather(*(self._fetcher.fetch(r, use_peers=False, background=True) for r in run))
+                    await asyncio.gather(*(self._fetcher.ensure(r, use_peers=False, background=True) for r in run))
                     report.from_origin += len(run)
                     report.bytes += sum(r.compressed_length for r in run)
                 except Exception as exc:
@@ -238,11 +238,11 @@ class Streamer:
 
     async def _peers(self, item: _Item, report: StreamReport) -> None:
         """Frames the owner peers hold (the peer client batches them); a failed peer falls back to the origin."""
-        fetched = await asyncio.gather(*(self._fetcher.fetch(r, use_peers=True, background=True)
-                                         for r in item.refs))
-        for f in fetched:
-            if f.tier == "peer":
+        tiers = await asyncio.gather(*(self._fetcher.ensure(r, use_peers=True, background=True)
+                                       for r in item.refs))
+        for ref, tier in zip(item.refs, tiers):
+            if tier == "peer":
                 report.from_peers += 1
             else:
                 report.from_origin += 1
-            report.bytes += len(f.frame)
+            report.bytes += ref.compressed_length
