@@ -61,7 +61,7 @@ class NodeDaemon:
             assert self.peer.fetcher is not None and self.peer.registry is not None
             reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel)
             stack.push_async_callback(reader.close)
-            self.fs = LayerFS(reader)
+            self.fs = LayerFS(reader, on_read=self.peer.metrics.fuse_reads.inc)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
                                   trust_registry=self.peer.trust_registry)
             stack.push_async_callback(remote.close)
