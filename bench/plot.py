@@ -51,8 +51,6 @@ def plot_figures(figures: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_xlabel("seconds from the start of the pull")
     title = f"bench/coldstart: {figures.get('image', 'image')}, {figures.get('link', '')}"
-    if figures.get("rtt_ms"):
-        title += f", RTT {figures['rtt_ms']} ms"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     if samples:
