@@ -138,7 +138,7 @@ def _json_blob(layout: Path, data: dict[str, object]) -> dict[str, object]:
 SMALL_CMD = ["/opt/venv/bin/python", "-c", "import torch; print(torch.__version__)"]
 WEIGHTS = "/opt/weights/model.bin"
 # the first line it prints marks "import done", its exit "weights read"
-LARGE_CMD = ["/opt/venv/bin/python", "-c",
+LARGE_CMD = ["/opt/venv/bin/python", "-W", "ignore", "-c",  # no warning line before "import done"
              "import torch\nprint('import done', torch.__version__, flush=True)\n"
              f"with open('{WEIGHTS}', 'rb') as f:\n    while f.read(1 << 24):\n        pass\n"
              "print('weights read', flush=True)"]
