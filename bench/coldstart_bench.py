@@ -559,7 +559,7 @@ def table(f: dict[str, Any]) -> str:
         lines.append(f"| read every file, lazy | | | | {_s(f, 'read_all_lazy_s')} | "
                      f"{_x(f['read_all_normal_s'], f['read_all_lazy_s'])} | | {_mb(f['read_all_lazy_registry_bytes'])} |")
     lines += ["",
-              f"* lazy second start sent {f.get('lazy_second_registry_requests')} blob requests "
+              f"* lazy second start sent {f.get('lazy_second_registry_requests') or 0:.0f} blob requests "
               f"({_mb(f.get('lazy_second_registry_bytes'))}) to the registry",
               f"* daemon CPU per FUSE read: {f['lazy_cpu_per_read_us']} µs cold ({f['lazy_daemon_cpu_s']} s over "
               f"{f['lazy_fuse_reads'] or 0:.0f} reads), {f.get('lazy_second_cpu_per_read_us')} µs on the second start",

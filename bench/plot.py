@@ -58,7 +58,7 @@ def plot_figures(figures: dict[str, Any], path: Path) -> Path:
         times = [s["t"] for s in samples]
         for tier in ("origin", "peer", "cache"):
             ax2.plot(times, [s.get(tier, 0.0) / 1e6 for s in samples], label=tier)
-        ax2.set_xlabel("seconds from the start of the pull (lazy, cold)")
+        ax2.set_xlabel("seconds from the start of the pull (lazy, cold; round 1)")
         ax2.set_ylabel("MB (uncompressed) by tier")
         ax2.legend(fontsize=7)
     fig.tight_layout()
