@@ -50,7 +50,7 @@ def plot_figures(figures: dict[str, Any], path: Path) -> Path:
             ax.text(ready, y, f" {ready:.1f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_xlabel("seconds from the start of the pull")
-    title = f"bench/coldstart: {figures.get('image', 'image')}, {figures.get('link', '')}"
+    title = f"bench/coldstart: {figures.get('image', 'image')}\n{figures.get('link', '')}"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     if samples:
