@@ -66,6 +66,8 @@ class PeerMetrics:
         self.cache_bytes = Gauge("peerpull_cache_bytes", "Bytes in the local chunk cache", registry=r)
         self.cache_hit_ratio = Gauge("peerpull_cache_hit_ratio", "Share of chunks served from the local cache",
                                      registry=r)
+        self.fuse_reads = Counter("peerpull_fuse_reads", "FUSE read requests served by this node's mount",
+                                  registry=r)
         self.members = Gauge("peerpull_members", "Live members of the hash ring, this node included", registry=r)
 
     def watch_registry_faults(self, faults: Mapping[str, int]) -> None:

@@ -71,7 +71,7 @@ class NodeDaemon:
             reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel,
                                 sc.prefetch_sequential_bytes, self.peer.streamer)
             stack.push_async_callback(reader.close)
-            self.fs = LayerFS(reader)
+            self.fs = LayerFS(reader, on_read=self.peer.metrics.fuse_reads.inc)
             # profile + background streaming of each pulled image; stopped before the reader and the
             # fetcher close (the stack unwinds in reverse)
             self.image_fetch = ImageFetch(self.peer.streamer, sc)  # its profile source: _profiles below

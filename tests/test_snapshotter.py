@@ -133,6 +133,7 @@ def test_entrypoint_starts_before_most_of_the_image_is_fetched(lazy_stack: LazyS
 
 def test_200_concurrent_readers_get_correct_bytes(lazy_stack: LazyStack, app: dict) -> None:
     lazy_stack.pull(app["target"])
+    reads_before = lazy_stack.daemon.metrics().get("peerpull_fuse_reads_total", 0.0)
     rnd = random.Random(7)
     names = sorted(app["hashes"])
     picks = [rnd.choice(names) for _ in range(195)] + ["/model/weights.bin"] * 5
@@ -145,6 +146,8 @@ def test_200_concurrent_readers_get_correct_bytes(lazy_stack: LazyStack, app: di
         assert digest == app["hashes"][path], path
     errors = lazy_stack.daemon.metrics()
     assert not any(k.startswith("peerpull_chunk_errors_total") and v > 0 for k, v in errors.items()), errors
+    # every sha256sum read its file through the mount at least once: the FUSE read counter saw them
+    assert errors["peerpull_fuse_reads_total"] - reads_before >= 200
 
 
 def test_unconverted_image_works_through_peerpull(lazy_stack: LazyStack, app: dict) -> None:

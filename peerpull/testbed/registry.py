@@ -41,10 +41,11 @@ class EmbeddedRegistry:
     """`with EmbeddedRegistry(dir) as reg:` → a registry at `reg.address` until the block ends."""
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None,
-                 extra_config: str = "", netns: str | None = None) -> None:
+                 extra_config: str = "", netns: str | None = None, probe_url: str | None = None) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port or free_port(host)
+        self._probe_url = probe_url  # where readiness is checked when the host cannot reach `address` (a relay)
         self._extra = extra_config
         self._netns = netns  # run inside this network namespace (e.g. behind a rate-limited link)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -81,7 +82,7 @@ class EmbeddedRegistry:
             if self._proc.poll() is not None:
                 raise PeerpullError(f"registry exited at start; see {self.log_path}")
             try:
-                urllib.request.urlopen(self.url + "/v2/", timeout=1).close()
+                urllib.request.urlopen((self._probe_url or self.url) + "/v2/", timeout=1).close()
                 return self
             except urllib.error.HTTPError:
                 return self  # 401 from an auth-protected registry: it is up
@@ -92,16 +93,21 @@ class EmbeddedRegistry:
 
     def blob_bytes(self, repository: str | None = None) -> int:
         """Blob bytes this registry has sent so far (from its access log), for one repository or all."""
-        total = 0
+        return self.blob_requests(repository)[1]
+
+    def blob_requests(self, repository: str | None = None) -> tuple[int, int]:
+        """(successful blob GETs, blob bytes) this registry has served so far, from its access log."""
+        count = total = 0
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
-            return 0
+            return 0, 0
         for line in lines:
             m = _ACCESS.search(line)
             if m and (repository is None or m["repo"] == repository) and m["status"] in ("200", "206"):
+                count += 1
                 total += int(m["bytes"])
-        return total
+        return count, total
 
     def stop(self) -> None:
         stop_process(self._proc, 5)

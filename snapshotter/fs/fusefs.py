@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyfuse3
@@ -44,9 +44,10 @@ class MountedLayer:
 class LayerFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, reader: FileReader) -> None:
+    def __init__(self, reader: FileReader, on_read: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._reader = reader
+        self._on_read = on_read  # counts read requests (per-read CPU in bench/coldstart)
         self._by_name: dict[bytes, MountedLayer] = {}
         self._by_slot: dict[int, MountedLayer] = {}
         self._started_ns = time.time_ns()
@@ -226,6 +227,8 @@ class LayerFS(pyfuse3.Operations):
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, node = self._node(fh)
+        if self._on_read is not None:
+            self._on_read()
         try:
             return await self._reader.read(layer.source, node.ino, node.chunks, node.size, off, size)
         except PeerpullError as exc:
