@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from realistic_image import build_large_image, build_realistic_image  # noqa: E402
+from shaped_link import ShapedLink, sh  # noqa: E402
 
 from converter.registry.client import RegistryClient  # noqa: E402
 from converter.registry.config import RegistryConfig  # noqa: E402
@@ -92,42 +93,9 @@ JSON_KEYS = (
 )
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
-    return result
-
-
-class ShapedLink:
-    """A network namespace for the registry, joined to the host by a veth pair whose registry-side
-    egress (the download direction) is rate-limited with tbf."""
-
-    def __init__(self, rate: str) -> None:
-        self.rate = rate
-        self.shaping = ""
-
-    def __enter__(self) -> ShapedLink:
-        self.__exit__()
-        sh("ip", "netns", "add", NS)
-        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
-        sh("ip", "link", "set", NS_IF, "netns", NS)
-        sh("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", HOST_IF)
-        sh("ip", "link", "set", HOST_IF, "up")
-        sh("ip", "-n", NS, "addr", "add", f"{NS_ADDR}/24", "dev", NS_IF)
-        sh("ip", "-n", NS, "link", "set", NS_IF, "up")
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "root", "tbf", "rate", self.rate,
-           "burst", "256kb", "latency", "50ms")
-        shown = sh("ip", "netns", "exec", NS, "tc", "qdisc", "show", "dev", NS_IF).stdout
-        if "tbf" not in shown:
-            raise SystemExit(f"shaping is not in place: {shown}")
-        self.shaping = f"tbf rate {self.rate}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+def shaped_link(rate: str) -> ShapedLink:
+    """The registry's namespace and its shaped link, at this bench's names and addresses."""
+    return ShapedLink(rate, NS, HOST_IF, NS_IF, NS_ADDR, HOST_ADDR)
 
 
 class Relays:
@@ -440,7 +408,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 @asynccontextmanager
 async def registry_link(args: argparse.Namespace, work: Path) -> AsyncIterator[tuple[EmbeddedRegistry, ShapedLink, float | None]]:
     """The shaped link, the relays when --rtt-ms, and the registry behind them; the measured RTT."""
-    with ShapedLink(args.rate) as link:
+    with shaped_link(args.rate) as link:
         if not args.rtt_ms:
             with EmbeddedRegistry(work / "registry", host=NS_ADDR, port=PORT, netns=NS) as reg:
                 yield reg, link, None

@@ -24,6 +24,7 @@ from converter.registry import media_types as mt
 from converter.registry import referrers
 from converter.registry.client import RegistryClient
 from converter.registry.reference import ImageReference
+from peer.client import auth_headers
 from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_store import ProfileStore
 
@@ -62,7 +63,7 @@ class ProfileFinder:
         self._image_layers = image_layers
         self._peers = peers
         self._session = session
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers = auth_headers(token)
         self._push_refused: set[str] = set()  # repositories that refused a push: not asked again
 
     # ---- finding ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ of a synthetic image through the FUSE reader's code path (FileReader), one file 
 with and without background streaming, against downloading every blob whole (what an ordinary
 pull moves). Needs root (a network namespace and tc). Usage:
 
-    .venv/bin/python scripts/stream_measure.py [--rate 1gbit] [--big-mib 150] [--small 3000]
+    .venv/bin/python bench/stream_measure.py [--rate 1gbit] [--big-mib 150] [--small 3000]
 
 Prints one line per mode: seconds, registry bytes, Range requests.
 """
@@ -20,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shaped_link import ShapedLink  # noqa: E402
 
 from converter.format.layer_reader import location_from_annotations, read_toc  # noqa: E402
 from converter.registry.blob_reader import RegistryBlobReader  # noqa: E402
@@ -45,31 +48,6 @@ NS, HOST_IF, NS_IF = "ppd-stream", "ppds0", "ppds1"
 NS_ADDR, HOST_ADDR = "10.79.0.1", "10.79.0.254"
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-class Link:
-    def __init__(self, rate: str) -> None:
-        self.rate = rate
-
-    def __enter__(self) -> Link:
-        self.__exit__()
-        sh("ip", "netns", "add", NS)
-        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
-        sh("ip", "link", "set", NS_IF, "netns", NS)
-        sh("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", HOST_IF)
-        sh("ip", "link", "set", HOST_IF, "up")
-        sh("ip", "-n", NS, "addr", "add", f"{NS_ADDR}/24", "dev", NS_IF)
-        sh("ip", "-n", NS, "link", "set", NS_IF, "up")
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "root", "tbf", "rate", self.rate,
-           "burst", "256kb", "latency", "50ms")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
 
 
 def build(layout: Path, big_mib: int, small: int) -> None:
@@ -182,7 +160,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=3000)
     parser.add_argument("--only", type=int, help="run only this mode (0-4)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ppd-stream-") as tmp, Link(args.rate):
+    with tempfile.TemporaryDirectory(prefix="ppd-stream-") as tmp, ShapedLink(args.rate, NS, HOST_IF, NS_IF, NS_ADDR, HOST_ADDR):
         work = Path(tmp)
         build(work / "layout", args.big_mib, args.small)
         with EmbeddedRegistry(work / "registry", host=NS_ADDR, port=5000, netns=NS):
