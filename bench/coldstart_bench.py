@@ -382,10 +382,11 @@ async def fuse_vs_disk(image: str, registry: RegistryConfig, work: Path) -> tupl
 
 
 def image_chunks(ref: str, address: str) -> int:
-    """Chunks (frames) of a seekable image, from `peerpull inspect --json`."""
+    """Frames of a seekable image — what a node fetches (format 2 packs small files, so fewer than
+    the file chunks) — from `peerpull inspect --json`."""
     out = sh(sys.executable, "-m", "peerpull", "--log-level", "warning", "--insecure-registry", address,
              "inspect", ref, "--json").stdout
-    return sum(int(layer.get("chunks") or 0) for layer in json.loads(out)["layers"])
+    return sum(int(layer.get("frames") or layer.get("chunks") or 0) for layer in json.loads(out)["layers"])
 
 
 def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -445,7 +446,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             layers = json.loads((layout / "blobs" / "sha256" / manifest).read_text())["layers"]
             biggest = max(layers, key=lambda d: d["size"])["digest"]
             rate = await asyncio.to_thread(link_rate, f"http://{address}/v2/{name}/blobs/{biggest}")
-            print(f"link: {rate / 1e6:.0f} MB/s measured; image: {chunks} chunks", flush=True)
+            print(f"link: {rate / 1e6:.0f} MB/s measured; image: {chunks} frames", flush=True)
             rounds = []
             for i in range(args.repeat):
                 print(f"round {i + 1} of {args.repeat}", flush=True)
@@ -506,7 +507,7 @@ def table(f: dict[str, Any]) -> str:
     """The figures as a Markdown table (what docs/benchmarks.md shows)."""
     large = f["image"].startswith("Debian + CUDA")
     first, ready = ("first log line (import done)", "ready (weights read)") if large else ("first log line", "ready (import done)")
-    lines = [f"image: {f['image']}, {f['image_bytes'] / 1e9:.2f} GB, {f['image_chunks']} chunks; link: {f['link']}, "
+    lines = [f"image: {f['image']}, {f['image_bytes'] / 1e9:.2f} GB, {f['image_chunks']} frames (chunks fetched); link: {f['link']}, "
              f"{f['link_bytes_per_s'] / 1e6:.0f} MB/s measured; medians of {f['repeat']}; output: {f['output']}", "",
              f"| run | pull until runnable | container start | {first} | {ready} | ready vs normal "
              "| registry bytes before start | registry bytes total |", "|---|---|---|---|---|---|---|---|"]

@@ -24,7 +24,7 @@ from snapshotter.fs.mount import FuseMount, unmount_stale
 from snapshotter.service.grpc_service import SnapshotService, serve
 from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.mounts import Layout
-from snapshotter.service.profiles import StartupProfile
+from snapshotter.service.profiles import StartupProfile, share_of_layers
 from snapshotter.service.profiles_recorder import ProfileRecorder
 from snapshotter.service.profiles_source import ProfileFinder
 from snapshotter.service.profiles_store import ProfileStore
@@ -125,7 +125,19 @@ class NodeDaemon:
         if not sc.profile_record:
             return None
 
+        fs = self.fs
+
+        def frame_sizes(blob: str) -> dict[int, int] | None:
+            source = fs.source(blob)
+            return {c.blob_offset: c.compressed_length for c in source.chunks} if source is not None else None
+
         async def recorded(image_ref: str, profile: StartupProfile) -> None:
+            layers = await remote.image_layers(image_ref, profile.manifest_digest) or []
+            share = share_of_layers(profile, layers, frame_sizes)
+            if share > sc.profile_max_share:
+                log.info("profile_dropped", image=image_ref, manifest=profile.manifest_digest, chunks=len(profile.reads),
+                         share=round(share, 3), reason="read most of the image: streamed, not profiled")
+                return
             if not await asyncio.to_thread(store.save, profile):
                 log.info("profile_kept", image=image_ref, manifest=profile.manifest_digest, chunks=len(profile.reads))
                 return

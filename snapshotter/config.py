@@ -22,6 +22,9 @@ class SnapshotterConfig:
     profile_quiet_s: float = setting(5.0, lo=0.1, hi=600)
     profile_max_s: float = setting(60.0, lo=1.0, hi=3600)
     profile_max_chunks: int = setting(50_000, lo=1, hi=200_000)
+    # a recording that read more than this share of its layers' bytes is a whole-image workload
+    # (a scan, a copy): not kept as a profile, which every node would fetch before starting
+    profile_max_share: float = setting(0.5, lo=0.01, hi=1.0)
     profile_push: bool = True  # push recorded profiles to the image's repository (needs write access)
     profile_find_timeout_s: float = setting(1.0, lo=0.05, hi=30)  # local disk → peers → registry, at most this
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`

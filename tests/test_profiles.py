@@ -24,6 +24,7 @@ from converter.registry.reference import ImageReference
 from peer.config import PeerConfig
 from peer.node import PeerNode
 from peerpull import cli
+from snapshotter.config import SnapshotterConfig
 from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_recorder import ProfileRecorder
 from snapshotter.service.profiles_source import ProfileFinder
@@ -400,3 +401,23 @@ async def test_recordings_under_way_are_kept_when_the_daemon_stops() -> None:
     recorder.observe(L1, chunk(4))
     await recorder.close()
     assert done == [pf.StartupProfile(M, ((L1, 4),))]
+
+
+def test_a_recording_of_most_of_the_image_is_a_whole_image_share() -> None:
+    sizes = {"sha256:" + "a" * 64: {0: 100, 100: 100, 200: 800}, "sha256:" + "b" * 64: {0: 1000}}
+    a, b = sizes
+
+    def frames(blob: str) -> dict[int, int] | None:
+        return sizes.get(blob)
+
+    startup = pf.StartupProfile(M, ((a, 0), (a, 100), (a, 0)))  # a repeat counts once
+    image = [a, b]
+    assert pf.share_of_layers(startup, image, frames) == pytest.approx(200 / 2000)  # every layer of the image counts
+    assert pf.share_of_layers(startup, [], frames) == pytest.approx(0.2)  # unknown layer list: those it read
+    scan = pf.StartupProfile(M, ((a, 0), (a, 200), (b, 0)))
+    assert pf.share_of_layers(scan, image, frames) == pytest.approx(1900 / 2000)
+    unmounted = pf.StartupProfile(M, (("sha256:" + "c" * 64, 0),))
+    assert pf.share_of_layers(unmounted, image, frames) == 0.0
+    # the daemon's default drops the scan and keeps the start-up
+    limit = SnapshotterConfig().profile_max_share
+    assert pf.share_of_layers(startup, image, frames) <= limit < pf.share_of_layers(scan, image, frames)

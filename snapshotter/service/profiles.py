@@ -105,6 +105,25 @@ def restrict(profile: StartupProfile, frames: Callable[[str], Collection[int] | 
 BETTER_BY = 1.1  # a new profile replaces a stored one with at least 10% more chunks
 
 
+def share_of_layers(profile: StartupProfile, layers: Collection[str],
+                    frames: Callable[[str], dict[int, int] | None]) -> float:
+    """The part of the image's compressed bytes (its `layers`, and any other the profile reads)
+    that `profile` reads, 0..1; `frames(blob)` gives a mounted layer's frames as {blob offset:
+    compressed length} (None: not mounted, not counted).
+
+    A start that reads most of the image is a whole-image workload (a scan, a copy, a checksum):
+    kept as a profile, it would make every node fetch everything before it starts, and background
+    streaming serves such a workload better."""
+    total = read = 0
+    for blob in dict.fromkeys([*layers, *profile.layers]):
+        layer = frames(blob)
+        if not layer:
+            continue
+        total += sum(layer.values())
+        read += sum(layer.get(offset, 0) for b, offset in set(profile.reads) if b == blob)
+    return read / total if total else 0.0
+
+
 def better(new: StartupProfile, old: StartupProfile | None) -> bool:
     """Whether `new` should replace `old`: it saw clearly more of the start-up (10% more chunks).
 
