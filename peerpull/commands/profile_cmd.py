@@ -25,6 +25,11 @@ through the registry's referrers API or the `sha256-<hex>` fallback tag. Reads t
 profile and the TOCs of the layers it names (ranged reads): nothing is downloaded. Entries that name
 no chunk of the image are counted as stale (a profile is a hint: they are ignored).
 Exit status 7 when the registry holds no profile for the image.
+
+examples:
+  peerpull profile show registry.example.com/ml/torch:2.13      # chunks, bytes, layers, stale entries
+  peerpull profile show --json 127.0.0.1:5000/app:1 | jq .chunks
+  peerpull run 127.0.0.1:5000/app:1 && peerpull profile show 127.0.0.1:5000/app:1   # learn one, then look
 """
 
 
