@@ -101,10 +101,6 @@ class ChunkCache:
         self._staged[ref.digest] = frame
         self.holdings.add(ref.digest)
 
-    def staged(self, digest: str) -> bool:
-        """A verified frame on its way to disk: a stream must not fetch it again."""
-        return digest in self._staged
-
     def close(self) -> None:
         self._cache.close()
 

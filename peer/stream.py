@@ -232,9 +232,7 @@ class Streamer:
             self._budget.release(size)
 
     async def _cached(self, ref: ChunkRef) -> bool:
-        if not self._cache.might_have(ref.digest):
-            return False
-        return self._cache.staged(ref.digest) or await self._cache.contains(ref.digest)
+        return await self._cache.contains(ref.digest)  # staged frames count: they are on their way to disk
 
     async def _peers(self, item: _Item, report: StreamReport) -> None:
         """Frames the owner peers hold (the peer client batches them); a failed peer falls back to the origin."""

@@ -114,13 +114,16 @@ def share_of_layers(profile: StartupProfile, layers: Collection[str],
     A start that reads most of the image is a whole-image workload (a scan, a copy, a checksum):
     kept as a profile, it would make every node fetch everything before it starts, and background
     streaming serves such a workload better."""
+    offsets: dict[str, set[int]] = {}
+    for blob, offset in profile.reads:
+        offsets.setdefault(blob, set()).add(offset)
     total = read = 0
     for blob in dict.fromkeys([*layers, *profile.layers]):
         layer = frames(blob)
         if not layer:
             continue
         total += sum(layer.values())
-        read += sum(layer.get(offset, 0) for b, offset in set(profile.reads) if b == blob)
+        read += sum(layer.get(offset, 0) for offset in offsets.get(blob, ()))
     return read / total if total else 0.0
 
 
