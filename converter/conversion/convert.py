@@ -8,10 +8,13 @@ already seekable pass through untouched, so converting a converted image is a no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +24,7 @@ import structlog
 from converter.conversion.config import ConvertConfig
 from converter.conversion.image_source import ImageSource, ResolvedImage
 from converter.conversion.layer_writer import LayerResult, write_seekable_layer
+from converter.conversion.layout import LayoutPlan, SegmentReader, plan_layout
 from converter.conversion.streams import AsyncIterReader, open_decompressed
 from converter.format import toc as fmt
 from converter.format import untrusted
@@ -68,6 +72,14 @@ class LayerReport:
     seconds: float = 0.0
     frames: int | None = None  # distinct content frames (format v2 packs small files: fewer than chunks)
     format_version: int | None = None
+    # startup-first layout (None: the layer had no startup files): files moved to the front and
+    # their content bytes, startup files left in place, and the frames all startup files occupy
+    # in the new layer: how many, and the span from the first to the last of them
+    startup_moved: int | None = None
+    startup_moved_bytes: int | None = None
+    startup_refused: int | None = None
+    startup_frames: int | None = None
+    startup_span: int | None = None
 
 
 @dataclass
@@ -78,6 +90,10 @@ class ConvertReport:
     already_seekable: bool = False
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    # startup-first layout: source layer digest → startup path → its frames' blob offsets in the
+    # new layer (what the new image's profile names)
+    startup_offsets: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    layout: dict[str, Any] | None = None  # the startup-first layout's summary (peerpull convert --profile)
 
     @property
     def uncompressed_bytes(self) -> int:
@@ -89,6 +105,7 @@ class _LayerOutcome:
     report: LayerReport
     descriptor: dict[str, Any]  # the layer's descriptor in the new manifest
     diff_id: str | None  # None: passed through, the source config's diff_id stands
+    startup_offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any]) -> dict[str, Any]:
@@ -131,8 +148,12 @@ class Converter:
         self._slots = asyncio.Semaphore(config.jobs)
         self._workers = max(1, os.cpu_count() or 1)
 
-    async def convert(self, source: ImageSource, dest: ImageReference) -> ConvertReport:
+    async def convert(self, source: ImageSource, dest: ImageReference,
+                      startup: Mapping[str, Sequence[str]] | None = None) -> ConvertReport:
+        """Convert and push; `startup` (source layer digest → TOC paths in first-read order) lays
+        those files out first in their layers, re-framing them even when already seekable."""
         started = time.monotonic()
+        startup = {digest: paths for digest, paths in (startup or {}).items() if paths}
         image = await source.resolve()
         report = ConvertReport(source=source.description, destination=str(dest))
         layers = image.manifest["layers"]
@@ -140,16 +161,17 @@ class Converter:
             mt.layer_compression(desc.get("mediaType", ""))  # refuse foreign/unknown layers before any work
         # the config first: a bad one fails the conversion before any layer work
         config_body = await source.read_blob(image.manifest["config"]["digest"])
-        report.already_seekable = all(is_seekable_descriptor(d) for d in layers)
+        report.already_seekable = all(is_seekable_descriptor(d) and d["digest"] not in startup for d in layers)
         if not report.already_seekable and len(config_diff_ids(config_body, f"image {image.digest}")) != len(layers):
             raise FormatError(f"image {image.digest}: its config lists a different number of diff_ids than "
                               f"its {len(layers)} layers")
         log.debug("convert_started", source=source.description, destination=str(dest), layers=len(layers),
                  already_seekable=report.already_seekable)
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._layer(source, dest, d)) for d in layers]
+            tasks = [group.create_task(self._layer(source, dest, d, startup.get(d["digest"], ()))) for d in layers]
         outcomes = [t.result() for t in tasks]
         report.layers = [o.report for o in outcomes]
+        report.startup_offsets = {o.report.source_digest: o.startup_offsets for o in outcomes if o.startup_offsets}
         if report.already_seekable:
             body, media_type = image.body, image.media_type
             await self._client.push_blob_bytes(dest, config_body)
@@ -182,13 +204,14 @@ class Converter:
         manifest["annotations"] = annotations
         return json.dumps(manifest, separators=(",", ":")).encode(), mt.OCI_MANIFEST
 
-    async def _layer(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]) -> _LayerOutcome:
+    async def _layer(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any],
+                     startup: Sequence[str]) -> _LayerOutcome:
         async with self._slots:
-            if is_seekable_descriptor(desc):
+            if is_seekable_descriptor(desc) and not startup:
                 await self._copy_blob(source, dest, desc)
                 report = LayerReport(desc["digest"], desc["size"], desc["digest"], desc["size"], converted=False)
                 return _LayerOutcome(report, desc, None)
-            return await self._convert_layer(source, dest, desc)
+            return await self._convert_layer(source, dest, desc, startup)
 
     async def _copy_blob(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]) -> None:
         digest = desc["digest"]
@@ -204,7 +227,7 @@ class Converter:
         return _TempPath(self._config.work_dir)
 
     async def _convert_layer(
-        self, source: ImageSource, dest: ImageReference, desc: dict[str, Any]
+        self, source: ImageSource, dest: ImageReference, desc: dict[str, Any], startup: Sequence[str]
     ) -> _LayerOutcome:
         digest, started = desc["digest"], time.monotonic()
         compression = mt.layer_compression(desc["mediaType"])
@@ -214,15 +237,29 @@ class Converter:
         self._progress.layer_started(digest, desc["size"])
         reader = AsyncIterReader(stream, loop, on_bytes=lambda n: self._progress.layer_advanced(digest, n))
 
+        plan: LayoutPlan | None = None
+        cfg = self._config
+
+        def write(tar: Any, out: Any) -> LayerResult:
+            return write_seekable_layer(tar, out, chunk_size=cfg.chunk_size, level=cfg.compression_level,
+                                        workers=self._workers, format_version=cfg.format_version)
+
         def work(path: Path) -> LayerResult:
+            nonlocal plan
             with open(path, "wb") as out:
                 tar = open_decompressed(reader, compression, what)  # type: ignore[arg-type]
-                result = write_seekable_layer(
-                    tar, out, chunk_size=self._config.chunk_size, level=self._config.compression_level,
-                    workers=self._workers, format_version=self._config.format_version,
-                )
-                reader.drain()  # the source stream checks the blob digest at its end
-            return result
+                if not startup:
+                    result = write(tar, out)
+                    reader.drain()  # the source stream checks the blob digest at its end
+                    return result
+                # the startup files may sit anywhere in the stream: spool the tar, then write it reordered
+                with tempfile.TemporaryFile(prefix="peerpull-spool-", dir=cfg.work_dir) as spool:
+                    shutil.copyfileobj(tar, spool, 1 << 20)
+                    reader.drain()
+                    spool.seek(0)
+                    small = fmt.pack_threshold(cfg.chunk_size) if cfg.format_version >= 2 else 0
+                    plan = plan_layout(spool, startup, small)
+                    return write(SegmentReader(spool, plan.segments), out)
 
         with self._temp_file() as path:
             try:
@@ -240,7 +277,33 @@ class Converter:
             uncompressed_size=result.uncompressed_size, entries=result.entries, chunks=result.chunks,
             toc_bytes=result.toc_length, seconds=seconds, frames=result.frames, format_version=result.format_version,
         )
-        return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id)
+        offsets: dict[str, tuple[int, ...]] = {}
+        if plan is not None and result.toc is not None:
+            offsets = startup_offsets(result.toc, startup)
+            frames, span = frames_spanned(result.toc, [o for offs in offsets.values() for o in offs])
+            report = dataclasses.replace(report, startup_moved=len(plan.moved), startup_moved_bytes=plan.moved_bytes,
+                                         startup_refused=len(plan.refused), startup_frames=frames, startup_span=span)
+            log.info("layer_laid_out", source_digest=digest, moved=len(plan.moved), moved_bytes=plan.moved_bytes,
+                     refused=len(plan.refused), frames=frames, span=span)
+        return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id, offsets)
+
+
+def startup_offsets(toc: fmt.Toc, paths: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Each startup path's frames (blob offsets, in file order) in `toc`; paths it lacks are left out."""
+    wanted = set(paths)
+    out: dict[str, tuple[int, ...]] = {}
+    for entry in toc.entries:
+        if entry.path in wanted and entry.chunks:
+            out[entry.path] = tuple(dict.fromkeys(c.blob_offset for c in entry.chunks))
+    return out
+
+
+def frames_spanned(toc: fmt.Toc, offsets: Sequence[int]) -> tuple[int, int]:
+    """How many of `toc`'s frames `offsets` name, and how many frames lie from the first of them
+    to the last (equal when they are one contiguous run)."""
+    order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
+    index = sorted({order[o] for o in offsets if o in order})
+    return len(index), (index[-1] - index[0] + 1 if index else 0)
 
 
 class _TempPath:

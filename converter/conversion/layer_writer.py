@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import zstandard
@@ -43,6 +43,7 @@ class LayerResult:
     chunks: int  # file pieces listed in the TOC
     frames: int = 0  # distinct content frames (equal to chunks in version 1)
     format_version: int = fmt.FORMAT_VERSION
+    toc: fmt.Toc | None = field(default=None, repr=False, compare=False)  # the written TOC, for its caller
 
 
 def toc_entry_for(member: TarMember) -> fmt.TocEntry:
@@ -206,7 +207,7 @@ def write_seekable_layer(
         digest=counting.hash.digest, size=counting.hash.size, diff_id=reader.hash.digest,
         uncompressed_size=reader.hash.size, toc_digest=sha256_digest(toc_frame), toc_offset=toc_offset,
         toc_length=len(toc_frame), toc_uncompressed=toc_uncompressed, entries=len(entries),
-        chunks=toc.chunk_count, frames=toc.frame_count, format_version=format_version,
+        chunks=toc.chunk_count, frames=toc.frame_count, format_version=format_version, toc=toc,
     )
 
 

@@ -278,6 +278,12 @@ class TarWalker:
             member.size = 0
         return member
 
+    @property
+    def saw_global_pax(self) -> bool:
+        """Whether a PAX global header was read: it changes how every later member reads, so
+        members must not move across it."""
+        return bool(self._global_pax)
+
     def read_data(self, n: int) -> bytes:
         """Read up to `n` content bytes of the current member (exactly `n` unless fewer remain)."""
         n = min(n, self._remaining)

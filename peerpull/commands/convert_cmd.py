@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -14,14 +15,19 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from converter.conversion.convert import Converter, ConvertReport
-from converter.conversion.image_source import LayoutSource, open_source
-from converter.format.errors import ConfigError
+from converter.conversion.convert import Converter, ConvertReport, config_diff_ids
+from converter.conversion.image_source import ImageSource, LayoutSource, open_source
+from converter.format.errors import ConfigError, PeerpullError
 from converter.registry.client import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
+from peerpull.commands import convert_profile as cp
+from peerpull.commands.run_cmd import global_args
 from peerpull.config import PeerpullConfig
 from peerpull.options import parse_size
+from peerpull.testbed.runner import RunOptions, run_image
+from snapshotter.service import profiles as pf
+from snapshotter.service.profiles_source import registry_profile
 
 _R = RegistryConfig()
 DESCRIPTION = f"""\
@@ -43,9 +49,29 @@ descriptor's size; connect {_R.connect_timeout_s:g} s, idle read {_R.read_timeou
 retries; a layer download slower than {_R.min_speed_bytes_s} bytes/s resumes (PEERPULL_REGISTRY_CONNECT_TIMEOUT_S,
 _READ_TIMEOUT_S, _REQUEST_DEADLINE_S, _MIN_SPEED_BYTES_S, _RETRIES).
 
+--profile lays out each layer's startup files first (docs/format.md, "Startup-first layout"):
+the files a container reads first, learnt from a startup profile, are moved to the front of their
+layers and packed together, so the working set is one contiguous run of frames a node fetches in
+a few large ranges. SOURCE is
+  FILE      a profile: the document a node daemon pushes, or `peerpull profile show --json` output;
+            it must be of SRC or of an image converted from SRC found in DST's or SRC's repository
+  registry  the profile the registry holds for SRC (when seekable) or for the image now at DST
+  learn     convert once, push, run the image's entrypoint (arguments after `--` replace its Cmd)
+            on a private containerd + peerpull daemon (needs root; as `peerpull run`), take the
+            profile it recorded, then convert again with the layout and push (DST is written twice)
+Moved files change the uncompressed tar, so those layers get new diff_ids (the config is
+rewritten); the tree containerd unpacks is the same. The pushed image gets a profile matching its
+new layout, so nodes stream its working set at once. A profile is a hint: one that is missing, of
+another image or stale is ignored with one warning line and the image converted without it.
+The summary says how many files/bytes moved and the frames the working set spans before → after.
+
 examples:
   peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable
   peerpull convert oci:./layout:latest registry.local:5000/app:seekable --insecure-registry registry.local:5000
+  peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable --profile registry
+  peerpull profile show --json 127.0.0.1:5000/app:1.0-seekable > startup.json
+  peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-fast --profile startup.json
+  peerpull convert 127.0.0.1:5000/ml/torch:1 127.0.0.1:5000/ml/torch:1-fast --profile learn -- python -c "import torch"
 """
 
 
@@ -64,6 +90,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the conversion report as JSON to FILE ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     p.add_argument("--force", action="store_true", help="allow DST to be the same image reference as SRC")
+    p.add_argument("--profile", metavar="SOURCE",
+                   help="lay out startup files first: a profile FILE, 'registry' or 'learn' (see above; "
+                        "a file named like a keyword: ./registry)")
+    p.add_argument("--learn-timeout", type=float, default=600.0, metavar="S",
+                   help="--profile learn: give up on the container after S seconds (default 600)")
     p.set_defaults(handler=run)
     return p
 
@@ -87,7 +118,9 @@ class _RichProgress:
 
 
 def report_json(report: ConvertReport) -> dict[str, Any]:
-    return {**asdict(report), "uncompressed_bytes": report.uncompressed_bytes}
+    out = {**asdict(report), "uncompressed_bytes": report.uncompressed_bytes}
+    out.pop("startup_offsets")  # the new profile, pushed next to the image
+    return out
 
 
 def print_summary(report: ConvertReport, console: Console) -> None:
@@ -111,6 +144,12 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     rate = report.uncompressed_bytes / 1e6 / report.seconds if report.seconds else 0.0
     console.print(f"converted {len(report.layers)} layers in {report.seconds:.1f} s ({rate:.0f} MB/s uncompressed); "
                   f"{_mb(src)} → {_mb(out)} ({out / max(1, src):.2f}×); manifest {report.manifest_digest}")
+    if (lay := report.layout) is not None:
+        pushed = f"; profile {lay['profile_artifact'][:19]} pushed" if lay["profile_artifact"] else ""
+        console.print(f"startup-first layout: {lay['moved_files']} of {lay['startup_files']} startup files "
+                      f"({_mb(lay['moved_bytes'])}) moved to the front of {lay['layers']} layers; working set "
+                      f"{lay['frames_before']} frames spanning {lay['span_before']} → {lay['frames_after']} "
+                      f"spanning {lay['span_after']}{pushed}", markup=False, highlight=False)
 
 
 def _mb(n: int) -> str:
@@ -141,24 +180,94 @@ def check_writable_dir(path: str | None, what: str) -> None:
     os.unlink(name)
 
 
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+async def _learn(args: argparse.Namespace, config: PeerpullConfig, client: RegistryClient, dest: ImageReference,
+                 manifest_digest: str) -> pf.StartupProfile:
+    """Run the just-pushed DST on a private set-up; the profile its daemon recorded and pushed."""
+    opts = RunOptions(image=str(dest), mode="lazy", args=list(args.trailing), timeout_s=args.learn_timeout,
+                      global_args=global_args(args, config))
+    echo = (lambda text: None) if args.quiet else (lambda text: print(f"│ {text}", file=sys.stderr))
+    try:
+        result = await run_image(opts, config.registry, echo)
+    except ConfigError:
+        raise
+    except PeerpullError as exc:
+        raise cp.ProfileIgnored(f"learning run failed: {exc}") from None
+    if result.exit_code not in (0, None):
+        _warn(f"the learning run's container exited {result.exit_code}; using what it read")
+    profile = await registry_profile(client, str(dest), manifest_digest)
+    if profile is None:
+        raise cp.ProfileIgnored("the learning run recorded no profile (its container read nothing, or most "
+                                "of the image: a whole-image read is no startup profile)")
+    return profile
+
+
+async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig, client: RegistryClient,
+                                source: ImageSource, dest: ImageReference,
+                                convert: Callable[[dict[str, list[str]] | None], Awaitable[ConvertReport]]
+                                ) -> ConvertReport:
+    image = await source.resolve()
+    source_ids = config_diff_ids(await source.read_blob(image.manifest["config"]["digest"]), args.source)
+    first: ConvertReport | None = None
+    try:
+        if args.profile == "learn":
+            first = await convert(None)
+            profile = await _learn(args, config, client, dest, first.manifest_digest)
+            profiled = await cp.profiled_image(client, profile, [dest])
+        elif args.profile == "registry":
+            profile, profiled = await cp.registry_lookup(client, source, image, dest)
+        else:
+            profile = cp.read_profile_file(args.profile)
+            profiled = await cp.profiled_image(client, profile, [r for r in (dest, source.registry_ref) if r])
+        startup = await cp.plan(client, profile, profiled, image.manifest["layers"], source_ids)
+    except cp.ProfileIgnored as exc:
+        _warn(f"startup profile ignored: {exc}; converted without a startup-first layout")
+        return first if first is not None else await convert(None)
+    report = await convert(startup.by_layer)
+    new = cp.new_profile(startup, report)
+    pushed = None
+    if new.reads:
+        try:
+            pushed = await cp.push_profile(client, dest, new)
+        except PeerpullError as exc:
+            _warn(f"the new image's startup profile was not pushed ({exc}); nodes will learn it on first start")
+    report.layout = cp.layout_summary(startup, report, pushed)
+    return report
+
+
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     dest = ImageReference.parse(args.destination)
     show = sys.stderr.isatty() and not args.quiet
     check_writable_dir(config.convert.work_dir, "work dir")
     if args.json and args.json != "-":
         check_writable_file(args.json, "--json")
+    if args.profile == "learn" and os.geteuid() != 0:
+        raise ConfigError("--profile learn runs the image on a private containerd and needs root; "
+                          "or pass a profile FILE or 'registry'")
+    if args.trailing and args.profile != "learn":
+        raise ConfigError("arguments after `--` are the learning run's command: they need --profile learn")
     async with RegistryClient(config.registry) as client:
         source = open_source(args.source, client, config.registry.platform)
         if (not args.force and not isinstance(source, LayoutSource) and source.registry_ref is not None
                 and str(source.registry_ref) == str(dest)):
             raise ConfigError(f"destination {dest} is the source image: converting would overwrite it; "
                               "pass --force to do so, or choose another tag")
-        if show:
-            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-                report = await Converter(client, config.convert, _RichProgress(progress)).convert(source, dest)
+
+        async def convert(startup: dict[str, list[str]] | None) -> ConvertReport:
+            if show:
+                columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn())
+                with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+                    return await Converter(client, config.convert, _RichProgress(progress)).convert(source, dest, startup)
+            return await Converter(client, config.convert).convert(source, dest, startup)
+
+        if args.profile:
+            report = await _convert_with_profile(args, config, client, source, dest, convert)
         else:
-            report = await Converter(client, config.convert).convert(source, dest)
+            report = await convert(None)
     if not args.quiet:
         print_summary(report, Console(width=None if sys.stdout.isatty() else 160))
     if args.json:
