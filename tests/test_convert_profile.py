@@ -207,15 +207,22 @@ STARTUP = [DEEP_FILE, "files/text.txt", "ünïcødé/🚀 emoji ✨.bin", "hardl
 
 @pytest.fixture(scope="module")
 def corner(registry_session, corner_case_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The corner-case image, converted plainly, and a profile of that conversion (base layer files
-    read last to first) as a file."""
+    """The corner-case image, converted plainly, a profile of that conversion (base layer files read
+    last to first) pushed next to it, and that profile as `peerpull profile show --json` gives it."""
     source = push_layout(corner_case_layout, registry_session.address, "profiled/original")
     plain = f"{registry_session.address}/profiled/plain:1"
     report = json.loads(peerpull("convert", source, plain, "--chunk-size", str(CHUNK), "--json", "-", "--quiet").stdout)
     facts, toc = _image_toc(plain, 0)
     reads = [(facts["layer"], o) for o in _startup_frames(toc, STARTUP[::-1])]
+    profile = pf.StartupProfile(facts["digest"], tuple(dict.fromkeys(reads)))
+
+    async def push() -> None:
+        async with RegistryClient(RegistryConfig()) as client:
+            await push_profile(client, ImageReference.parse(plain), profile)
+
+    asyncio.run(push())
     path = tmp_path_factory.mktemp("profile") / "startup.json"
-    path.write_bytes(pf.encode(pf.StartupProfile(facts["digest"], tuple(dict.fromkeys(reads)))))
+    path.write_text(peerpull("profile", "show", "--json", plain).stdout)
     return {"source": source, "plain": plain, "plain_manifest": report["manifest_digest"], "profile": str(path),
             "registry": registry_session.address}
 
@@ -226,6 +233,7 @@ def test_profile_file_end_to_end(corner: dict[str, str]) -> None:
                    "--json", "-", "--quiet")
     report = json.loads(out.stdout)
     layout = report["layout"]
+    assert layout is not None, out.stderr
     assert layout["moved_files"] >= len(STARTUP) and layout["layers"] == 1 and layout["stale_entries"] == 0
     assert layout["span_after"] == layout["frames_after"] <= layout["frames_before"] < layout["span_before"]
     assert report["manifest_digest"] != corner["plain_manifest"]
@@ -264,7 +272,8 @@ def test_foreign_and_stale_profiles_are_ignored_with_one_warning(corner: dict[st
     foreign = tmp_path / "foreign.json"
     foreign.write_bytes(pf.encode(pf.StartupProfile("sha256:" + "ab" * 32, ((facts["layer"], 0),))))
     stale = tmp_path / "stale.json"
-    stale.write_bytes(pf.encode(pf.StartupProfile(facts["digest"], ((facts["layer"], 1), (facts["layer"], 3)))))
+    offsets = pf.StartupProfile(facts["digest"], ((facts["layer"], 1), (facts["layer"], 3)))  # no frame starts there
+    stale.write_text(json.dumps({"image": corner["plain"], "profile": json.loads(pf.encode(offsets))}))
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     for path, why in ((foreign, "is for manifest"), (stale, "names no frame"), (broken, "not JSON")):
@@ -281,7 +290,7 @@ def test_profile_from_the_registry(corner: dict[str, str]) -> None:
     """The profile a node pushed for the seekable twin at DST lays out the next conversion to DST."""
     twin = f"{corner['registry']}/profiled/twin:1"
     peerpull("convert", corner["source"], twin, "--chunk-size", str(CHUNK), "--quiet")
-    profile = pf.decode(Path(corner["profile"]).read_bytes())
+    profile = pf.decode(json.dumps(json.loads(Path(corner["profile"]).read_text())["profile"]).encode())
 
     async def push() -> None:
         async with RegistryClient(RegistryConfig()) as client:

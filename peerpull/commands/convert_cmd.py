@@ -53,8 +53,8 @@ _READ_TIMEOUT_S, _REQUEST_DEADLINE_S, _MIN_SPEED_BYTES_S, _RETRIES).
 the files a container reads first, learnt from a startup profile, are moved to the front of their
 layers and packed together, so the working set is one contiguous run of frames a node fetches in
 a few large ranges. SOURCE is
-  FILE      a profile: the document a node daemon pushes, or `peerpull profile show --json` output;
-            it must be of SRC or of an image converted from SRC found in DST's or SRC's repository
+  FILE      a profile: `peerpull profile show --json` output, or the bare profile document a node
+            daemon pushes (then of SRC, or of an image converted from SRC in DST's or SRC's repository)
   registry  the profile the registry holds for SRC (when seekable) or for the image now at DST
   learn     convert once, push, run the image's entrypoint (arguments after `--` replace its Cmd)
             on a private containerd + peerpull daemon (needs root; as `peerpull run`), take the
@@ -220,8 +220,9 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
         elif args.profile == "registry":
             profile, profiled = await cp.registry_lookup(client, source, image, dest)
         else:
-            profile = cp.read_profile_file(args.profile)
-            profiled = await cp.profiled_image(client, profile, [r for r in (dest, source.registry_ref) if r])
+            profile, shown_for = cp.read_profile_file(args.profile)
+            repos = [r for r in (shown_for, dest, source.registry_ref) if r is not None]
+            profiled = await cp.profiled_image(client, profile, repos)
         startup = await cp.plan(client, profile, profiled, image.manifest["layers"], source_ids)
     except cp.ProfileIgnored as exc:
         _warn(f"startup profile ignored: {exc}; converted without a startup-first layout")

@@ -62,8 +62,9 @@ class _Profiled:
     diff_ids: list[str]
 
 
-def read_profile_file(path: str) -> pf.StartupProfile:
-    """A profile document, or the output of `peerpull profile show --json` (its "profile")."""
+def read_profile_file(path: str) -> tuple[pf.StartupProfile, ImageReference | None]:
+    """A profile document, or the output of `peerpull profile show --json` (its "profile", and the
+    image it was shown for: where to find the profiled image)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -72,10 +73,15 @@ def read_profile_file(path: str) -> pf.StartupProfile:
         doc = untrusted.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise ProfileIgnored(f"--profile {path}: not JSON") from None
+    where: ImageReference | None = None
     if isinstance(doc, dict) and isinstance(doc.get("profile"), dict):
         data = json.dumps(doc["profile"]).encode()
+        try:
+            where = ImageReference.parse(str(doc.get("image")))
+        except PeerpullError:
+            where = None
     try:
-        return pf.decode(data)
+        return pf.decode(data), where
     except FormatError as exc:
         raise ProfileIgnored(f"--profile {path}: {exc}") from None
 

@@ -24,12 +24,14 @@ and push next to the image as an OCI artifact (artifactType {pf.PROFILE_MEDIA_TY
 through the registry's referrers API or the `sha256-<hex>` fallback tag. Reads the manifest, the
 profile and the TOCs of the layers it names (ranged reads): nothing is downloaded. Entries that name
 no chunk of the image are counted as stale (a profile is a hint: they are ignored).
-Exit status 7 when the registry holds no profile for the image.
+Exit status 7 when the registry holds no profile for the image. --json includes the profile
+document itself ("profile"): `peerpull convert SRC DST --profile FILE` reads that output.
 
 examples:
   peerpull profile show registry.example.com/ml/torch:2.13      # chunks, bytes, layers, stale entries
   peerpull profile show --json 127.0.0.1:5000/app:1 | jq .chunks
   peerpull run 127.0.0.1:5000/app:1 && peerpull profile show 127.0.0.1:5000/app:1   # learn one, then look
+  peerpull profile show --json 127.0.0.1:5000/app:1 > p.json && peerpull convert SRC DST --profile p.json
 """
 
 
@@ -70,7 +72,7 @@ async def summary(client: RegistryClient, image: str) -> dict[str, Any]:
     chunks = sum(int(layer["chunks"]) for layer in layers)
     return {"image": image, "manifest_digest": fetched.digest, "chunks": chunks,
             "bytes": sum(int(layer["bytes"]) for layer in layers), "stale": len(profile.reads) - chunks,
-            "layers": layers}
+            "layers": layers, "profile": json.loads(pf.encode(profile))}
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
