@@ -330,3 +330,14 @@ def test_learn_runs_the_entrypoint_and_lays_out_what_it_read(registry_session, t
     assert layout_report is not None, out.stderr
     assert layout_report["moved_files"] >= len(read) and layout_report["profile_artifact"]
     assert layout_report["span_after"] == layout_report["frames_after"]
+
+
+def test_a_seekable_image_is_laid_out_by_its_own_profile(corner: dict[str, str]) -> None:
+    """SRC already seekable: the layers its profile reads are re-framed, the others pass through."""
+    target = f"{corner['registry']}/profiled/relaid:1"
+    report = json.loads(peerpull("convert", corner["plain"], target, "--chunk-size", str(CHUNK), "--profile",
+                                 corner["profile"], "--json", "-", "--quiet").stdout)
+    assert not report["already_seekable"] and report["layout"]["moved_files"] >= len(STARTUP)
+    assert [layer["converted"] for layer in report["layers"]] == [True, False, False]
+    manifest, config, blobs = asyncio.run(fetch_image(target))
+    assert config["rootfs"]["diff_ids"] == [sha256_digest(_untar(blobs[d["digest"]])) for d in manifest["layers"]]

@@ -72,14 +72,11 @@ class LayerReport:
     seconds: float = 0.0
     frames: int | None = None  # distinct content frames (format v2 packs small files: fewer than chunks)
     format_version: int | None = None
-    # startup-first layout (None: the layer had no startup files): files moved to the front and
-    # their content bytes, startup files left in place, and the frames all startup files occupy
-    # in the new layer: how many, and the span from the first to the last of them
+    # startup-first layout (None: the layer had no startup files): files moved to the front, their
+    # content bytes, and startup files left in place (moving them could change what unpacks)
     startup_moved: int | None = None
     startup_moved_bytes: int | None = None
     startup_refused: int | None = None
-    startup_frames: int | None = None
-    startup_span: int | None = None
 
 
 @dataclass
@@ -90,9 +87,9 @@ class ConvertReport:
     already_seekable: bool = False
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
-    # startup-first layout: source layer digest → startup path → its frames' blob offsets in the
-    # new layer (what the new image's profile names)
-    startup_offsets: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    # startup-first layout: the new TOC of each layer named in `startup` (source layer digest →
+    # TOC), from which the new image's profile is made
+    new_tocs: dict[str, fmt.Toc] = field(default_factory=dict, repr=False)
     layout: dict[str, Any] | None = None  # the startup-first layout's summary (peerpull convert --profile)
 
     @property
@@ -105,7 +102,7 @@ class _LayerOutcome:
     report: LayerReport
     descriptor: dict[str, Any]  # the layer's descriptor in the new manifest
     diff_id: str | None  # None: passed through, the source config's diff_id stands
-    startup_offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    toc: fmt.Toc | None = None  # kept for a layer named in `startup`
 
 
 def layer_descriptor(result: LayerResult, chunk_size: int, source: dict[str, Any]) -> dict[str, Any]:
@@ -151,9 +148,10 @@ class Converter:
     async def convert(self, source: ImageSource, dest: ImageReference,
                       startup: Mapping[str, Sequence[str]] | None = None) -> ConvertReport:
         """Convert and push; `startup` (source layer digest → TOC paths in first-read order) lays
-        those files out first in their layers, re-framing them even when already seekable."""
+        those files out first in their layers, re-framing them even when already seekable; the new
+        TOC of every layer it names (an empty list: no layout, only the TOC) is in the report."""
         started = time.monotonic()
-        startup = {digest: paths for digest, paths in (startup or {}).items() if paths}
+        startup = dict(startup or {})
         image = await source.resolve()
         report = ConvertReport(source=source.description, destination=str(dest))
         layers = image.manifest["layers"]
@@ -161,17 +159,17 @@ class Converter:
             mt.layer_compression(desc.get("mediaType", ""))  # refuse foreign/unknown layers before any work
         # the config first: a bad one fails the conversion before any layer work
         config_body = await source.read_blob(image.manifest["config"]["digest"])
-        report.already_seekable = all(is_seekable_descriptor(d) and d["digest"] not in startup for d in layers)
+        report.already_seekable = all(is_seekable_descriptor(d) and not startup.get(d["digest"]) for d in layers)
         if not report.already_seekable and len(config_diff_ids(config_body, f"image {image.digest}")) != len(layers):
             raise FormatError(f"image {image.digest}: its config lists a different number of diff_ids than "
                               f"its {len(layers)} layers")
         log.debug("convert_started", source=source.description, destination=str(dest), layers=len(layers),
                  already_seekable=report.already_seekable)
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._layer(source, dest, d, startup.get(d["digest"], ()))) for d in layers]
+            tasks = [group.create_task(self._layer(source, dest, d, startup.get(d["digest"]))) for d in layers]
         outcomes = [t.result() for t in tasks]
         report.layers = [o.report for o in outcomes]
-        report.startup_offsets = {o.report.source_digest: o.startup_offsets for o in outcomes if o.startup_offsets}
+        report.new_tocs = {o.report.source_digest: o.toc for o in outcomes if o.toc is not None}
         if report.already_seekable:
             body, media_type = image.body, image.media_type
             await self._client.push_blob_bytes(dest, config_body)
@@ -205,7 +203,7 @@ class Converter:
         return json.dumps(manifest, separators=(",", ":")).encode(), mt.OCI_MANIFEST
 
     async def _layer(self, source: ImageSource, dest: ImageReference, desc: dict[str, Any],
-                     startup: Sequence[str]) -> _LayerOutcome:
+                     startup: Sequence[str] | None) -> _LayerOutcome:
         async with self._slots:
             if is_seekable_descriptor(desc) and not startup:
                 await self._copy_blob(source, dest, desc)
@@ -227,7 +225,7 @@ class Converter:
         return _TempPath(self._config.work_dir)
 
     async def _convert_layer(
-        self, source: ImageSource, dest: ImageReference, desc: dict[str, Any], startup: Sequence[str]
+        self, source: ImageSource, dest: ImageReference, desc: dict[str, Any], startup: Sequence[str] | None
     ) -> _LayerOutcome:
         digest, started = desc["digest"], time.monotonic()
         compression = mt.layer_compression(desc["mediaType"])
@@ -277,25 +275,13 @@ class Converter:
             uncompressed_size=result.uncompressed_size, entries=result.entries, chunks=result.chunks,
             toc_bytes=result.toc_length, seconds=seconds, frames=result.frames, format_version=result.format_version,
         )
-        offsets: dict[str, tuple[int, ...]] = {}
-        if plan is not None and result.toc is not None:
-            offsets = startup_offsets(result.toc, startup)
-            frames, span = frames_spanned(result.toc, [o for offs in offsets.values() for o in offs])
+        if plan is not None:
             report = dataclasses.replace(report, startup_moved=len(plan.moved), startup_moved_bytes=plan.moved_bytes,
-                                         startup_refused=len(plan.refused), startup_frames=frames, startup_span=span)
-            log.info("layer_laid_out", source_digest=digest, moved=len(plan.moved), moved_bytes=plan.moved_bytes,
-                     refused=len(plan.refused), frames=frames, span=span)
-        return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id, offsets)
-
-
-def startup_offsets(toc: fmt.Toc, paths: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Each startup path's frames (blob offsets, in file order) in `toc`; paths it lacks are left out."""
-    wanted = set(paths)
-    out: dict[str, tuple[int, ...]] = {}
-    for entry in toc.entries:
-        if entry.path in wanted and entry.chunks:
-            out[entry.path] = tuple(dict.fromkeys(c.blob_offset for c in entry.chunks))
-    return out
+                                         startup_refused=len(plan.refused))
+            log.debug("layer_laid_out", source_digest=digest, moved=len(plan.moved), moved_bytes=plan.moved_bytes,
+                      refused=len(plan.refused))
+        return _LayerOutcome(report, layer_descriptor(result, self._config.chunk_size, desc), result.diff_id,
+                             result.toc if startup is not None else None)
 
 
 def frames_spanned(toc: fmt.Toc, offsets: Sequence[int]) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -58,7 +59,9 @@ a few large ranges. SOURCE is
   registry  the profile the registry holds for SRC (when seekable) or for the image now at DST
   learn     convert once, push, run the image's entrypoint (arguments after `--` replace its Cmd)
             on a private containerd + peerpull daemon (needs root; as `peerpull run`), take the
-            profile it recorded, then convert again with the layout and push (DST is written twice)
+            profile it recorded, then convert again with the layout and push (DST is written twice);
+            an entrypoint that never exits (a server) is stopped after --learn-timeout, and what it
+            read until then is the profile
 Moved files change the uncompressed tar, so those layers get new diff_ids (the config is
 rewritten); the tree containerd unpacks is the same. The pushed image gets a profile matching its
 new layout, so nodes stream its working set at once. A profile is a hint: one that is missing, of
@@ -76,7 +79,8 @@ examples:
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
-    p = commands.add_parser("convert", help="convert an image to the seekable format and push it",
+    p = commands.add_parser("convert", usage="peerpull convert [options] SRC DST [--profile SOURCE] [-- ARG ...]",
+                            help="convert an image to the seekable format and push it",
                             description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SRC", help="image to convert: registry reference or oci:DIR[:TAG]")
     p.add_argument("destination", metavar="DST", help="registry reference to push the seekable image to")
@@ -118,8 +122,8 @@ class _RichProgress:
 
 
 def report_json(report: ConvertReport) -> dict[str, Any]:
-    out = {**asdict(report), "uncompressed_bytes": report.uncompressed_bytes}
-    out.pop("startup_offsets")  # the new profile, pushed next to the image
+    out = {**asdict(dataclasses.replace(report, new_tocs={})), "uncompressed_bytes": report.uncompressed_bytes}
+    del out["new_tocs"]  # they made the new profile, pushed next to the image
     return out
 
 
@@ -147,7 +151,7 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     if (lay := report.layout) is not None:
         pushed = f"; profile {lay['profile_artifact'][:19]} pushed" if lay["profile_artifact"] else ""
         console.print(f"startup-first layout: {lay['moved_files']} of {lay['startup_files']} startup files "
-                      f"({_mb(lay['moved_bytes'])}) moved to the front of {lay['layers']} layers; working set "
+                      f"({_mb(lay['moved_bytes'])}) moved to the front of {lay['layers']} layers; the frames read "
                       f"{lay['frames_before']} frames spanning {lay['span_before']} → {lay['frames_after']} "
                       f"spanning {lay['span_after']}{pushed}", markup=False, highlight=False)
 
@@ -194,10 +198,11 @@ async def _learn(args: argparse.Namespace, config: PeerpullConfig, client: Regis
         result = await run_image(opts, config.registry, echo)
     except ConfigError:
         raise
-    except PeerpullError as exc:
-        raise cp.ProfileIgnored(f"learning run failed: {exc}") from None
-    if result.exit_code not in (0, None):
-        _warn(f"the learning run's container exited {result.exit_code}; using what it read")
+    except PeerpullError as exc:  # e.g. a server that never exits: what it read until then still counts
+        _warn(f"the learning run stopped: {exc}; using what the container read until then")
+    else:
+        if result.exit_code not in (0, None):
+            _warn(f"the learning run's container exited {result.exit_code}; using what it read")
     profile = await registry_profile(client, str(dest), manifest_digest)
     if profile is None:
         raise cp.ProfileIgnored("the learning run recorded no profile (its container read nothing, or most "
@@ -235,7 +240,7 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
             pushed = await cp.push_profile(client, dest, new)
         except PeerpullError as exc:
             _warn(f"the new image's startup profile was not pushed ({exc}); nodes will learn it on first start")
-    report.layout = cp.layout_summary(startup, report, pushed)
+    report.layout = cp.layout_summary(startup, report, new, pushed)
     return report
 
 

@@ -16,7 +16,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from converter.conversion.convert import ConvertReport, config_diff_ids, frames_spanned
 from converter.conversion.image_source import ImageSource, ResolvedImage
@@ -40,17 +40,30 @@ class ProfileIgnored(PeerpullError):
     """The profile cannot guide this conversion (the message says why): convert without it."""
 
 
+# A large file (not packed) moves to the front only when the start read at least this share of it:
+# one read in a few places would put its unread bytes between the working set's frames.
+LARGE_MOVE_MIN_READ = 0.5
+
+
+class _Read(NamedTuple):
+    """One file piece the start read: in the new layer, the frames holding these file bytes."""
+
+    source: str  # source layer digest
+    path: str
+    file_offset: int
+    length: int
+    blob: str  # where the profile saw it: profiled layer digest and frame blob offset
+    offset: int
+
+
 @dataclass
 class StartupPlan:
-    by_layer: dict[str, list[str]]  # source layer digest → TOC paths in first-read order
-    order: list[tuple[str, str]]  # (source layer digest, path) in first-read order across layers
+    by_layer: dict[str, list[str]]  # source layer digest → TOC paths to move, first-read order ([]: none)
+    reads: list[_Read]  # the file pieces the start read, in first-read order
+    files: int = 0  # distinct files read
     frames_before: int = 0  # frames of the profiled image the working set occupies
     span_before: int = 0  # frames from the first to the last of them, summed over layers
     stale: int = 0  # profile entries that name no frame of a matched layer
-
-    @property
-    def files(self) -> int:
-        return len(self.order)
 
 
 @dataclass(frozen=True)
@@ -149,11 +162,20 @@ def _match(profiled: _Profiled, index: int, source_layers: list[dict[str, Any]],
     return None
 
 
+def _pieces(toc: fmt.Toc) -> dict[int, list[tuple[str, int, int]]]:
+    """Frame blob offset → the file pieces (path, file offset, length) in it, in stream order."""
+    table: dict[int, list[tuple[str, int, int]]] = {}
+    for entry in toc.entries:
+        for c in entry.chunks:
+            table.setdefault(c.blob_offset, []).append((entry.path, c.file_offset, c.length))
+    return table
+
+
 async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Profiled,
                source_layers: list[dict[str, Any]], source_ids: list[str]) -> StartupPlan:
     """Which files of which source layers to lay out first, in first-read order."""
     by_blob = {d["digest"]: i for i, d in enumerate(profiled.layers)}
-    frames: dict[str, dict[int, list[str]]] = {}  # profiled layer → frame offset → its files
+    frames: dict[str, dict[int, list[tuple[str, int, int]]]] = {}
     tocs: dict[str, fmt.Toc] = {}
     source_of: dict[str, str] = {}
     for blob in profile.layers:
@@ -163,33 +185,32 @@ async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Pr
             toc = await _toc(client, profiled.repo, profiled.layers[by_blob[blob]])
         except PeerpullError:
             continue  # an unreadable TOC: that layer's reads are stale
-        if toc is None:
-            continue
-        tocs[blob], source_of[blob] = toc, src
-        table: dict[int, list[str]] = {}
-        for entry in toc.entries:
-            for c in entry.chunks:
-                files = table.setdefault(c.blob_offset, [])
-                if not files or files[-1] != entry.path:
-                    files.append(entry.path)
-        frames[blob] = table
+        if toc is not None:
+            tocs[blob], source_of[blob], frames[blob] = toc, src, _pieces(toc)
     result = StartupPlan({}, [])
-    seen: set[tuple[str, str]] = set()
+    read_bytes: dict[tuple[str, str], int] = {}
     read_offsets: dict[str, list[int]] = {}
     for blob, offset in profile.reads:
-        files = frames.get(blob, {}).get(offset)
-        if files is None:
+        pieces = frames.get(blob, {}).get(offset)
+        if pieces is None:
             result.stale += 1
             continue
         read_offsets.setdefault(blob, []).append(offset)
-        for path in files:
+        for path, file_offset, length in pieces:
             key = (source_of[blob], path)
-            if key not in seen:
-                seen.add(key)
-                result.order.append(key)
-                result.by_layer.setdefault(key[0], []).append(path)
-    if not result.order:
+            read_bytes[key] = read_bytes.get(key, 0) + length
+            result.reads.append(_Read(key[0], path, file_offset, length, blob, offset))
+    if not result.reads:
         raise ProfileIgnored(f"the profile ({len(profile.reads)} entries) names no frame of a layer of this image")
+    sizes = {(source_of[b], e.path): (e.size, fmt.pack_threshold(t.chunk_size)) for b, t in tocs.items()
+             for e in t.entries if (source_of[b], e.path) in read_bytes}
+    for key in read_bytes:  # first-read order (dicts keep insertion order)
+        size, small = sizes[key]
+        moves = size < small or read_bytes[key] >= LARGE_MOVE_MIN_READ * size
+        result.by_layer.setdefault(key[0], [])
+        if moves:
+            result.by_layer[key[0]].append(key[1])
+    result.files = len(read_bytes)
     for blob, offsets in read_offsets.items():
         count, span = frames_spanned(tocs[blob], offsets)
         result.frames_before += count
@@ -198,12 +219,24 @@ async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Pr
 
 
 def new_profile(startup: StartupPlan, report: ConvertReport) -> pf.StartupProfile:
-    """The converted image's profile: the startup files' frames in the new layers, in first-read order."""
-    new_digest = {layer.source_digest: layer.digest for layer in report.layers}
+    """The converted image's profile: the frames of the new layers holding the file bytes the
+    start read, in first-read order (a layer that passed through unchanged keeps its entries)."""
+    layers = {layer.source_digest: layer for layer in report.layers}
+    chunks: dict[str, dict[str, list[fmt.Chunk]]] = {
+        src: {e.path: e.chunks for e in toc.entries if e.chunks} for src, toc in report.new_tocs.items()}
     reads: list[tuple[str, int]] = []
-    for src, path in startup.order:
-        for offset in report.startup_offsets.get(src, {}).get(path, ()):
-            reads.append((new_digest[src], offset))
+    for r in startup.reads:
+        layer = layers.get(r.source)
+        if layer is None:
+            continue
+        if r.source not in chunks:
+            if not layer.converted and layer.digest == r.blob:
+                reads.append((r.blob, r.offset))
+            continue
+        end = r.file_offset + r.length
+        for c in chunks[r.source].get(r.path, ()):
+            if c.file_offset < end and r.file_offset < c.file_offset + c.length:
+                reads.append((layer.digest, c.blob_offset))
     return pf.StartupProfile(report.manifest_digest, tuple(dict.fromkeys(reads)))
 
 
@@ -215,16 +248,23 @@ async def push_profile(client: RegistryClient, dest: ImageReference, profile: pf
                                          pf.PROFILE_MEDIA_TYPE)
 
 
-def layout_summary(startup: StartupPlan, report: ConvertReport, pushed: str | None) -> dict[str, Any]:
+def layout_summary(startup: StartupPlan, report: ConvertReport, new: pf.StartupProfile,
+                   pushed: str | None) -> dict[str, Any]:
     laid = [layer for layer in report.layers if layer.startup_moved is not None]
+    frames_after = span_after = 0
+    by_source = {layer.digest: layer.source_digest for layer in report.layers}
+    for blob in new.layers:
+        toc = report.new_tocs.get(by_source.get(blob, ""))
+        if toc is not None:
+            count, span = frames_spanned(toc, [o for b, o in new.reads if b == blob])
+            frames_after, span_after = frames_after + count, span_after + span
     return {
         "startup_files": startup.files,
         "moved_files": sum(layer.startup_moved or 0 for layer in laid),
         "moved_bytes": sum(layer.startup_moved_bytes or 0 for layer in laid),
-        "left_in_place": sum(layer.startup_refused or 0 for layer in laid),
+        "left_in_place": startup.files - sum(layer.startup_moved or 0 for layer in laid),
         "stale_entries": startup.stale,
         "frames_before": startup.frames_before, "span_before": startup.span_before,
-        "frames_after": sum(layer.startup_frames or 0 for layer in laid),
-        "span_after": sum(layer.startup_span or 0 for layer in laid),
+        "frames_after": frames_after, "span_after": span_after,
         "layers": len(laid), "profile_artifact": pushed,
     }
