@@ -236,6 +236,7 @@ def test_profile_file_end_to_end(corner: dict[str, str]) -> None:
     assert layout is not None, out.stderr
     assert layout["moved_files"] >= len(STARTUP) and layout["layers"] == 1 and layout["stale_entries"] == 0
     assert layout["span_after"] == layout["frames_after"] <= layout["frames_before"] < layout["span_before"]
+    assert layout["runs_after"] == 1 < layout["runs_before"]
     assert report["manifest_digest"] != corner["plain_manifest"]
     # the config names the new layer's diff_id; the others are as before
     manifest, config, blobs = asyncio.run(fetch_image(target))
@@ -330,6 +331,7 @@ def test_learn_runs_the_entrypoint_and_lays_out_what_it_read(registry_session, t
     assert layout_report is not None, out.stderr
     assert layout_report["moved_files"] >= len(read) and layout_report["profile_artifact"]
     assert layout_report["span_after"] == layout_report["frames_after"]
+    assert layout_report["runs_after"] <= 2  # one per layer at most (busybox, then the app's files)
 
 
 def test_a_seekable_image_is_laid_out_by_its_own_profile(corner: dict[str, str]) -> None:
@@ -341,3 +343,30 @@ def test_a_seekable_image_is_laid_out_by_its_own_profile(corner: dict[str, str])
     assert [layer["converted"] for layer in report["layers"]] == [True, False, False]
     manifest, config, blobs = asyncio.run(fetch_image(target))
     assert config["rootfs"]["diff_ids"] == [sha256_digest(_untar(blobs[d["digest"]])) for d in manifest["layers"]]
+
+
+def test_a_large_file_read_in_one_place_stays_and_the_new_profile_names_that_chunk(
+        corner: dict[str, str], tmp_path: Path) -> None:
+    facts, toc = _image_toc(corner["plain"], 0)
+    big = next(e for e in toc.entries if e.path == "files/random-2.5M")
+    reads = [(facts["layer"], o) for o in _startup_frames(toc, [DEEP_FILE, "hardlinks/orig"])]
+    reads.append((facts["layer"], big.chunks[3].blob_offset))  # one chunk of 161
+    path = tmp_path / "partial.json"
+    doc = json.loads(pf.encode(pf.StartupProfile(facts["digest"], tuple(dict.fromkeys(reads)))))
+    path.write_text(json.dumps({"image": corner["plain"], "profile": doc}))
+    target = f"{corner['registry']}/profiled/partial:1"
+    layout = json.loads(peerpull("convert", corner["source"], target, "--chunk-size", str(CHUNK), "--profile",
+                                 str(path), "--json", "-", "--quiet").stdout)["layout"]
+    assert layout["left_in_place"] == 1 and layout["moved_files"] >= 2
+    new_facts, new_toc = _image_toc(target, 0)
+
+    async def profile() -> pf.StartupProfile | None:
+        async with RegistryClient(RegistryConfig()) as client:
+            return await registry_profile(client, target, new_facts["digest"])
+
+    pushed = asyncio.run(profile())
+    assert pushed is not None
+    new_big = next(e for e in new_toc.entries if e.path == "files/random-2.5M")
+    offsets = {o for _, o in pushed.reads}
+    assert [c.file_offset for c in new_big.chunks if c.blob_offset in offsets] == [big.chunks[3].file_offset]
+    assert new_big.chunks[3].digest == big.chunks[3].digest  # the same bytes, framed alike: the same chunk

@@ -292,6 +292,14 @@ def frames_spanned(toc: fmt.Toc, offsets: Sequence[int]) -> tuple[int, int]:
     return len(index), (index[-1] - index[0] + 1 if index else 0)
 
 
+def frame_runs(toc: fmt.Toc, offsets: Sequence[int]) -> int:
+    """How many runs of consecutive frames `offsets` name in `toc`: the Range requests that fetch
+    exactly those frames."""
+    order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
+    index = sorted({order[o] for o in offsets if o in order})
+    return sum(1 for i, x in enumerate(index) if i == 0 or x != index[i - 1] + 1)
+
+
 class _TempPath:
     """A temporary file path removed on exit, whatever happened."""
 

@@ -67,6 +67,8 @@ rewritten); the tree containerd unpacks is the same. The pushed image gets a pro
 new layout, so nodes stream its working set at once. A profile is a hint: one that is missing, of
 another image or stale is ignored with one warning line and the image converted without it.
 The summary says how many files/bytes moved and the frames the working set spans before → after.
+Each laid-out layer's uncompressed tar is spooled in --work-dir first (disk of its uncompressed
+size; the system temp dir may be a tmpfs: give a disk directory for large images).
 
 examples:
   peerpull convert 127.0.0.1:5000/app:1.0 127.0.0.1:5000/app:1.0-seekable
@@ -151,9 +153,10 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     if (lay := report.layout) is not None:
         pushed = f"; profile {lay['profile_artifact'][:19]} pushed" if lay["profile_artifact"] else ""
         console.print(f"startup-first layout: {lay['moved_files']} of {lay['startup_files']} startup files "
-                      f"({_mb(lay['moved_bytes'])}) moved to the front of {lay['layers']} layers; the frames read "
-                      f"{lay['frames_before']} frames spanning {lay['span_before']} → {lay['frames_after']} "
-                      f"spanning {lay['span_after']}{pushed}", markup=False, highlight=False)
+                      f"({_mb(lay['moved_bytes'])}) moved to the front of {lay['layers']} layers; working set "
+                      f"{lay['frames_before']} frames in {lay['runs_before']} runs spanning {lay['span_before']} → "
+                      f"{lay['frames_after']} in {lay['runs_after']} runs spanning {lay['span_after']}{pushed}",
+                      markup=False, highlight=False)
 
 
 def _mb(n: int) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from converter.conversion.convert import ConvertReport, config_diff_ids, frames_spanned
+from converter.conversion.convert import ConvertReport, config_diff_ids, frame_runs, frames_spanned
 from converter.conversion.image_source import ImageSource, ResolvedImage
 from converter.format import toc as fmt
 from converter.format import untrusted
@@ -63,6 +63,7 @@ class StartupPlan:
     files: int = 0  # distinct files read
     frames_before: int = 0  # frames of the profiled image the working set occupies
     span_before: int = 0  # frames from the first to the last of them, summed over layers
+    runs_before: int = 0  # runs of consecutive frames among them (Range requests), summed over layers
     stale: int = 0  # profile entries that name no frame of a matched layer
 
 
@@ -215,6 +216,7 @@ async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Pr
         count, span = frames_spanned(tocs[blob], offsets)
         result.frames_before += count
         result.span_before += span
+        result.runs_before += frame_runs(tocs[blob], offsets)
     return result
 
 
@@ -251,13 +253,15 @@ async def push_profile(client: RegistryClient, dest: ImageReference, profile: pf
 def layout_summary(startup: StartupPlan, report: ConvertReport, new: pf.StartupProfile,
                    pushed: str | None) -> dict[str, Any]:
     laid = [layer for layer in report.layers if layer.startup_moved is not None]
-    frames_after = span_after = 0
+    frames_after = span_after = runs_after = 0
     by_source = {layer.digest: layer.source_digest for layer in report.layers}
     for blob in new.layers:
         toc = report.new_tocs.get(by_source.get(blob, ""))
         if toc is not None:
-            count, span = frames_spanned(toc, [o for b, o in new.reads if b == blob])
+            offsets = [o for b, o in new.reads if b == blob]
+            count, span = frames_spanned(toc, offsets)
             frames_after, span_after = frames_after + count, span_after + span
+            runs_after += frame_runs(toc, offsets)
     return {
         "startup_files": startup.files,
         "moved_files": sum(layer.startup_moved or 0 for layer in laid),
@@ -266,5 +270,6 @@ def layout_summary(startup: StartupPlan, report: ConvertReport, new: pf.StartupP
         "stale_entries": startup.stale,
         "frames_before": startup.frames_before, "span_before": startup.span_before,
         "frames_after": frames_after, "span_after": span_after,
+        "runs_before": startup.runs_before, "runs_after": runs_after,
         "layers": len(laid), "profile_artifact": pushed,
     }
