@@ -117,6 +117,7 @@ def test_corner_case_layers_laid_out_unpack_to_the_same_tree(tmp_path: Path) -> 
 
 def test_duplicates_whiteout_targets_and_odd_ancestors_stay_in_place() -> None:
     layer = images.LayerBuilder()
+    layer.dir(".")
     layer.dir("a")
     layer.file("a/dup", b"first")
     layer.file("a/dup", b"second")  # the later one wins: the pair keeps its order
@@ -127,8 +128,9 @@ def test_duplicates_whiteout_targets_and_odd_ancestors_stay_in_place() -> None:
     layer.file("c/through-link", b"under a symlink ancestor")
     layer.file("plain", b"moves")
     tar = layer.tar_bytes()
-    _, plan = _lay_out(tar, ["a/dup", "b/gone", "c/through-link", "plain"])
+    blob, plan = _lay_out(tar, ["a/dup", "b/gone", "c/through-link", "plain"])
     assert plan.moved == ["plain"]
+    assert [m.name for m in _members(_untar(blob))][:2] == [".", "plain"]  # the root's entry stays first
     assert plan.refused == {
         "a/dup": "the layer lists this path more than once",
         "b/gone": "a whiteout of this layer removes b/gone",
@@ -370,3 +372,9 @@ def test_a_large_file_read_in_one_place_stays_and_the_new_profile_names_that_chu
     offsets = {o for _, o in pushed.reads}
     assert [c.file_offset for c in new_big.chunks if c.blob_offset in offsets] == [big.chunks[3].file_offset]
     assert new_big.chunks[3].digest == big.chunks[3].digest  # the same bytes, framed alike: the same chunk
+
+
+def test_a_learning_command_without_learn_is_refused_before_any_work() -> None:
+    refused = peerpull("convert", "127.0.0.1:9/a:1", "127.0.0.1:9/b:1", "--profile", "registry", "--", "true",
+                       check=False)
+    assert refused.returncode == 2 and "need --profile learn" in refused.stderr.strip().splitlines()[-1]

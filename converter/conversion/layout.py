@@ -52,10 +52,11 @@ class LayoutPlan:
 
 
 def _ancestors(path: str) -> list[str]:
+    """The directories holding `path`, outermost first, the root (".") included."""
     out = []
     while (path := posixpath.dirname(path)) not in ("", "."):
         out.append(path)
-    return out[::-1]
+    return [".", *out[::-1]]
 
 
 def _scan(spool: BinaryIO) -> tuple[list[_Member], int, bool]:
@@ -85,7 +86,7 @@ def _why_not(path: str, members: dict[str, list[_Member]], removed: set[str], be
         return f"a {found[0].type}, not a regular file"
     if path in below:
         return "the layer lists entries below it"
-    for p in (*_ancestors(path), path):
+    for p in (*_ancestors(path)[1:], path):
         if p in removed:
             return f"a whiteout of this layer removes {p}"
     for a in _ancestors(path):
