@@ -31,6 +31,7 @@ from tests.support import images
 from tests.support.containerd import ContainerdProcess, pull_image, run_container
 from tests.support.image_fixtures import push_layout
 from tests.support.images import CHUNK, DEEP_FILE, ENTRYPOINT_OUTPUT
+from tests.support.lazy_stack import LazyStack
 from tests.support.tree import container_tree, expected_tree_from_layers
 from tests.test_convert import fetch_image, peerpull
 
@@ -378,3 +379,28 @@ def test_a_learning_command_without_learn_is_refused_before_any_work() -> None:
     refused = peerpull("convert", "127.0.0.1:9/a:1", "127.0.0.1:9/b:1", "--profile", "registry", "--", "true",
                        check=False)
     assert refused.returncode == 2 and "need --profile learn" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_laid_out_image_runs_lazily_with_the_same_tree(lazy_stack: LazyStack, tmp_path: Path) -> None:
+    """The node daemon serves a reordered layer (and prefetches by its new profile) unchanged."""
+    layout = lazy_stack.root / "corner-profiled"
+    images.build_corner_case_image(layout)
+    source = images.push_layout(layout, lazy_stack.registry.address, "lazyprofile/original")
+    plain = f"{lazy_stack.registry.address}/lazyprofile/plain:1"
+    lazy_stack.convert(source, plain, CHUNK)
+    facts, toc = _image_toc(plain, 0)
+    doc = json.loads(pf.encode(pf.StartupProfile(facts["digest"], tuple(dict.fromkeys(
+        (facts["layer"], o) for o in _startup_frames(toc, STARTUP[::-1]))))))
+    path = tmp_path / "startup.json"
+    path.write_text(json.dumps({"image": plain, "profile": doc}))
+    target = f"{lazy_stack.registry.address}/lazyprofile/fast:1"
+    lazy_stack.convert(source, target, CHUNK, "--profile", str(path))
+    report = lazy_stack.pull(target)
+    assert report["lazy"] == 3 and report["downloaded"] == 0
+    ctrd = lazy_stack.containerd
+    assert run_container(ctrd, target, [], snapshotter="peerpull").strip() == ENTRYPOINT_OUTPUT
+    lazy_tree = container_tree(ctrd, target, snapshotter="peerpull")
+    pull_image(ctrd, source)
+    assert lazy_tree == container_tree(ctrd, source)
