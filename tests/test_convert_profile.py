@@ -348,20 +348,22 @@ def test_a_seekable_image_is_laid_out_by_its_own_profile(corner: dict[str, str])
     assert config["rootfs"]["diff_ids"] == [sha256_digest(_untar(blobs[d["digest"]])) for d in manifest["layers"]]
 
 
-def test_a_large_file_read_in_one_place_stays_and_the_new_profile_names_that_chunk(
+def test_a_large_file_read_in_one_place_goes_last_and_the_new_profile_names_that_chunk(
         corner: dict[str, str], tmp_path: Path) -> None:
     facts, toc = _image_toc(corner["plain"], 0)
     big = next(e for e in toc.entries if e.path == "files/random-2.5M")
-    reads = [(facts["layer"], o) for o in _startup_frames(toc, [DEEP_FILE, "hardlinks/orig"])]
-    reads.append((facts["layer"], big.chunks[3].blob_offset))  # one chunk of 161
+    reads = [(facts["layer"], big.chunks[3].blob_offset)]  # one chunk of 161, read first
+    reads += [(facts["layer"], o) for o in _startup_frames(toc, [DEEP_FILE, "hardlinks/orig", "files/text.txt"])]
     path = tmp_path / "partial.json"
     doc = json.loads(pf.encode(pf.StartupProfile(facts["digest"], tuple(dict.fromkeys(reads)))))
     path.write_text(json.dumps({"image": corner["plain"], "profile": doc}))
     target = f"{corner['registry']}/profiled/partial:1"
     layout = json.loads(peerpull("convert", corner["source"], target, "--chunk-size", str(CHUNK), "--profile",
                                  str(path), "--json", "-", "--quiet").stdout)["layout"]
-    assert layout["left_in_place"] == 1 and layout["moved_files"] >= 2
+    assert layout["left_in_place"] == 0 and layout["moved_files"] >= 4
     new_facts, new_toc = _image_toc(target, 0)
+    first = [e.path for e in new_toc.entries if e.chunks][:layout["moved_files"]]
+    assert first[-2:] == ["files/text.txt", "files/random-2.5M"]  # the read-through large file first
 
     async def profile() -> pf.StartupProfile | None:
         async with RegistryClient(RegistryConfig()) as client:

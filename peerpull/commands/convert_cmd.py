@@ -219,10 +219,9 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
                                 ) -> ConvertReport:
     image = await source.resolve()
     source_ids = config_diff_ids(await source.read_blob(image.manifest["config"]["digest"]), args.source)
-    first: ConvertReport | None = None
+    first = await convert(None) if args.profile == "learn" else None
     try:
-        if args.profile == "learn":
-            first = await convert(None)
+        if first is not None:
             profile = await _learn(args, config, client, dest, first.manifest_digest)
             profiled = await cp.profiled_image(client, profile, [dest])
         elif args.profile == "registry":
@@ -232,7 +231,9 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
             repos = [r for r in (shown_for, dest, source.registry_ref) if r is not None]
             profiled = await cp.profiled_image(client, profile, repos)
         startup = await cp.plan(client, profile, profiled, image.manifest["layers"], source_ids)
-    except cp.ProfileIgnored as exc:
+    except ConfigError:
+        raise
+    except PeerpullError as exc:  # a hint that cannot be used (or read) never costs the conversion
         _warn(f"startup profile ignored: {exc}; converted without a startup-first layout")
         return first if first is not None else await convert(None)
     report = await convert(startup.by_layer)

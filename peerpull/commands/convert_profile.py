@@ -3,8 +3,9 @@
 A profile names frames (layer blob digest, frame blob offset) of the image it was recorded on (SRC
 itself, or its seekable twin). Through that image's TOCs each frame becomes the files with bytes in
 it; a twin layer is matched to SRC's layer by its source-digest annotation, by being the same blob,
-or by position with an equal diff_id. After the conversion the same files' frames in the new layers
-form the new image's profile, pushed next to it so nodes stream the working set at once.
+or by position with an equal diff_id. After the conversion the frames of the new layers that hold
+the file bytes the start read form the new image's profile, pushed next to it so nodes stream the
+working set at once.
 
 A profile is a hint: one that cannot be found, is for another image, or names nothing of SRC is
 ignored with one warning line and the image is converted as without it.
@@ -33,16 +34,14 @@ from converter.registry.reference import ImageReference
 from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_source import registry_profile
 
-KEYWORDS = ("registry", "learn")
-
 
 class ProfileIgnored(PeerpullError):
     """The profile cannot guide this conversion (the message says why): convert without it."""
 
 
-# A large file (not packed) moves to the front only when the start read at least this share of it:
-# one read in a few places would put its unread bytes between the working set's frames.
-LARGE_MOVE_MIN_READ = 0.5
+# A large file (not packed) of which the start read less than this share goes after every other
+# startup file: its unread chunks would otherwise sit between the working set's frames.
+MOSTLY_READ = 0.5
 
 
 class _Read(NamedTuple):
@@ -58,7 +57,7 @@ class _Read(NamedTuple):
 
 @dataclass
 class StartupPlan:
-    by_layer: dict[str, list[str]]  # source layer digest → TOC paths to move, first-read order ([]: none)
+    by_layer: dict[str, list[str]]  # source layer digest → TOC paths to move, in their new order
     reads: list[_Read]  # the file pieces the start read, in first-read order
     files: int = 0  # distinct files read
     frames_before: int = 0  # frames of the profiled image the working set occupies
@@ -205,12 +204,15 @@ async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Pr
         raise ProfileIgnored(f"the profile ({len(profile.reads)} entries) names no frame of a layer of this image")
     sizes = {(source_of[b], e.path): (e.size, fmt.pack_threshold(t.chunk_size)) for b, t in tocs.items()
              for e in t.entries if (source_of[b], e.path) in read_bytes}
+    partly: list[tuple[str, str]] = []
     for key in read_bytes:  # first-read order (dicts keep insertion order)
         size, small = sizes[key]
-        moves = size < small or read_bytes[key] >= LARGE_MOVE_MIN_READ * size
-        result.by_layer.setdefault(key[0], [])
-        if moves:
-            result.by_layer[key[0]].append(key[1])
+        if size < small or read_bytes[key] >= MOSTLY_READ * size:
+            result.by_layer.setdefault(key[0], []).append(key[1])
+        else:
+            partly.append(key)
+    for src, path in partly:
+        result.by_layer.setdefault(src, []).append(path)
     result.files = len(read_bytes)
     for blob, offsets in read_offsets.items():
         count, span = frames_spanned(tocs[blob], offsets)
