@@ -2,7 +2,8 @@
 
 Each layer streams from the source, is decompressed and re-framed on a worker thread (never on the
 event loop), lands in a temporary file, and is pushed once its digest is known. Layers that are
-already seekable pass through untouched, so converting a converted image is a no-op.
+already seekable pass through untouched, so converting a converted image is a no-op (unless a
+startup-first layout, converter/conversion/layout.py, names files of them).
 """
 
 from __future__ import annotations
@@ -284,19 +285,23 @@ class Converter:
                              result.toc if startup is not None else None)
 
 
+def _frame_indexes(toc: fmt.Toc, offsets: Sequence[int]) -> list[int]:
+    """The positions, in `toc`'s frames in blob order, of the frames at `offsets` (sorted, distinct)."""
+    order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
+    return sorted({order[o] for o in offsets if o in order})
+
+
 def frames_spanned(toc: fmt.Toc, offsets: Sequence[int]) -> tuple[int, int]:
     """How many of `toc`'s frames `offsets` name, and how many frames lie from the first of them
     to the last (equal when they are one contiguous run)."""
-    order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
-    index = sorted({order[o] for o in offsets if o in order})
+    index = _frame_indexes(toc, offsets)
     return len(index), (index[-1] - index[0] + 1 if index else 0)
 
 
 def frame_runs(toc: fmt.Toc, offsets: Sequence[int]) -> int:
     """How many runs of consecutive frames `offsets` name in `toc`: the Range requests that fetch
     exactly those frames."""
-    order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
-    index = sorted({order[o] for o in offsets if o in order})
+    index = _frame_indexes(toc, offsets)
     return sum(1 for i, x in enumerate(index) if i == 0 or x != index[i - 1] + 1)
 
 
