@@ -228,7 +228,9 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
             profile, profiled = await cp.registry_lookup(client, source, image, dest)
         else:
             profile, shown_for = cp.read_profile_file(args.profile)
-            repos = [r for r in (shown_for, dest, source.registry_ref) if r is not None]
+            repos = [r for r in (dest, source.registry_ref) if r is not None]
+            if shown_for is not None and shown_for.registry in {r.registry for r in repos}:
+                repos.insert(0, shown_for)  # a file never sends us to a registry we were not asked to use
             profiled = await cp.profiled_image(client, profile, repos)
         startup = await cp.plan(client, profile, profiled, image.manifest["layers"], source_ids)
     except ConfigError:
