@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converter.conversion.convert import frames_spanned
 from converter.conversion.layer_writer import write_seekable_layer
@@ -173,6 +175,33 @@ def test_startup_files_fill_the_first_frames_in_profile_order(tmp_path: Path) ->
     assert frames < frames_before and span < span_before
     files_in_order = [e.path for e in after.entries if e.path in set(startup)]
     assert files_in_order == startup
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 3 * CHUNK), min_size=1, max_size=25), st.integers(0, 2**32), st.sampled_from([1, 2]))
+def test_layout_round_trip_for_any_sizes_and_startup_sets(sizes: list[int], seed: int, version: int) -> None:
+    rnd = random.Random(seed)
+    layer = images.LayerBuilder()
+    paths = []
+    for i, size in enumerate(sizes):
+        if i % 4 == 0:
+            layer.dir(f"d{i}")
+        path = f"d{i - i % 4}/f{i}"
+        layer.file(path, rnd.randbytes(size))
+        paths.append(path)
+        if i % 5 == 2:
+            layer.hardlink(f"d{i - i % 4}/link{i}", path)
+    tar = layer.tar_bytes()
+    startup = rnd.sample(paths, rnd.randint(0, len(paths)))
+    spool = io.BytesIO(tar)
+    plan = plan_layout(spool, startup, SMALL if version == 2 else 0)
+    out = io.BytesIO()
+    write_seekable_layer(SegmentReader(spool, plan.segments), out, chunk_size=CHUNK, format_version=version)  # type: ignore[arg-type]
+    new = _untar(out.getvalue())
+    _check_tar_order(new)
+    assert {m.name: m.get_info() for m in _members(new)} == {m.name: m.get_info() for m in _members(tar)}
+    assert expected_tree_from_layers([new]) == expected_tree_from_layers([tar])
+    assert sorted(plan.moved) == sorted(startup)
 
 
 def test_layout_is_deterministic_and_no_startup_files_is_todays_layer() -> None:
