@@ -3,11 +3,13 @@ from the registry twice (issue 10): a real daemon (FUSE), containerd + runc, and
 in front of the registry. The first container reads a working set with many concurrent readers
 while the image streams in (`auto` with a low threshold, and `always`); the page cache is dropped;
 a second container of the same image reads the same set; then the daemon restarts on the same
-root and a third container reads it once more."""
+root and a third container reads it once more. Each layer's TOC is read once per node, in one
+Range request (the manifest gives its place and the blob's size)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shlex
 from collections import Counter
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from converter.format import toc as fmt
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
+from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
 from peer.warm import image_chunks
 from peerpull.testbed.daemon import EmbeddedDaemon
@@ -105,8 +109,10 @@ async def test_a_second_start_and_a_restart_send_nothing_to_the_registry(registr
            "PEERPULL_SNAPSHOTTER_MEMORY_CACHE_BYTES": str(16 << 20)}
     daemon = EmbeddedDaemon(tmp_path / "daemon", extra_env=env)
     try:
-        async with RegistryClient(RegistryConfig()) as client:
-            refs, _ = await image_chunks(client, image.target)  # straight from the registry: not counted
+        async with RegistryClient(RegistryConfig()) as client:  # straight from the registry: not counted
+            refs, _ = await image_chunks(client, image.target)
+            fetched, _ = await client.resolve_image(ImageReference.parse(image.target))
+            layers = json.loads(fetched.body)["layers"]
         await asyncio.to_thread(daemon.start)
         with ContainerdProcess(tmp_path / "containerd", proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
             pulled = await asyncio.to_thread(
@@ -136,6 +142,13 @@ async def test_a_second_start_and_a_restart_send_nothing_to_the_registry(registr
             before = len(proxy.requests)
             assert await run() == first
             assert _blob_requests(proxy, before) == [], daemon.log_tail()
+        # each layer's TOC came once, footer included, in one Range request and without a HEAD;
+        # the restarted daemon read it from its disk
+        assert not [r for r in proxy.requests if r[0] == "HEAD" and "/blobs/" in r[1]]
+        for desc in layers:
+            toc_offset = int(desc["annotations"][fmt.ANNOTATION_TOC_OFFSET])
+            reads = [(lo, hi) for blob, lo, hi in blob_ranges(proxy) if blob == desc["digest"] and hi > toc_offset]
+            assert reads == [(toc_offset, desc["size"])]
     finally:
         await asyncio.to_thread(daemon.close)
         await proxy.stop()
