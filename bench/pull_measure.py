@@ -61,8 +61,9 @@ async def one_pull(root: Path, registry: RegistryConfig, image: str) -> tuple[fl
         with EmbeddedContainerd(ctrd_root, proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
             async with RegistryClient(registry) as client, ContainerdClient(str(ctrd.socket), "bench") as c:
                 cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
-                await pull(client, c, image, "peerpull")
+                report = await pull(client, c, image, "peerpull")
                 seconds, cpu = time.perf_counter() - t0, cpu_seconds(daemon.pid) - cpu0
+        print(f"  pull phases: {report.phases}", flush=True)
         return seconds, cpu, daemon.events("layer_lazy")
 
 
