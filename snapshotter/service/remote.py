@@ -144,22 +144,39 @@ class RemoteLayers:
         located = time.perf_counter()
         size, footer, frame = await self._read_toc(image, digest, expected, size)
         fetched = time.perf_counter()
-        toc = await asyncio.to_thread(layer_build.parse_toc, frame, footer)
-        parsed = time.perf_counter()
-        path = self._toc_path(digest)
-        tmp = path.with_suffix(".tmp")
-        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
-        os.replace(tmp, path)
-        record = await self._store.run(self._store.add_layer, digest, f"{image.registry}/{image.repository}", size)
+        # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
+        # toc_parse_s and store_s below overlap
+        parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        try:
+            record = await self._keep(digest, f"{image.registry}/{image.repository}", size, footer, frame)
+        except BaseException:
+            await asyncio.gather(parsing, return_exceptions=True)
+            raise
         stored = time.perf_counter()
+        try:
+            toc = await parsing
+        except BaseException:  # not well formed after all: nothing of it stays (a record kept from before stays)
+            if known is None:
+                await self._store.run(self._store.drop_layer, digest)
+            self._toc_path(digest).unlink(missing_ok=True)
+            raise
+        parsed = time.perf_counter()
         built = await asyncio.to_thread(layer_build.build_layer, record.digest, record.slot, record.repository, toc)
         self._fs.add_built(built)
         done = time.perf_counter()
         log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
                  toc_verified=expected is not None, toc_bytes=len(frame), manifest_s=round(located - started, 4),
-                 toc_fetch_s=round(fetched - located, 4), toc_parse_s=round(parsed - fetched, 4),
-                 store_s=round(stored - parsed, 4), tree_s=round(done - stored, 4), total_s=round(done - started, 4))
+                 toc_fetch_s=round(fetched - located, 4), store_s=round(stored - fetched, 4),
+                 toc_parse_s=round(parsed - fetched, 4), tree_s=round(done - parsed, 4), total_s=round(done - started, 4))
         return record
+
+    async def _keep(self, digest: str, repository: str, size: int, footer: fmt.Footer, frame: bytes) -> LayerRecord:
+        """The TOC on disk (a restart reads it there) and the layer's record (its slot)."""
+        path = self._toc_path(digest)
+        tmp = path.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
+        os.replace(tmp, path)
+        return await self._store.run(self._store.add_layer, digest, repository, size)
 
     async def _read_toc(self, image: ImageReference, digest: str, expected: TocLocation | None,
                         size: int | None) -> tuple[int, fmt.Footer, bytes]:
