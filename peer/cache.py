@@ -96,6 +96,11 @@ class ChunkCache:
         """False only when the chunk is certainly not in the cache."""
         return not self._indexed or digest in self._known or digest in self._staged
 
+    def known(self, digest: str) -> bool:
+        """Stored or staged as far as this process knows, without asking the disk (an entry evicted
+        since may linger here: a read then finds it missing and fetches it)."""
+        return digest in self._staged or digest in self._known
+
     def stage(self, ref: ChunkRef, frame: bytes) -> None:
         """A verified frame about to be stored (store_verified): lookups find it already."""
         self._staged[ref.digest] = frame

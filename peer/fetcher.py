@@ -99,6 +99,11 @@ class ChunkFetcher:
             return "cache"
         return (await self._remote(ref, use_peers, background)).tier
 
+    def fetching(self, digest: str) -> bool:
+        """Whether a fetch of the chunk is under way (requested, on the wire, or being verified):
+        its frame is in the cache (staged) once that fetch ends, so nothing else need ask for it."""
+        return self._flights.inflight(digest) or self._flights.inflight(f"bg:{digest}")
+
     async def _remote(self, ref: ChunkRef, use_peers: bool, background: bool) -> Fetched:
         if background and self._flights.inflight(ref.digest):
             return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers, False))
@@ -173,6 +178,10 @@ class ChunkFetcher:
                 log.debug("chunk_fetched", tier="peer", peer=member.node_id, remote_tier=remote_tier,
                           digest=ref.digest, bytes=len(data))
                 return self._count(Fetched(frame, data, "peer"), started)
+        if self._cache.known(ref.digest):  # a stream's run brought it in since this read missed the cache
+            loaded = await self._cache_load(ref)
+            if loaded is not None:
+                return self._count(loaded, started)
         try:
             frame = await self._origin.fetch_frame(ref, background)
             data = await self._verify(ref, frame, background)

@@ -7,7 +7,8 @@ but header frames lies in it (`ChunkRef.next_offset`, `joinable`), so no other n
 
 A stream (peer/stream.py) sends its own runs (`fetch_run`): while a run is on the wire, a request
 for one of its frames waits for that answer instead of asking again, and a frame that arrived
-stays staged (`staged`) until the fetcher has verified and cached it.
+stays staged (`staged`) until the fetcher has verified and cached it. The queue's own Range
+requests count as on the wire too, once sent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from peer.priority import PrioritySlots
 log = structlog.get_logger(__name__)
 # Reading across a gap of header frames to the next chunk costs less than another request.
 MAX_GAP_BYTES = 64 * 1024
+
+
+class Abandoned(Exception):
+    """The request a waiter relied on was cancelled (its stream stopped, its reader went away):
+    the waiter asks on its own, it is not cancelled itself."""
 
 
 def joinable(first: ChunkRef, second: ChunkRef) -> bool:
@@ -124,7 +130,7 @@ class OriginSource:
         except BaseException as exc:
             for future in futures.values():
                 if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                    future.set_exception(exc if isinstance(exc, Exception) else Abandoned())
                     future.exception()  # retrieved: a waiter may be gone
             raise
         finally:
@@ -146,13 +152,34 @@ class OriginSource:
         repository, blob = key
         start = min(ref.blob_offset for ref, _ in run)
         end = max(ref.blob_offset + ref.compressed_length for ref, _ in run)
-        self.requests += 1
-        self.bytes += end - start
-        data = await self._client.read_range(ImageReference.parse(repository), blob, start, end - start)
-        for ref, future in run:
-            if not future.done():
-                rel = ref.blob_offset - start
-                future.set_result(data[rel:rel + ref.compressed_length])
+        # on the wire like a stream's run: a request for one of these frames (a read, while a
+        # background fetch of the frame is out) waits for this answer instead of asking again
+        loop = asyncio.get_running_loop()
+        wires: dict[str, asyncio.Future[bytes]] = {}
+        for ref, _ in run:
+            if ref.digest not in self._on_wire:
+                wires[ref.digest] = self._on_wire[ref.digest] = loop.create_future()
+        try:
+            self.requests += 1
+            self.bytes += end - start
+            data = await self._client.read_range(ImageReference.parse(repository), blob, start, end - start)
+            for ref, future in run:
+                frame = data[ref.blob_offset - start:ref.blob_offset - start + ref.compressed_length]
+                if not future.done():
+                    future.set_result(frame)
+                wire = wires.get(ref.digest)
+                if wire is not None and not wire.done():
+                    wire.set_result(frame)
+        except BaseException as exc:
+            for wire in wires.values():
+                if not wire.done():
+                    wire.set_exception(exc if isinstance(exc, Exception) else Abandoned())
+                    wire.exception()  # retrieved: a waiter may be gone
+            raise
+        finally:
+            for digest, wire in wires.items():
+                if self._on_wire.get(digest) is wire:
+                    del self._on_wire[digest]
 
     async def close(self) -> None:
         self._queue.cancel_all()

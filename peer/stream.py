@@ -205,7 +205,7 @@ class Streamer:
         fetched: list[list[ChunkRef]] = []
         try:
             for part in _split(item.refs, cached.__getitem__):
-                for run in _split(part, self._origin.busy):  # checked again as each run starts
+                for run in _split(part, self._taken):  # checked again as each run starts
                     fetched.append(run)
                     await self._origin.fetch_run(run, background=True)
                     report.requests += 1
@@ -215,6 +215,11 @@ class Streamer:
             raise
         report.cached += sum(cached.values())
         return fetched
+
+    def _taken(self, ref: ChunkRef) -> bool:
+        """Whether someone else brings the frame in already, or just did: a read's fetch (queued, on
+        the wire or being verified: the origin's batches do not show it once sent), a run, or the cache."""
+        return self._origin.busy(ref) or self._fetcher.fetching(ref.digest) or self._cache.known(ref.digest)
 
     async def _verify(self, runs: list[list[ChunkRef]], size: int, report: StreamReport, what: str) -> None:
         """Staged frames verified and cached through the fetcher's own path."""

@@ -55,6 +55,9 @@ class PullReport:
     seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)  # seekable layers downloaded in full
     ordinary: list[str] = field(default_factory=list)  # layers that are not seekable, downloaded in full
+    # where the time went (seconds): manifest + config from the registry, content into containerd,
+    # the layers' snapshots (for lazy ones: the daemon's TOC fetch, parse and tree build), the image record
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -93,6 +96,15 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
         raise FormatError(f"{ref}: {len(layers)} layers but {len(diff_ids)} diff_ids")
     chains = chain_ids(diff_ids)
     report = PullReport(str(ref), (index or top).digest, len(layers))
+    mark = started
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        report.phases[name] = round(now - mark, 4)
+        mark = now
+
+    phase("registry_s")
     source_label = {f"containerd.io/distribution.source.{ref.registry}": ref.repository}
 
     await ctrd.create_lease()
@@ -107,6 +119,7 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
         await _put_blob(ctrd, top.digest, top.body, manifest_labels)
         if index is not None:
             await _put_blob(ctrd, index.digest, index.body, {"containerd.io/gc.ref.content.m.0": top.digest, **source_label})
+        phase("content_s")
 
         parent = ""
         for i, desc in enumerate(layers):
@@ -145,14 +158,16 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
             (report.fallbacks if seekable else report.ordinary).append(desc["digest"])
             parent = chain
 
+        phase("layers_s")
         target = index or top
         await ctrd.put_image(str(ref), descriptor(target.media_type, target.digest, len(target.body)), {})
     finally:
         await ctrd.delete_lease()
+    phase("image_s")
     report.seconds = round(time.monotonic() - started, 3)
     log.info("image_pulled", image=str(ref), layers=report.layers, lazy=report.lazy, downloaded=report.downloaded,
              downloaded_bytes=report.downloaded_bytes, present=report.already_present, fallbacks=len(report.fallbacks),
-             seconds=report.seconds)
+             seconds=report.seconds, **report.phases)
     if report.fallbacks:
         log.warning("lazy_pull_fell_back", image=str(ref), layers=len(report.fallbacks), of=report.layers,
                     hint="the daemon could not serve these seekable layers lazily; its log says why")

@@ -10,7 +10,6 @@ Inode numbers are `slot << 32 | index`: stable for a layer across daemon restart
 from __future__ import annotations
 
 import os
-import posixpath
 import stat
 
 from converter.format import toc as fmt
@@ -65,6 +64,9 @@ class LayerTree:
         self.inodes: dict[int, Inode] = {}
         self.root = self._new(stat.S_IFDIR | 0o755)
         self.bytes = 0
+        # directory path → its node: tar lists a directory's files together, so most entries find
+        # their parent here without walking from the root (cleared when a directory is replaced)
+        self._dirs: dict[str, Inode] = {}
         for entry in toc.entries:
             self._add(entry)
         self._count_links()
@@ -79,9 +81,12 @@ class LayerTree:
 
     def _dir(self, path: str) -> Inode:
         """The directory at `path`, creating missing ones (and replacing a non-directory, as tar does)."""
-        node = self.root
         if path in (".", ""):
+            return self.root
+        node = self._dirs.get(path)
+        if node is not None:
             return node
+        node = self.root
         for part in path.split("/"):
             assert node.children is not None
             name = part.encode("utf-8", "surrogateescape")
@@ -91,6 +96,7 @@ class LayerTree:
                 node.children[name] = child
                 node.order = None
             node = child
+        self._dirs[path] = node
         return node
 
     def _lookup(self, path: str) -> Inode | None:
@@ -102,10 +108,14 @@ class LayerTree:
         return node
 
     def _place(self, path: str, node: Inode) -> None:
-        parent_path, base = posixpath.split(path)
-        parent = self._dir(parent_path or ".")
+        parent_path, _, base = path.rpartition("/")
+        parent = self._dir(parent_path)
         assert parent.children is not None
-        parent.children[base.encode("utf-8", "surrogateescape")] = node
+        name = base.encode("utf-8", "surrogateescape")
+        old = parent.children.get(name)
+        if old is not None and old.children is not None:
+            self._dirs.clear()  # a directory replaced: paths below it name other nodes now
+        parent.children[name] = node
         parent.order = None
 
     def _add(self, e: fmt.TocEntry) -> None:
@@ -136,15 +146,18 @@ class LayerTree:
             if opaque:
                 node.xattrs[OPAQUE_XATTR] = opaque
             return
+        rdev = os.makedev(e.devmajor, e.devminor) if e.devmajor or e.devminor else 0
         node = self._new(kind | (e.mode & 0o7777), uid=e.uid, gid=e.gid, size=e.size if e.type == fmt.FILE else 0,
-                         mtime_ns=mtime_ns, rdev=os.makedev(e.devmajor, e.devminor))
-        node.xattrs = {k.encode(): v for k, v in e.xattrs.items()}
+                         mtime_ns=mtime_ns, rdev=rdev)
+        if e.xattrs:
+            node.xattrs = {k.encode(): v for k, v in e.xattrs.items()}
         if e.type == fmt.SYMLINK:
             node.target = e.link.encode("utf-8", "surrogateescape")
             node.size = len(node.target)
         elif e.type == fmt.FILE:
-            node.chunks = sorted(e.chunks, key=lambda c: c.file_offset)
-            covered = sum(c.length for c in node.chunks)
+            chunks = e.chunks
+            node.chunks = sorted(chunks, key=lambda c: c.file_offset) if len(chunks) > 1 else list(chunks)
+            covered = chunks[0].length if len(chunks) == 1 else sum(c.length for c in chunks)
             if covered != e.size:
                 raise FormatError(f"file {e.path!r}: chunks cover {covered} bytes, size is {e.size}")
             self.bytes += e.size

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,15 @@ from pathlib import Path
 import structlog
 
 from converter.format import toc as fmt
-from converter.format.digest import is_digest
-from converter.format.errors import FormatError, NoFooterError, NotSeekableError, PeerpullError, RegistryNotFoundError
+from converter.format.digest import is_digest, sha256_digest
+from converter.format.errors import (
+    DigestMismatchError,
+    FormatError,
+    NoFooterError,
+    NotSeekableError,
+    PeerpullError,
+    RegistryNotFoundError,
+)
 from converter.format.layer_reader import TocLocation, location_from_annotations, read_toc_frame
 from converter.registry.blob_reader import RegistryBlobReader
 from converter.registry.client import RegistryClient
@@ -30,6 +38,7 @@ from peer.policy import registry_of
 from peer.singleflight import SingleFlight
 from snapshotter.fs.file_reader import LayerSource
 from snapshotter.fs.fusefs import LayerFS
+from snapshotter.service import layer_build
 from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.store import LayerRecord, SnapshotStore
 
@@ -41,6 +50,9 @@ LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
 LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
+# bytes between the TOC frame and the blob's end beyond the footer that one TOC read still takes
+# along (a converter that put something there); more, and the footer is read on its own
+TOC_SPAN_SLACK = 64 << 10
 
 
 class RemoteLayers:
@@ -76,7 +88,7 @@ class RemoteLayers:
             except (OSError, PeerpullError) as exc:
                 log.error("layer_restore_failed", layer=record.digest, error=str(exc))
                 continue
-            self._fs.add_layer(record.digest, record.slot, record.repository, toc)
+            self._fs.add_built(layer_build.build_layer(record.digest, record.slot, record.repository, toc))
             self._trust_registry(registry_of(record.repository))
             restored += 1
         return restored
@@ -84,7 +96,7 @@ class RemoteLayers:
     def _load_toc(self, record: LayerRecord) -> fmt.Toc:
         data = self._toc_path(record.digest).read_bytes()
         footer = fmt.decode_footer(data[:fmt.FOOTER_SIZE], record.size)
-        return fmt.decode_toc(data[fmt.FOOTER_SIZE:], footer)
+        return layer_build.parse_toc(data[fmt.FOOTER_SIZE:], footer)
 
     async def resolve(self, labels: dict[str, str]) -> LayerRecord:
         """The lazily served layer the labels describe, mounted; NotSeekableError for ordinary layers.
@@ -127,7 +139,61 @@ class RemoteLayers:
             return known
         image = ImageReference.parse(image_ref)
         self._trust_registry(image.registry)
-        expected = await self._expected_toc(image, digest, manifest_digest)
+        started = time.perf_counter()
+        expected, size = await self._expected_toc(image, digest, manifest_digest)
+        located = time.perf_counter()
+        size, footer, frame = await self._read_toc(image, digest, expected, size)
+        fetched = time.perf_counter()
+        # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
+        # toc_parse_s and store_s below overlap
+        parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        try:
+            record = await self._keep(digest, f"{image.registry}/{image.repository}", size, footer, frame)
+        except BaseException:
+            await asyncio.gather(parsing, return_exceptions=True)
+            raise
+        stored = time.perf_counter()
+        try:
+            toc = await parsing
+        except BaseException:  # not well formed after all: nothing of it stays (a record kept from before stays)
+            if known is None:
+                await self._store.run(self._store.drop_layer, digest)
+            self._toc_path(digest).unlink(missing_ok=True)
+            raise
+        parsed = time.perf_counter()
+        built = await asyncio.to_thread(layer_build.build_layer, record.digest, record.slot, record.repository, toc)
+        self._fs.add_built(built)
+        done = time.perf_counter()
+        log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
+                 toc_verified=expected is not None, toc_bytes=len(frame), manifest_s=round(located - started, 4),
+                 toc_fetch_s=round(fetched - located, 4), store_s=round(stored - fetched, 4),
+                 toc_parse_s=round(parsed - fetched, 4), tree_s=round(done - parsed, 4), total_s=round(done - started, 4))
+        return record
+
+    async def _keep(self, digest: str, repository: str, size: int, footer: fmt.Footer, frame: bytes) -> LayerRecord:
+        """The TOC on disk (a restart reads it there) and the layer's record (its slot)."""
+        path = self._toc_path(digest)
+        tmp = path.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
+        os.replace(tmp, path)
+        return await self._store.run(self._store.add_layer, digest, repository, size)
+
+    async def _read_toc(self, image: ImageReference, digest: str, expected: TocLocation | None,
+                        size: int | None) -> tuple[int, fmt.Footer, bytes]:
+        """(blob size, footer, TOC frame). When the manifest gives the blob's size and the TOC's place,
+        TOC and footer come in one Range request (no HEAD, no tail read that would also bring the
+        last chunk frames); otherwise the footer is looked for at the end of the blob."""
+        if expected is not None and size is not None and 0 < size - expected.offset <= expected.length + TOC_SPAN_SLACK:
+            data = await self._client.read_range(image, digest, expected.offset, size - expected.offset)
+            if len(data) != size - expected.offset:
+                raise FormatError(f"layer {digest}: blob ends before the size its manifest gives ({size})")
+            footer = fmt.decode_footer(data[-fmt.FOOTER_SIZE:], size)
+            if (footer.toc_offset, footer.toc_length) != (expected.offset, expected.length):
+                raise FormatError("footer and manifest annotations disagree on where the TOC is")
+            frame = data[:footer.toc_length]
+            if sha256_digest(frame) != expected.digest:
+                raise DigestMismatchError("TOC digest does not match the manifest annotation")
+            return size, footer, frame
         size = await self._client.blob_size(image, digest)
         if size is None:
             raise RegistryNotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
@@ -137,17 +203,7 @@ class RemoteLayers:
             if expected is None:  # nothing announced a TOC: an ordinary layer
                 raise NotSeekableError(str(exc)) from None
             raise
-        toc = await asyncio.to_thread(fmt.decode_toc, frame, footer)
-        path = self._toc_path(digest)
-        tmp = path.with_suffix(".tmp")
-        await asyncio.to_thread(tmp.write_bytes, fmt.encode_footer(footer) + frame)
-        os.replace(tmp, path)
-        record = await self._store.run(self._store.add_layer, digest, f"{image.registry}/{image.repository}", size)
-        built = await asyncio.to_thread(LayerFS.build_layer, record.digest, record.slot, record.repository, toc)
-        self._fs.add_built(built)
-        log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
-                 toc_verified=expected is not None)
-        return record
+        return size, footer, frame
 
     async def image_layers(self, image_ref: str, manifest_digest: str) -> list[str] | None:
         """The layer digests the image's manifest lists (fetched by digest once), None if unreadable."""
@@ -167,10 +223,12 @@ class RemoteLayers:
                 self._manifests.popitem(last=False)
         return body
 
-    async def _expected_toc(self, image: ImageReference, digest: str, manifest_digest: str) -> TocLocation | None:
-        """The TOC location the manifest (fetched by its digest) announces; NotSeekableError if none."""
+    async def _expected_toc(self, image: ImageReference, digest: str,
+                            manifest_digest: str) -> tuple[TocLocation | None, int | None]:
+        """The TOC location the manifest (fetched by its digest) announces, and the blob size it
+        gives; (None, None) without a manifest digest; NotSeekableError if the layer has no TOC."""
         if not manifest_digest:
-            return None
+            return None, None
         body = await self._manifest(image, manifest_digest)
         try:
             layers = json.loads(body).get("layers") or []
@@ -182,7 +240,9 @@ class RemoteLayers:
         location = location_from_annotations(desc.get("annotations"))
         if location is None:
             raise NotSeekableError(f"layer {digest} has no peerpull annotations")
-        return location
+        size = desc.get("size")
+        valid = isinstance(size, int) and not isinstance(size, bool) and size > location.offset
+        return location, size if valid else None
 
     async def release(self, digest: str) -> None:
         """Forget a layer no snapshot uses any more."""
