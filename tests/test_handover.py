@@ -148,11 +148,11 @@ HOSTILE = """
         print("connect failed:", exc.strerror)
         sys.exit(0)
     r, w = os.pipe()
-    socket.send_fds(s, [bytes.fromhex(sys.argv[2])], [r])
     s.settimeout(20)
     try:
+        socket.send_fds(s, [bytes.fromhex(sys.argv[2])], [r])
         print("reply:", s.recv(100).hex() or "closed")
-    except ConnectionResetError:  # closed with our frame unread
+    except (BrokenPipeError, ConnectionResetError):  # closed before or after our frame, unread
         print("reply: closed")
 """
 
