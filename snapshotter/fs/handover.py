@@ -92,6 +92,7 @@ def connect(sock_path: Path, timeout_s: float) -> socket.socket:
 
 
 def send_frame(sock: socket.socket, body: dict[str, Any], fd: int | None = None) -> None:
+    """One frame, `fd` (if any) attached; the OSError of a broken connection is the caller's to map."""
     payload = msgpack.packb(body, use_bin_type=True)
     if len(payload) > MAX_STATE_BYTES:
         raise HandoverError(f"handover state of {len(payload)} bytes is over the {MAX_STATE_BYTES}-byte cap")
@@ -99,6 +100,16 @@ def send_frame(sock: socket.socket, body: dict[str, Any], fd: int | None = None)
     sent = socket.send_fds(sock, [data], [fd]) if fd is not None else sock.send(data)
     if sent < len(data):
         sock.sendall(data[sent:])
+
+
+def exchange(sock: socket.socket, body: dict[str, Any], fd: int | None, deadline: float,
+             where: Path) -> tuple[dict[str, Any], int | None]:
+    """Send a request frame and read the reply frame; a broken connection is a HandoverError."""
+    try:
+        send_frame(sock, body, fd)
+    except OSError as exc:
+        raise HandoverError(f"{where} closed the connection: {exc.strerror or exc}") from None
+    return recv_frame(sock, deadline)
 
 
 def recv_frame(sock: socket.socket, deadline: float) -> tuple[dict[str, Any], int | None]:
@@ -140,6 +151,9 @@ def recv_frame(sock: socket.socket, deadline: float) -> tuple[dict[str, Any], in
     except TimeoutError:
         _close_all(fds)
         raise HandoverError("timed out waiting for the rest of a handover frame") from None
+    except OSError as exc:
+        _close_all(fds)
+        raise HandoverError(f"the peer's connection failed: {exc.strerror or exc}") from None
     except BaseException:
         _close_all(fds)
         raise
@@ -151,8 +165,7 @@ def send_session(sock_path: Path, fd: int, state: dict[str, Any], timeout_s: flo
     acknowledged (the caller may then exit without unmounting). `fd` stays open here."""
     deadline = time.monotonic() + timeout_s
     with connect(sock_path, timeout_s) as sock:
-        send_frame(sock, {"kind": "session", "state": state}, fd)
-        reply, extra = recv_frame(sock, deadline)
+        reply, extra = exchange(sock, {"kind": "session", "state": state}, fd, deadline, sock_path)
         _close_all([extra] if extra is not None else [])
         if reply.get("kind") != "ack":
             raise HandoverError(f"the successor at {sock_path} refused the session: {reply.get('error', reply)}")

@@ -1,0 +1,227 @@
+"""The fd holder keeps a connection fd across the death of the process that gave it: a detached
+process of its own that holds the fd and nothing else, hands copies to a successor, and goes
+away once the connection ends. A pipe stands for the FUSE connection: this test process holds
+the write end (the kernel's side), the holder and the daemons the read end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from snapshotter.fs.fd_holder import holder_drop, holder_get, holder_ping, holder_put, holder_stop, spawn_holder
+from snapshotter.fs.handover import HEADER, MAGIC, VERSION, HandoverError
+from tests.support.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = {"major": 7, "minor": 45, "flags": (1 << 63) | 1, "max_write": 1 << 20}
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie left for a reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def fds_of(pid: int) -> dict[int, str]:
+    base = Path(f"/proc/{pid}/fd")
+    return {int(p.name): os.readlink(p) for p in base.iterdir()}
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    sock = tmp_path / "run" / "fd-holder.sock"
+    pid = spawn_holder(sock, log_path=tmp_path / "holder.log", systemd=False)
+    yield sock, pid
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 10, "the holder to end")
+
+
+DAEMON = """
+    import os, sys, time
+    from pathlib import Path
+    from snapshotter.fs.fd_holder import holder_get, holder_put
+    sock, role = Path(sys.argv[1]), sys.argv[2]
+    if role == "first":
+        holder_put(sock, int(sys.argv[3]), {"major": 7, "minor": 45, "flags": (1 << 63) | 1, "max_write": 1 << 20})
+        print("put", flush=True)
+        time.sleep(600)  # serving, until killed
+    else:
+        fd, state = holder_get(sock)
+        print(state["minor"], os.read(fd, 100).decode(), flush=True)
+"""
+
+
+def test_the_connection_outlives_a_killed_daemon_and_goes_to_its_successor(holder: tuple[Path, int]) -> None:
+    sock, pid = holder
+    # its own session and process group: a signal to the daemon's group does not reach it
+    assert os.getsid(pid) != os.getsid(0) and os.getpgid(pid) != os.getpgid(0)
+    r, w = os.pipe()
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DAEMON), str(sock), "first", str(r)],
+                             pass_fds=[r], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    os.close(r)  # from now on only the daemon and the holder have the read end
+    assert first.stdout is not None and first.stdout.readline().strip() == "put"
+    first.kill()
+    first.wait()
+    first.stdout.close()
+    assert alive(pid)
+    # the "kernel" side still has a reader: this would be EPIPE if the holder had let go
+    os.write(w, b"still connected")
+    successor = subprocess.run([sys.executable, "-c", textwrap.dedent(DAEMON), str(sock), "second"],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert successor.returncode == 0, successor.stderr
+    assert successor.stdout.split(maxsplit=1) == ["45", "still connected\n"]
+    # the holder still holds it after a get; when the connection ends, it leaves
+    assert holder_ping(sock) == pid
+    os.close(w)
+    wait_until(lambda: not alive(pid), 10, "the holder to notice the connection is gone")
+    assert not sock.exists()
+    assert "fd_holder_connection_gone" in (sock.parent.parent / "holder.log").read_text()
+
+
+def test_it_holds_the_fd_and_nothing_else(holder: tuple[Path, int]) -> None:
+    sock, pid = holder
+    quiet = fds_of(pid)
+    assert set(quiet) == {0, 1, 2, 3}
+    assert quiet[0] == "/dev/null" and quiet[3].startswith("socket:")
+    r, w = os.pipe()
+    try:
+        holder_put(sock, r, STATE)
+        added = [target for fd, target in fds_of(pid).items() if fd not in quiet]
+        assert added == [os.readlink(f"/proc/self/fd/{r}")]  # the pipe, and nothing more
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_put_replaces_drop_forgets_and_get_copies(holder: tuple[Path, int]) -> None:
+    sock, pid = holder
+    assert holder_get(sock) is None
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        holder_put(sock, r1, {"n": 1})
+        holder_put(sock, r2, {"n": 2})
+        os.close(r1)
+        os.close(r2)
+        r1 = r2 = -1
+        # the first connection's read end is gone everywhere: the holder closed its copy on the replace
+        with pytest.raises(BrokenPipeError):
+            os.write(w1, b"x")
+        got = holder_get(sock)
+        assert got is not None and got[1] == {"n": 2}
+        os.write(w2, b"second")
+        assert os.read(got[0], 100) == b"second"
+        os.close(got[0])
+        holder_drop(sock)
+        assert holder_get(sock) is None
+        with pytest.raises(BrokenPipeError):
+            os.write(w2, b"x")
+        assert alive(pid)  # a drop is not a stop
+    finally:
+        for fd in (r1, r2, w1, w2):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_stop_and_sigterm_end_it_and_remove_the_socket(holder: tuple[Path, int], tmp_path: Path) -> None:
+    sock, pid = holder
+    assert spawn_holder(sock, systemd=False) == pid  # one answers already: no second holder
+    holder_stop(sock)
+    wait_until(lambda: not alive(pid), 10, "the holder to stop")
+    assert not sock.exists() and holder_ping(sock) is None
+    with pytest.raises(HandoverError, match="cannot connect"):
+        holder_get(sock)
+    pid = spawn_holder(sock, systemd=False)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not alive(pid), 10, "the holder to end on SIGTERM")
+    assert not sock.exists()
+
+
+NOBODY_GET = """
+    import socket, struct, sys
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    try:
+        s.connect(sys.argv[1])
+        s.sendall(bytes.fromhex(sys.argv[2]))
+        msg, fds, _, _ = socket.recv_fds(s, 1 << 16, 1)
+        print("got", len(msg), "bytes", len(fds), "fds")
+    except OSError as exc:
+        print("refused:", exc.strerror)
+"""
+
+
+def test_another_uid_gets_nothing() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("running a child as another uid needs root")
+    shared = Path(tempfile.mkdtemp(prefix="peerpull-holder-"))  # pytest's tmp_path is private to root
+    shared.chmod(0o755)
+    sock = shared / "fd-holder.sock"
+    pid = spawn_holder(sock, systemd=False)
+    r, w = os.pipe()
+    try:
+        holder_put(sock, r, STATE)
+        body = msgpack.packb({"op": "get"})
+        frame = (HEADER.pack(MAGIC, VERSION, len(body)) + body).hex()
+
+        def get_as_nobody() -> str:
+            result = subprocess.run(["/usr/bin/python3", "-c", textwrap.dedent(NOBODY_GET), str(sock), frame],
+                                    capture_output=True, text=True, timeout=60, user=65534, group=65534, cwd="/")
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+
+        assert get_as_nobody() == "refused: Permission denied"  # the socket's mode
+        sock.chmod(0o666)  # loosened by mistake: its credentials still get it nothing
+        assert get_as_nobody() in ("got 0 bytes 0 fds", "refused: Connection reset by peer",
+                                   "refused: Broken pipe")
+        got = holder_get(sock)  # still held for the real successor
+        assert got is not None
+        os.close(got[0])
+    finally:
+        holder_stop(sock)  # before the pipe closes: that would end the holder by itself
+        wait_until(lambda: not alive(pid), 10, "the holder to stop")
+        os.close(r)
+        os.close(w)
+        shared.rmdir()
+
+
+def test_the_cli_runs_the_holder(tmp_path: Path) -> None:
+    sock = tmp_path / "cli.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "peerpull", "fd-holder", "--socket", str(sock)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_until(lambda: holder_ping(sock) is not None or proc.poll() is not None, 30, "the holder's socket")
+        assert holder_ping(sock) == proc.pid  # exec'd in place: a unit's main pid stays the holder
+        holder_stop(sock)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None and "fd_holder_stopped" in proc.stderr.read()
+
+
+def test_a_connection_already_gone_ends_the_holder(tmp_path: Path) -> None:
+    sock = tmp_path / "gone.sock"
+    pid = spawn_holder(sock, systemd=False)
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        holder_put(sock, r, STATE)  # answered before it looks at the fd again
+    finally:
+        os.close(r)
+    wait_until(lambda: not alive(pid), 10, "the holder to notice the hang-up")
+    assert not sock.exists()
