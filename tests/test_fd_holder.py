@@ -93,14 +93,17 @@ def test_the_connection_outlives_a_killed_daemon_and_goes_to_its_successor(holde
 
 def test_it_holds_the_fd_and_nothing_else(holder: tuple[Path, int]) -> None:
     sock, pid = holder
+    # stdin, stdout, stderr and its socket, once the ping that spawn_holder made is closed
+    wait_until(lambda: set(fds_of(pid)) == {0, 1, 2, 3}, 10, "the holder to have only its own fds")
     quiet = fds_of(pid)
-    assert set(quiet) == {0, 1, 2, 3}
     assert quiet[0] == "/dev/null" and quiet[3].startswith("socket:")
     r, w = os.pipe()
     try:
         holder_put(sock, r, STATE)
-        added = [target for fd, target in fds_of(pid).items() if fd not in quiet]
-        assert added == [os.readlink(f"/proc/self/fd/{r}")]  # the pipe, and nothing more
+        pipe = os.readlink(f"/proc/self/fd/{r}")
+        # the pipe, and nothing more, once it has closed the connection the put came on
+        wait_until(lambda: [t for fd, t in fds_of(pid).items() if fd not in quiet] == [pipe], 10,
+                   "the holder to keep only the pipe")
     finally:
         os.close(r)
         os.close(w)
