@@ -228,3 +228,61 @@ def test_a_connection_already_gone_ends_the_holder(tmp_path: Path) -> None:
         os.close(r)
     wait_until(lambda: not alive(pid), 10, "the holder to notice the hang-up")
     assert not sock.exists()
+
+
+FUSE_INIT = 26  # opcode, include/uapi/linux/fuse.h
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+
+GIVER = """
+    import ctypes, os, sys, time
+    from pathlib import Path
+    from snapshotter.fs.fd_holder import holder_put
+    sock, target = Path(sys.argv[1]), sys.argv[2]
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+    if libc.mount(b"peerpull-test", target.encode(), b"fuse.peerpull-test", int(sys.argv[3]), opts) != 0:
+        sys.exit(f"mount: {os.strerror(ctypes.get_errno())}")
+    holder_put(sock, fd, {"major": 7, "minor": 45})
+    print("mounted", flush=True)
+    time.sleep(600)  # a daemon that never answers INIT, until killed
+"""
+
+
+def mounted(target: Path) -> bool:
+    return any(line.split()[4] == str(target) for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def test_a_real_fuse_connection_outlives_its_daemon_until_unmounted(holder: tuple[Path, int], tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting FUSE needs root and /dev/fuse")
+    sock, pid = holder
+    target = tmp_path / "mnt"
+    target.mkdir()
+    giver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(GIVER), str(sock), str(target),
+                              str(MS_RDONLY | MS_NOSUID | MS_NODEV)],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert giver.stdout is not None and giver.stdout.readline().strip() == "mounted", giver.communicate()
+        giver.kill()
+        giver.wait()
+        giver.stdout.close()
+        # the daemon is gone; the connection is not: the successor reads the request it left unanswered
+        assert mounted(target) and alive(pid)
+        got = holder_get(sock)
+        assert got is not None and got[1] == {"major": 7, "minor": 45}
+        try:
+            request = os.read(got[0], (1 << 20) + 4096)
+        finally:
+            os.close(got[0])
+        length, opcode = int.from_bytes(request[0:4], "little"), int.from_bytes(request[4:8], "little")
+        assert opcode == FUSE_INIT and length == len(request)
+    finally:
+        if giver.poll() is None:
+            giver.kill()
+            giver.wait()
+        if mounted(target):
+            subprocess.run(["umount", "-l", str(target)], check=True)
+    # unmounted: the connection is aborted (POLLERR on /dev/fuse) and the holder has nothing to keep
+    wait_until(lambda: not alive(pid), 10, "the holder to notice the unmount")
+    assert not sock.exists()
