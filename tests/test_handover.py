@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 # the other uid cannot reach the virtualenv (under /root); its children need only the standard library
 SYSTEM_PYTHON = "/usr/bin/python3"
-STATE = {"major": 7, "minor": 45, "flags": (1 << 63) | (1 << 41) | 1, "max_write": 1 << 20, "max_pages": 256,
-         "inodes": [[1, 0, 1], [2, 17, 3]], "names": {"a": b"\x00\xff"}}
+# the shapes of a kernel session's state: INIT ints, lookups and open handles keyed by inode
+STATE = {"init": {"major": 7, "minor": 45, "flags": (1 << 63) | (1 << 41) | 1, "max_write": 1 << 20, "max_pages": 256},
+         "lookups": {1: 3, (1 << 40) + 5: 1}, "handles": {17: [2, 3], 18: [1, 0]}, "names": {"a": b"\x00\xff"}}
 
 
 class Receiver:
@@ -67,7 +68,7 @@ SENDER = """
     import msgpack
     from snapshotter.fs.handover import send_session
     r, w = os.pipe()
-    send_session(Path(sys.argv[1]), r, msgpack.unpackb(bytes.fromhex(sys.argv[2]), raw=False))
+    send_session(Path(sys.argv[1]), r, msgpack.unpackb(bytes.fromhex(sys.argv[2]), raw=False, strict_map_key=False))
     os.close(r)  # the receiver has its own copy now
     os.write(w, sys.argv[3].encode())
     os.close(w)
@@ -250,6 +251,13 @@ def frame_error(write: Callable[[socket.socket], None]) -> str:
         with pytest.raises(HandoverError) as err:
             recv_frame(right, deadline=time.monotonic() + 10)
         return str(err.value)
+
+
+def test_tuples_come_back_as_lists() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        send_frame(left, {"handles": {17: (2, 3)}})
+        assert recv_frame(right, time.monotonic() + 10) == ({"handles": {17: [2, 3]}}, None)
 
 
 def test_bad_frames_are_one_line_errors() -> None:

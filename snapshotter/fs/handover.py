@@ -9,7 +9,8 @@ a refused or garbled sender is logged and the successor keeps waiting for the re
 deadline. The fd holder (fd_holder.py) speaks the same frames.
 
 A frame: magic `PPFD`, version (u16), body length (u32), msgpack body; at most one fd attached
-to its first byte.
+to its first byte. msgpack keeps ints (64-bit flags, inode keys), str, bytes, maps; tuples come
+back as lists.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def recv_frame(sock: socket.socket, deadline: float) -> tuple[dict[str, Any], in
                 raise HandoverError("the peer closed the connection in the middle of a frame")
             payload += chunk
         try:
-            body = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=True)
-        except (ValueError, msgpack.UnpackException) as exc:
+            # int keys allowed: a session's tables are keyed by inode (only trusted peers get this far)
+            body = msgpack.unpackb(bytes(payload), raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise HandoverError(f"handover frame is not valid msgpack: {exc}") from None
         if not isinstance(body, dict):
             raise HandoverError("handover frame body is not a map")
