@@ -6,6 +6,7 @@ the write end (the kernel's side), the holder and the daemons the read end."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import structlog
 
 from snapshotter.fs.fd_holder import holder_drop, holder_get, holder_ping, holder_put, holder_stop, spawn_holder
 from snapshotter.fs.handover import HEADER, MAGIC, VERSION, HandoverError
@@ -286,3 +288,31 @@ def test_a_real_fuse_connection_outlives_its_daemon_until_unmounted(holder: tupl
     # unmounted: the connection is aborted (POLLERR on /dev/fuse) and the holder has nothing to keep
     wait_until(lambda: not alive(pid), 10, "the holder to notice the unmount")
     assert not sock.exists()
+
+
+def test_asked_for_a_scope_it_gets_one_or_starts_detached_all_the_same(tmp_path: Path) -> None:
+    sock = tmp_path / "scoped.sock"
+    with structlog.testing.capture_logs() as logs:
+        pid = spawn_holder(sock, systemd=True)
+    try:
+        assert holder_ping(sock) == pid and os.getsid(pid) != os.getsid(0)
+        warned = [e["event"] for e in logs if e["log_level"] == "warning"]
+        systemd_runs = Path("/run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
+        if systemd_runs:  # a scope of its own: outside this process's cgroup
+            assert warned == [] and Path(f"/proc/{pid}/cgroup").read_text() != Path("/proc/self/cgroup").read_text()
+        else:  # no systemd to ask (a container): it says what that costs, and runs detached
+            assert warned == ["fd_holder_scope_failed"]
+    finally:
+        holder_stop(sock)
+        wait_until(lambda: not alive(pid), 10, "the holder to stop")
+
+
+def test_a_put_without_an_fd_is_refused(holder: tuple[Path, int]) -> None:
+    sock, pid = holder
+    from snapshotter.fs.fd_holder import _request
+
+    with pytest.raises(HandoverError, match="a put carries one fd"):
+        _request(sock, {"op": "put", "state": {}}, None, 10)
+    with pytest.raises(HandoverError, match="unknown request 'steal'"):
+        _request(sock, {"op": "steal"}, None, 10)
+    assert holder_get(sock) is None and alive(pid)

@@ -284,3 +284,20 @@ def test_a_state_over_the_cap_is_not_sent() -> None:
     left, right = socket.socketpair()
     with left, right, pytest.raises(HandoverError, match="over the"):
         send_frame(left, {"blob": b"x" * (MAX_STATE_BYTES + 1)})
+
+
+def test_a_live_socket_is_not_taken_and_a_stale_one_is_replaced(sock_path: Path) -> None:
+    receiver = Receiver(sock_path, timeout_s=30)
+    with pytest.raises(HandoverError, match="another process listens"):
+        receive_session(sock_path, 0.2)
+    sent = send_from_child(sock_path, {"v": 1}, "first")  # the first receiver was not disturbed
+    assert sent.returncode == 0, sent.stderr
+    receiver.join()
+    assert receiver.result is not None
+    os.close(receiver.result[0])
+    # a socket left by a crash: bound, nobody listening
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(sock_path))
+    left.close()
+    with pytest.raises(HandoverError, match="no session handed over"):
+        receive_session(sock_path, 0.2)

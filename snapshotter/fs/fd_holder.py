@@ -144,6 +144,9 @@ class FdHolder:
             return False
         if fd is not None:
             os.close(fd)  # only a put carries an fd
+        if op == "put":
+            send_frame(conn, {"kind": "error", "error": "a put carries one fd and a state map"})
+            return False
         if op == "get":
             if self._fd is None:
                 send_frame(conn, {"kind": "error", "error": "the fd holder holds no session"})
@@ -221,22 +224,34 @@ def spawn_holder(sock_path: Path, log_path: Path | None = None, systemd: bool | 
     if systemd is None:
         systemd = Path("/run/systemd/system").is_dir() and shutil.which("systemd-run") is not None
     if systemd:
-        command = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit=peerpull-fd-holder-{os.getpid()}",
-                   "--", *command]
-    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # the child's stdout and stderr
-    try:
-        # --detach exits once the socket listens; the holder itself lives on in a new session
-        subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True, cwd="/",
-                       check=True, timeout=30)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        raise HandoverError(f"the fd holder did not start at {sock_path}: {exc}") from None
-    finally:
-        if log_path is not None and not isinstance(out, int):
-            out.close()
+        scoped = ["systemd-run", "--scope", "--quiet", "--collect", f"--unit=peerpull-fd-holder-{os.getpid()}",
+                  "--", *command]
+        try:
+            _start(scoped, log_path)
+        except HandoverError as exc:  # e.g. no D-Bus to systemd in this namespace: detached is still something
+            log.warning("fd_holder_scope_failed", error=str(exc),
+                        consequence="the holder runs detached in the daemon's cgroup: stopping the daemon's "
+                                    "unit as a whole kills it")
+            _start(command, log_path)
+    else:
+        _start(command, log_path)
     pid = holder_ping(sock_path)
     if pid is None:
         raise HandoverError(f"the fd holder started but does not answer at {sock_path}")
     return pid
+
+
+def _start(command: list[str], log_path: Path | None) -> None:
+    """Run a `--detach` holder command: it returns once the socket listens, the holder lives on."""
+    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # the child's stdout and stderr
+    try:
+        subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True, cwd="/",
+                       check=True, timeout=30)
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise HandoverError(f"the fd holder did not start ({command[0]}): {exc}") from None
+    finally:
+        if not isinstance(out, int):
+            out.close()
 
 
 def _request(sock_path: Path, body: dict[str, Any], fd: int | None, timeout_s: float,

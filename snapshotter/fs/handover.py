@@ -52,8 +52,8 @@ def trusted_uid(uid: int) -> bool:
 
 
 def listen(sock_path: Path) -> socket.socket:
-    """A listening unix socket at `sock_path`, mode 0600; a stale socket there is replaced, anything
-    else is refused."""
+    """A listening unix socket at `sock_path`, mode 0600; a stale socket there is replaced, a live
+    one or anything else is refused."""
     sock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         mode = sock_path.lstat().st_mode
@@ -62,6 +62,8 @@ def listen(sock_path: Path) -> socket.socket:
     else:
         if not stat.S_ISSOCK(mode):
             raise HandoverError(f"{sock_path} exists and is not a socket; refusing to replace it")
+        if _listening(sock_path):
+            raise HandoverError(f"another process listens on {sock_path}; refusing to take its socket")
         sock_path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -226,6 +228,16 @@ def _refuse(conn: socket.socket, pid: int, uid: int, reason: str) -> None:
         send_frame(conn, {"kind": "error", "error": reason})
     except OSError:
         pass
+
+
+def _listening(sock_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(sock_path))
+        except OSError:  # ECONNREFUSED: nobody behind it (a crash left it); or no right to ask
+            return False
+        return True
 
 
 def _remaining(deadline: float) -> float:
