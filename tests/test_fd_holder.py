@@ -196,11 +196,13 @@ def test_another_uid_gets_nothing() -> None:
         assert got is not None
         os.close(got[0])
     finally:
-        holder_stop(sock)  # before the pipe closes: that would end the holder by itself
-        wait_until(lambda: not alive(pid), 10, "the holder to stop")
-        os.close(r)
-        os.close(w)
-        shared.rmdir()
+        try:
+            holder_stop(sock)  # before the pipe closes: that would end the holder by itself
+            wait_until(lambda: not alive(pid), 10, "the holder to stop")
+        finally:
+            os.close(r)
+            os.close(w)
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_the_cli_runs_the_holder(tmp_path: Path) -> None:
