@@ -21,6 +21,7 @@ from peerpull.commands import (
     containerd_config_cmd,
     convert_cmd,
     daemon_cmd,
+    fd_holder_cmd,
     inspect_cmd,
     peer_cmd,
     profile_cmd,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
-                   containerd_config_cmd, quickstart_cmd, profile_cmd):
+                   containerd_config_cmd, quickstart_cmd, profile_cmd, fd_holder_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser

@@ -21,6 +21,7 @@ from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import FuseMount, unmount_stale
+from snapshotter.fs.request_timeout import check_request_timeout
 from snapshotter.service.grpc_service import SnapshotService, serve
 from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.mounts import Layout
@@ -46,6 +47,7 @@ class NodeDaemon:
         self.service: SnapshotService | None = None
         self.profiles: ProfileFinder | None = None  # the ProfileSource of this node's startup profiles
         self.image_fetch: ImageFetch | None = None
+        check_request_timeout(peer, registry)  # a kernel FUSE timeout shorter than a fetch aborts the mount
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""

@@ -16,6 +16,12 @@ class SnapshotterConfig:
     root: str = "/var/lib/peerpull/snapshotter"  # metadata, snapshot directories, layer TOCs, the FUSE mount
     socket: str = "/run/peerpull/snapshotter.sock"  # containerd's [proxy_plugins.peerpull] address
     name: str = "peerpull"  # the snapshotter name containerd knows us by
+    # complete files, decompressed and verified, that FUSE passthrough serves at disk speed; empty:
+    # <root>/objects. Must be a plain filesystem: on overlayfs or FUSE the kernel refuses backing files
+    object_store_dir: str = ""
+    object_store_bytes: int = setting(8 << 30, lo=64 << 20, hi=1 << 50)  # least recently used go first; open ones stay
+    # the fd holder that keeps the FUSE connection across a daemon crash (docs/snapshotter.md, "Live restart")
+    fd_holder_socket: str = "/run/peerpull/fd-holder.sock"
     # startup profiles (docs/snapshotter.md): record the chunks a container of an image reads first,
     # until no new chunk for profile_quiet_s, profile_max_s after its start, or profile_max_chunks
     profile_record: bool = True
