@@ -1,0 +1,247 @@
+"""peerpull's own FUSE session (snapshotter/fs/kernel), where it differs from pyfuse3: the protocol
+corners a kernel rarely sends are driven over a SEQPACKET socket pair (one message per request, as
+on /dev/fuse: the only way to send an opcode or a size the kernel never would), and a real mount
+shows INIT's state, a resumed session serving without INIT, and passthrough reads that never reach
+the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import mmap
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapshotter.fs.fusefs import LayerFS
+from snapshotter.fs.guard import FsError
+from snapshotter.fs.kernel import abi
+from snapshotter.fs.kernel.abi import InitFlag, Op
+from snapshotter.fs.kernel.session import KernelSession, SessionError
+from snapshotter.fs.mount import KernelMount, mounted_at
+from tests.support.failing_fuse import LAYER_DIR, failing_fs
+
+BOUND_S = 60.0  # a guard against a hang, not a timing assertion
+STATE = {"major": 7, "minor": 45, "flags": int(InitFlag.ASYNC_READ | InitFlag.DO_READDIRPLUS), "max_write": 1 << 20,
+         "max_pages": 256, "max_readahead": 1 << 17, "max_background": 64, "congestion_threshold": 48,
+         "time_gran": 1, "max_stack_depth": 0}
+
+
+class StalledReads(LayerFS):
+    """A read that waits forever (a fetch that never answers): only INTERRUPT ends it."""
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def _stalled_fs() -> LayerFS:
+    fs = failing_fs("none")
+    fs.__class__ = type("StalledFailingFS", (StalledReads, type(fs)), {})
+    return fs
+
+
+class Wire:
+    """The kernel's end of a session: requests out, replies in."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+
+    async def send(self, opcode: int, unique: int, nodeid: int = abi.ROOT_ID, body: bytes = b"",
+                   length: int | None = None) -> None:
+        size = abi.IN_HEADER.size + len(body)
+        header = abi.IN_HEADER.pack(size if length is None else length, opcode, unique, nodeid, 0, 0, 0, 0, 0)
+        await asyncio.get_running_loop().sock_sendall(self.sock, header + body)
+
+    async def reply(self) -> tuple[int, int, bytes]:
+        """(unique, errno, payload) of the next reply."""
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 1 << 21), BOUND_S)
+        length, error, unique = abi.OUT_HEADER.unpack_from(data)
+        assert length == len(data)
+        return unique, -error, data[abi.OUT_HEADER.size:]
+
+
+@contextlib.asynccontextmanager
+async def wired(fs: LayerFS) -> AsyncIterator[tuple[Wire, KernelSession]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    session = KernelSession.resume(fs, ours.fileno(), STATE, max_tasks=8)
+    serving = asyncio.create_task(session.serve())
+    try:
+        yield Wire(theirs), session
+    finally:
+        theirs.close()  # the session reads end-of-file: the "connection" is gone
+        assert await asyncio.wait_for(serving, BOUND_S) == "unmounted"
+        ours.close()
+
+
+async def test_unknown_and_write_opcodes_get_enosys_and_erofs_and_forget_gets_no_reply() -> None:
+    async with wired(failing_fs("none")) as (wire, _):
+        await wire.send(4095, 1)  # no such opcode
+        assert (await wire.reply())[:2] == (1, errno.ENOSYS)
+        await wire.send(Op.MKDIR, 2, body=struct.pack("<II", 0o755, 0) + b"x\0")
+        assert (await wire.reply())[:2] == (2, errno.EROFS)
+        await wire.send(Op.FORGET, 3, body=abi.FORGET_IN.pack(1))
+        await wire.send(Op.BATCH_FORGET, 4, body=abi.BATCH_FORGET_IN.pack(1, 0) + abi.FORGET_ONE.pack(5, 1))
+        await wire.send(Op.STATX, 5, body=bytes(24))
+        assert (await wire.reply())[:2] == (5, errno.ENOSYS)  # the forgets answered nothing
+
+
+async def test_bad_request_sizes_are_eio_not_a_crash() -> None:
+    async with wired(failing_fs("none")) as (wire, session):
+        await wire.send(Op.GETATTR, 1, length=999)  # the header's length is not what was read
+        assert (await wire.reply())[:2] == (1, errno.EIO)
+        await wire.send(Op.READ, 2, body=b"\0" * 8)  # a READ body shorter than fuse_read_in
+        assert (await wire.reply())[:2] == (2, errno.EIO)
+        await wire.send(Op.LOOKUP, 3, body=b"no-terminating-nul")
+        assert (await wire.reply())[:2] == (3, errno.EIO)
+        await wire.send(Op.GETXATTR, 4, body=b"\0\0")
+        assert (await wire.reply())[:2] == (4, errno.EIO)
+        await asyncio.get_running_loop().sock_sendall(wire.sock, b"\0" * 7)  # not even a header: nothing to answer
+        await wire.send(Op.GETATTR, 5)  # and the session still serves
+        unique, code, payload = await wire.reply()
+        assert (unique, code, len(payload)) == (5, 0, abi.ATTR_OUT_SIZE)
+        assert session.requests == 6
+
+
+async def test_interrupt_of_a_stalled_read_answers_eintr() -> None:
+    fs = _stalled_fs()
+    async with wired(fs) as (wire, session):
+        ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
+        await wire.send(Op.READ, 10, nodeid=ino, body=abi.READ_IN.pack(ino, 0, 4096, 0, 0, 0, 0))
+        await wire.send(Op.GETATTR, 11)  # the stalled read does not hold up other requests
+        assert (await wire.reply())[:2] == (11, 0)
+        await wire.send(Op.INTERRUPT, 12, body=abi.INTERRUPT_IN.pack(10))
+        assert (await wire.reply())[:2] == (10, errno.EINTR)
+        await wire.send(Op.INTERRUPT, 13, body=abi.INTERRUPT_IN.pack(10))  # answered already: ignored
+        await wire.send(Op.GETATTR, 14)
+        assert (await wire.reply())[:2] == (14, 0)  # no reply to either INTERRUPT came before it
+        assert session.reads == 1
+
+
+async def test_xattr_size_probe_and_erange() -> None:
+    fs = failing_fs("none")
+    async with wired(fs) as (wire, _):
+        ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
+        await wire.send(Op.GETXATTR, 1, nodeid=ino, body=abi.GETXATTR_IN.pack(0, 0) + b"user.k\0")
+        assert await wire.reply() == (1, 0, abi.GETXATTR_OUT.pack(1, 0))
+        await wire.send(Op.GETXATTR, 2, nodeid=ino, body=abi.GETXATTR_IN.pack(64, 0) + b"user.k\0")
+        assert await wire.reply() == (2, 0, b"v")
+        await wire.send(Op.LISTXATTR, 3, nodeid=ino, body=abi.GETXATTR_IN.pack(3, 0))
+        assert (await wire.reply())[:2] == (3, errno.ERANGE)  # "user.k\0" needs 7 bytes
+        await wire.send(Op.GETXATTR, 4, nodeid=ino, body=abi.GETXATTR_IN.pack(64, 0) + b"user.none\0")
+        assert (await wire.reply())[:2] == (4, errno.ENODATA)
+
+
+async def test_features_not_negotiated_are_one_line_errors() -> None:
+    async with wired(failing_fs("none")) as (_, session):
+        assert not session.passthrough and not session.resend
+        for call in (lambda: session.open_backing(0), lambda: session.close_backing(1), session.notify_resend):
+            with pytest.raises(SessionError) as refused:
+                call()
+            assert "\n" not in str(refused.value)
+
+
+# ---- a real mount ------------------------------------------------------------------------------
+
+def _needs_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+
+
+@contextlib.asynccontextmanager
+async def mounted(fs: LayerFS, point: Path) -> AsyncIterator[KernelMount]:
+    point.mkdir()
+    mount = KernelMount(fs, point, 64, 128)
+    mount.open()
+    serving = asyncio.create_task(mount.serve())
+    try:
+        yield mount
+    finally:
+        await mount.stop(serving)
+        mount.close()
+        assert mounted_at(point) is None
+
+
+async def _in_thread(call: Any, *args: Any) -> Any:
+    return await asyncio.wait_for(asyncio.to_thread(call, *args), BOUND_S)
+
+
+@pytest.mark.root
+async def test_init_state_and_a_resumed_session_serves_without_init(tmp_path: Path) -> None:
+    _needs_fuse()
+    fs = failing_fs("none")
+    async with mounted(fs, tmp_path / "mnt") as mount:
+        first = mount.session
+        assert first is not None
+        state = first.init_state()
+        assert state["major"] == 7 and state["minor"] >= abi.MIN_MINOR
+        assert state["max_write"] == 1 << 20 and state["max_pages"] == 256
+        assert state["flags"] & InitFlag.ASYNC_READ and not state["flags"] & InitFlag.WRITEBACK_CACHE
+        target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
+        assert (await _in_thread(os.stat, target)).st_size == 5
+        assert first.lookups()  # the kernel holds references to what it looked up
+        # a successor takes the same connection from (fd, state): it never sees INIT
+        first.stop()
+        await asyncio.sleep(0)
+        second = KernelSession.resume(fs, first.fd, state, lookups=first.lookups())
+        serving = asyncio.create_task(second.serve())
+        listing = await _in_thread(os.listdir, tmp_path / "mnt" / LAYER_DIR / "d")
+        assert listing == ["f"]
+        assert await _in_thread(os.getxattr, target, "user.k") == b"v"
+        assert second.requests > 0
+        second.stop()
+        await serving
+
+
+class Complete(LayerFS):
+    """A layer whose one file has a complete local copy (what the object store will provide)."""
+
+    backing: Path | None = None
+
+    def backing_path(self, inode: int) -> Path | None:
+        return self.backing if inode & 0xFFFFFFFF and self.backing else None
+
+
+@pytest.mark.root
+async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path) -> None:
+    _needs_fuse()
+    fs = failing_fs("none")
+    fs.__class__ = type("CompleteFailingFS", (Complete, type(fs)), {})
+    backing = tmp_path / "object"  # on the plain filesystem of the temp dir (not overlayfs)
+    backing.write_bytes(b"hello")
+    async with mounted(fs, tmp_path / "mnt") as mount:
+        session = mount.session
+        assert session is not None
+        if not session.passthrough:
+            pytest.skip("this kernel does not offer FUSE passthrough (6.9+)")
+        target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
+        # without a backing file the read reaches the daemon (and fails: the test layer has no chunks)
+        with pytest.raises(OSError) as failed:
+            await _in_thread(Path.read_bytes, target)
+        assert failed.value.errno == errno.EIO and session.reads > 0
+        await asyncio.sleep(0.2)  # the close above reaches the session (RELEASE) before the next open
+        fs.backing = backing  # type: ignore[attr-defined]
+        before = session.reads
+
+        def read_and_map() -> tuple[bytes, bytes]:
+            with open(target, "rb") as f:
+                data = f.read()
+                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                    return data, bytes(mapped[:5])
+
+        assert await _in_thread(read_and_map) == (b"hello", b"hello")
+        assert await _in_thread(read_and_map) == (b"hello", b"hello")  # the backing id is reused / reopened
+        assert session.reads == before
+        await asyncio.sleep(0.2)
+        assert session._opens == {}  # every open was released, its backing id closed
+
+
+def test_fs_error_carries_its_errno() -> None:
+    assert FsError(errno.ENOENT).errno == errno.ENOENT
