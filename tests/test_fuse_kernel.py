@@ -238,9 +238,18 @@ async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path)
 
         assert await _in_thread(read_and_map) == (b"hello", b"hello")
         assert await _in_thread(read_and_map) == (b"hello", b"hello")  # the backing id is reused / reopened
+        # two opens at once share one backing id, released with the last close
+        first = await _in_thread(open, target, "rb")
+        second = await _in_thread(open, target, "rb")
+        ino = os.fstat(first.fileno()).st_ino
+        count, backing_id = session.handles()[ino]
+        assert count == 2 and backing_id > 0
+        assert await _in_thread(first.read) == await _in_thread(second.read) == b"hello"
+        await _in_thread(first.close)
+        await _in_thread(second.close)
         assert session.reads == before
         await asyncio.sleep(0.2)
-        assert session._opens == {}  # every open was released, its backing id closed
+        assert session.handles() == {}  # every open was released, its backing id closed
 
 
 def test_fs_error_carries_its_errno() -> None:

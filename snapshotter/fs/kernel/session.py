@@ -149,10 +149,14 @@ class KernelSession:
 
     @classmethod
     def resume(cls, fs: LayerFS, fd: int, state: dict[str, int], max_tasks: int = 512,
-               lookups: dict[int, int] | None = None) -> KernelSession:
-        """Serve a connection a predecessor negotiated (its `init_state()`): no INIT is sent or awaited."""
+               lookups: dict[int, int] | None = None,
+               handles: dict[int, tuple[int, int]] | None = None) -> KernelSession:
+        """Serve a connection a predecessor negotiated (its `init_state()`): no INIT is sent or awaited.
+        `lookups` and `handles` are the predecessor's `lookups()` and `handles()`: backing ids belong
+        to the connection and stay valid, and must be reused while their inode is open."""
         session = cls(fs, fd, state, max_tasks)
         session._lookups = dict(lookups or {})
+        session._opens = {ino: [count, backing] for ino, (count, backing) in (handles or {}).items()}
         log.info("fuse_session_resumed", protocol=f"{state['major']}.{state['minor']}", flags=hex(state["flags"]),
                  passthrough=session.passthrough, resend=session.resend, inodes=len(session._lookups))
         return session
@@ -164,6 +168,10 @@ class KernelSession:
     def lookups(self) -> dict[int, int]:
         """The kernel's references per inode (LOOKUP and READDIRPLUS entries minus FORGETs)."""
         return dict(self._lookups)
+
+    def handles(self) -> dict[int, tuple[int, int]]:
+        """Open files per inode: (opens not yet released, backing id or 0 when served through READ)."""
+        return {ino: (count, backing) for ino, (count, backing) in self._opens.items()}
 
     # ---- passthrough and resend ---------------------------------------------------------------
 
