@@ -11,8 +11,10 @@ import contextlib
 import errno
 import mmap
 import os
+import signal
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,46 @@ async def test_init_state_and_a_resumed_session_serves_without_init(tmp_path: Pa
         assert second.requests > 0
         second.stop()
         await serving
+
+
+# O_DIRECT: a read through the page cache is a background request the reader waits on killably
+# only; a direct read is a request of the reader's own, which a signal interrupts
+READER = """
+import mmap, os, signal, sys
+class Interrupted(Exception):
+    pass
+def raise_interrupted(signum, frame):
+    raise Interrupted()
+signal.signal(signal.SIGUSR1, raise_interrupted)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("opened", flush=True)
+try:
+    os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+    print("read", flush=True)
+except Interrupted:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.root
+async def test_a_signal_to_a_reader_stalled_in_the_daemon_interrupts_its_read(tmp_path: Path) -> None:
+    _needs_fuse()
+    async with mounted(_stalled_fs(), tmp_path / "mnt") as mount:
+        session = mount.session
+        assert session is not None
+        target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
+        reader = await asyncio.create_subprocess_exec(sys.executable, "-c", READER, str(target),
+                                                      stdout=asyncio.subprocess.PIPE)
+        assert reader.stdout is not None
+        assert await asyncio.wait_for(reader.stdout.readline(), BOUND_S) == b"opened\n"
+        for _ in range(int(BOUND_S / 0.05)):  # until its READ is stalled in the daemon
+            if session.reads:
+                break
+            await asyncio.sleep(0.05)
+        reader.send_signal(signal.SIGUSR1)  # the kernel sends INTERRUPT for the request it waits on
+        out, _ = await asyncio.wait_for(reader.communicate(), BOUND_S)
+        assert out == b"interrupted\n"
+        assert session.interrupts == 1
 
 
 class Complete(LayerFS):

@@ -87,7 +87,6 @@ class KernelSession:
         self._max_tasks = max_tasks
         self._buffer = bytearray(max(abi.MIN_READ_BUFFER, self._state["max_write"] + 4096))
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._unique_of: dict[asyncio.Task[None], int] = {}
         self._interrupted: set[int] = set()
         self._lookups: dict[int, int] = {}
         self._opens: dict[int, list[int]] = {}  # inode → [open handles, backing id or 0]
@@ -96,6 +95,7 @@ class KernelSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0  # requests read (tests and the benchmark count them)
         self.reads = 0  # READ requests among them
+        self.interrupts = 0  # requests answered EINTR after an INTERRUPT
         flags = self._state["flags"]
         self.passthrough = bool(flags & InitFlag.PASSTHROUGH) and self._state["max_stack_depth"] > 0
         self.resend = bool(flags & InitFlag.HAS_RESEND)
@@ -301,17 +301,7 @@ class KernelSession:
 
     def _start(self, unique: int, work: Any) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(work)
-        self._tasks[unique] = task
-        self._unique_of[task] = unique
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        unique = self._unique_of.pop(task, 0)
-        self._tasks.pop(unique, None)
-        self._interrupted.discard(unique)
-        if not self._reading and len(self._tasks) < self._max_tasks:
-            self._resume_reading()
+        self._tasks[unique] = self._loop.create_task(work)
 
     async def _read(self, unique: int, fh: int, offset: int, size: int) -> None:
         try:
@@ -321,6 +311,7 @@ class KernelSession:
             return
         except asyncio.CancelledError:
             if unique in self._interrupted:
+                self.interrupts += 1
                 self._error(unique, errno.EINTR)
                 return
             raise
@@ -328,6 +319,12 @@ class KernelSession:
             log.error("fuse_handler_failed", op="read", errno="EIO", error=repr(exc), exc_info=True)
             self._error(unique, errno.EIO)
             return
+        finally:
+            # the bookkeeping of a finished request (cheaper here than in a done callback)
+            self._tasks.pop(unique, None)
+            self._interrupted.discard(unique)
+            if not self._reading and len(self._tasks) < self._max_tasks:
+                self._resume_reading()
         self._reply(unique, data)
 
     # ---- replies ------------------------------------------------------------------------------
