@@ -14,20 +14,23 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from peer.fetcher import ChunkFetcher
+from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.guard import FsError
 from snapshotter.fs.kernel import abi
 from snapshotter.fs.kernel.abi import InitFlag, Op
 from snapshotter.fs.kernel.session import KernelSession, SessionError
 from snapshotter.fs.mount import KernelMount, mounted_at
-from tests.support.failing_fuse import LAYER_DIR, failing_fs
+from tests.support.failing_fuse import LAYER, LAYER_DIR, failing_fs, layer_toc
 
 BOUND_S = 60.0  # a guard against a hang, not a timing assertion
 STATE = {"major": 7, "minor": 45, "flags": int(InitFlag.ASYNC_READ | InitFlag.DO_READDIRPLUS), "max_write": 1 << 20,
@@ -35,18 +38,24 @@ STATE = {"major": 7, "minor": 45, "flags": int(InitFlag.ASYNC_READ | InitFlag.DO
          "time_gran": 1, "max_stack_depth": 0}
 
 
-class StalledReads(LayerFS):
-    """A read that waits forever (a fetch that never answers): only INTERRUPT ends it."""
+class Scripted(LayerFS):
+    """The test layer (tests/support/failing_fuse.py) with scripted reads: stalled (a fetch that
+    never answers: only INTERRUPT ends it) or "hello"; and optionally a complete local copy of its
+    file (what the object store will provide) for passthrough."""
+
+    def __init__(self, stall: bool = False) -> None:
+        super().__init__(FileReader(cast(ChunkFetcher, None), 16 << 20, "none", 1))
+        self.add_layer(LAYER, 1, "example/repo", layer_toc())
+        self.stall = stall
+        self.backing: Path | None = None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+        if self.stall:
+            await asyncio.Event().wait()
+        return b"hello"[off:off + size]
 
-
-def _stalled_fs() -> LayerFS:
-    fs = failing_fs("none")
-    fs.__class__ = type("StalledFailingFS", (StalledReads, type(fs)), {})
-    return fs
+    def backing_path(self, inode: int) -> Path | None:
+        return self.backing
 
 
 class Wire:
@@ -113,7 +122,7 @@ async def test_bad_request_sizes_are_eio_not_a_crash() -> None:
 
 
 async def test_interrupt_of_a_stalled_read_answers_eintr() -> None:
-    fs = _stalled_fs()
+    fs = Scripted(stall=True)
     async with wired(fs) as (wire, session):
         ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
         await wire.send(Op.READ, 10, nodeid=ino, body=abi.READ_IN.pack(ino, 0, 4096, 0, 0, 0, 0))
@@ -171,6 +180,14 @@ async def mounted(fs: LayerFS, point: Path) -> AsyncIterator[KernelMount]:
         assert mounted_at(point) is None
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(BOUND_S / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition did not come true")
+
+
 async def _in_thread(call: Any, *args: Any) -> Any:
     return await asyncio.wait_for(asyncio.to_thread(call, *args), BOUND_S)
 
@@ -224,7 +241,7 @@ except Interrupted:
 @pytest.mark.root
 async def test_a_signal_to_a_reader_stalled_in_the_daemon_interrupts_its_read(tmp_path: Path) -> None:
     _needs_fuse()
-    async with mounted(_stalled_fs(), tmp_path / "mnt") as mount:
+    async with mounted(Scripted(stall=True), tmp_path / "mnt") as mount:
         session = mount.session
         assert session is not None
         target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
@@ -232,44 +249,54 @@ async def test_a_signal_to_a_reader_stalled_in_the_daemon_interrupts_its_read(tm
                                                       stdout=asyncio.subprocess.PIPE)
         assert reader.stdout is not None
         assert await asyncio.wait_for(reader.stdout.readline(), BOUND_S) == b"opened\n"
-        for _ in range(int(BOUND_S / 0.05)):  # until its READ is stalled in the daemon
-            if session.reads:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: session.reads > 0)  # its READ is stalled in the daemon
         reader.send_signal(signal.SIGUSR1)  # the kernel sends INTERRUPT for the request it waits on
         out, _ = await asyncio.wait_for(reader.communicate(), BOUND_S)
         assert out == b"interrupted\n"
         assert session.interrupts == 1
 
 
-class Complete(LayerFS):
-    """A layer whose one file has a complete local copy (what the object store will provide)."""
-
-    backing: Path | None = None
-
-    def backing_path(self, inode: int) -> Path | None:
-        return self.backing if inode & 0xFFFFFFFF and self.backing else None
+@pytest.mark.root
+async def test_a_request_left_unanswered_is_resent_to_the_successor(tmp_path: Path) -> None:
+    _needs_fuse()
+    fs = Scripted(stall=True)
+    async with mounted(fs, tmp_path / "mnt") as mount:
+        first = mount.session
+        assert first is not None
+        if not first.resend:
+            pytest.skip("this kernel does not resend FUSE requests (6.9+)")
+        target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
+        reading = asyncio.create_task(_in_thread(Path.read_bytes, target))
+        await _until(lambda: first.reads > 0)  # its READ is stalled in the first session
+        first.stop()  # gone without answering: the kernel still waits for that READ
+        await asyncio.sleep(0.1)
+        assert not reading.done()
+        fs.stall = False
+        second = KernelSession.resume(fs, first.fd, first.init_state())
+        serving = asyncio.create_task(second.serve())
+        second.notify_resend()
+        assert await reading == b"hello"
+        assert second.reads >= 1
+        second.stop()
+        await serving
 
 
 @pytest.mark.root
 async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path) -> None:
     _needs_fuse()
-    fs = failing_fs("none")
-    fs.__class__ = type("CompleteFailingFS", (Complete, type(fs)), {})
+    fs = Scripted()
     backing = tmp_path / "object"  # on the plain filesystem of the temp dir (not overlayfs)
-    backing.write_bytes(b"hello")
+    backing.write_bytes(b"HELLO")  # not what READ answers: the bytes show who served them
     async with mounted(fs, tmp_path / "mnt") as mount:
         session = mount.session
         assert session is not None
         if not session.passthrough:
             pytest.skip("this kernel does not offer FUSE passthrough (6.9+)")
         target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
-        # without a backing file the read reaches the daemon (and fails: the test layer has no chunks)
-        with pytest.raises(OSError) as failed:
-            await _in_thread(Path.read_bytes, target)
-        assert failed.value.errno == errno.EIO and session.reads > 0
-        await asyncio.sleep(0.2)  # the close above reaches the session (RELEASE) before the next open
-        fs.backing = backing  # type: ignore[attr-defined]
+        # without a backing file the read reaches the daemon
+        assert await _in_thread(Path.read_bytes, target) == b"hello" and session.reads > 0
+        await _until(lambda: session.handles() == {})  # its RELEASE came: the next open decides anew
+        fs.backing = backing
         before = session.reads
 
         def read_and_map() -> tuple[bytes, bytes]:
@@ -278,20 +305,31 @@ async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path)
                 with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                     return data, bytes(mapped[:5])
 
-        assert await _in_thread(read_and_map) == (b"hello", b"hello")
-        assert await _in_thread(read_and_map) == (b"hello", b"hello")  # the backing id is reused / reopened
+        assert await _in_thread(read_and_map) == (b"HELLO", b"HELLO")
+        assert await _in_thread(read_and_map) == (b"HELLO", b"HELLO")  # the backing id is reused / reopened
         # two opens at once share one backing id, released with the last close
         first = await _in_thread(open, target, "rb")
         second = await _in_thread(open, target, "rb")
         ino = os.fstat(first.fileno()).st_ino
         count, backing_id = session.handles()[ino]
         assert count == 2 and backing_id > 0
-        assert await _in_thread(first.read) == await _in_thread(second.read) == b"hello"
+        assert await _in_thread(first.read) == await _in_thread(second.read) == b"HELLO"
         await _in_thread(first.close)
         await _in_thread(second.close)
+        await _until(lambda: session.handles() == {})  # every open released, its backing id closed
+        # through overlayfs with an upper directory on top, as a container sees it
+        merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
+        for d in (merged, upper, work):
+            d.mkdir()
+        options = f"lowerdir={tmp_path / 'mnt' / LAYER_DIR},upperdir={upper},workdir={work}"
+        # in a thread: overlayfs asks the FUSE mount, which this event loop serves
+        await _in_thread(lambda: subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+                                                check=True))
+        try:
+            assert await _in_thread(Path.read_bytes, merged / "d" / "f") == b"HELLO"
+        finally:
+            await _in_thread(lambda: subprocess.run(["umount", str(merged)], check=True))
         assert session.reads == before
-        await asyncio.sleep(0.2)
-        assert session.handles() == {}  # every open was released, its backing id closed
 
 
 def test_fs_error_carries_its_errno() -> None:
