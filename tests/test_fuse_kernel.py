@@ -282,6 +282,40 @@ async def test_a_request_left_unanswered_is_resent_to_the_successor(tmp_path: Pa
 
 
 @pytest.mark.root
+async def test_a_mount_handed_to_a_successor_keeps_serving_its_open_files(tmp_path: Path) -> None:
+    _needs_fuse()
+    fs = Scripted()
+    point = tmp_path / "mnt"
+    point.mkdir()
+    first = KernelMount(fs, point, 64, 128)
+    first.open()
+    serving = asyncio.create_task(first.serve())
+    target = point / LAYER_DIR / "d" / "f"
+    held = await _in_thread(os.open, target, os.O_RDONLY | os.O_DIRECT)  # O_DIRECT: every read is a READ
+    buffer = mmap.mmap(-1, 4096)
+    try:
+        assert await _in_thread(os.preadv, held, [buffer], 0) == 5
+        await first.stop(serving)
+        session = first.detach()
+        first.close()  # the predecessor goes; the mount and the connection stay
+        assert mounted_at(point) == "fuse.peerpull"
+        second = KernelMount.adopt(fs, point, session.fd, session.init_state(), 64, 128, session.lookups(),
+                                   session.handles())
+        serving = asyncio.create_task(second.serve())
+        buffer[:5] = b"....."
+        assert await _in_thread(os.preadv, held, [buffer], 0) == 5 and buffer[:5] == b"hello"
+        assert await _in_thread(os.listdir, point / LAYER_DIR) == ["d", "l"]
+        assert second.session is not None and second.session.reads == 1
+        await _in_thread(os.close, held)
+        await second.stop(serving)
+        second.close()
+        assert mounted_at(point) is None
+    finally:
+        if mounted_at(point):  # a failure above: leave no mount behind
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.mark.root
 async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path) -> None:
     _needs_fuse()
     fs = Scripted()

@@ -184,9 +184,25 @@ class KernelMount:
             raise
         log.info("fuse_mounted", mount=str(self.mountpoint), backend=self.backend)
 
+    @classmethod
+    def adopt(cls, fs: LayerFS, mountpoint: Path, fd: int, state: dict[str, int], max_tasks: int, read_ahead_kb: int,
+              lookups: dict[int, int] | None = None, handles: dict[int, tuple[int, int]] | None = None) -> KernelMount:
+        """The mount a predecessor made, from its connection's fd and session state: served without INIT."""
+        mount = cls(fs, mountpoint, max_tasks, read_ahead_kb)
+        mount.session = KernelSession.resume(fs, fd, state, max_tasks, lookups, handles)
+        mount._mounted = True
+        log.info("fuse_mount_adopted", mount=str(mountpoint), backend=cls.backend)
+        return mount
+
+    def detach(self) -> KernelSession:
+        """Give the connection away (after stop()): close() then neither unmounts nor closes its fd."""
+        assert self.session is not None, "nothing to detach"
+        session, self.session, self._mounted = self.session, None, False
+        return session
+
     async def serve(self) -> None:
         """Serve FUSE requests until cancelled; raises PeerpullError if the connection ends on its own."""
-        assert self.session is not None, "open() first"
+        assert self.session is not None, "open() or adopt() first"
         await asyncio.to_thread(raise_read_ahead, self.mountpoint, self._read_ahead_kb)  # INIT is done
         try:
             reason = await self.session.serve()
