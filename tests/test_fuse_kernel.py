@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from peer.fetcher import ChunkFetcher
 from snapshotter.fs.file_reader import FileReader
@@ -29,7 +31,7 @@ from snapshotter.fs.guard import FsError
 from snapshotter.fs.kernel import abi
 from snapshotter.fs.kernel.abi import InitFlag, Op
 from snapshotter.fs.kernel.session import KernelSession, SessionError
-from snapshotter.fs.mount import KernelMount, mounted_at
+from snapshotter.fs.mount import KernelMount, mounted_at, open_mount
 from tests.support.failing_fuse import LAYER, LAYER_DIR, failing_fs, layer_toc
 
 BOUND_S = 60.0  # a guard against a hang, not a timing assertion
@@ -148,6 +150,31 @@ async def test_xattr_size_probe_and_erange() -> None:
         assert (await wire.reply())[:2] == (3, errno.ERANGE)  # "user.k\0" needs 7 bytes
         await wire.send(Op.GETXATTR, 4, nodeid=ino, body=abi.GETXATTR_IN.pack(64, 0) + b"user.none\0")
         assert (await wire.reply())[:2] == (4, errno.ENODATA)
+
+
+OPCODES = st.sampled_from([op for op in Op if op != Op.DESTROY]) | st.integers(0, 5000)
+NODEIDS = st.sampled_from([abi.ROOT_ID, (1 << 32) | 1, (1 << 32) | 2, (1 << 32) | 3]) | st.integers(0, (1 << 64) - 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(OPCODES, NODEIDS, st.binary(max_size=96)), max_size=12))
+def test_any_request_gets_a_well_formed_answer_or_none_and_the_session_keeps_serving(
+        requests: list[tuple[int, int, bytes]]) -> None:
+    async def run() -> None:
+        async with wired(Scripted()) as (wire, _):
+            for unique, (opcode, nodeid, body) in enumerate(requests, start=1):
+                await wire.send(opcode, unique, nodeid=nodeid, body=body)
+            marker = len(requests) + 1
+            await wire.send(Op.GETATTR, marker)
+            while True:
+                unique, code, payload = await wire.reply()  # Wire checks each reply's length
+                assert 0 <= code < 4096 and (code == 0 or payload == b"")
+                assert 1 <= unique <= marker
+                if unique == marker:
+                    assert code == 0
+                    return
+
+    asyncio.run(run())
 
 
 async def test_features_not_negotiated_are_one_line_errors() -> None:
@@ -368,3 +395,19 @@ async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path)
 
 def test_fs_error_carries_its_errno() -> None:
     assert FsError(errno.ENOENT).errno == errno.ENOENT
+
+
+@pytest.mark.root
+def test_open_mount_serves_with_the_configured_backend(tmp_path: Path) -> None:
+    _needs_fuse()
+    for backend in ("kernel", "pyfuse3", "auto"):
+        point = tmp_path / backend
+        point.mkdir()
+        mount = open_mount(Scripted(), point, backend, 8, 128)
+        try:
+            # auto: the kernel transport wherever FUSE 7.31 (Linux 5.4) or newer is spoken
+            assert mount.backend == ("kernel" if backend == "auto" else backend)
+            assert mounted_at(point) == "fuse.peerpull"
+        finally:
+            mount.close()
+        assert mounted_at(point) is None
