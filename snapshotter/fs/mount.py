@@ -125,11 +125,8 @@ class FuseMount:
         finally:
             tuning.cancel()
             await asyncio.gather(tuning, return_exceptions=True)
-        if self._stopping:
-            return
-        log.error("fuse_loop_failed", mount=str(self.mountpoint), error="the FUSE loop ended")
-        raise PeerpullError(f"the FUSE loop at {self.mountpoint} ended (unmounted from outside?): the daemon "
-                            "stops; restart it")
+        if not self._stopping:
+            raise _loop_ended(self.mountpoint, "pyfuse3's loop returned; unmounted from outside?")
 
     async def _tune(self) -> None:
         await asyncio.sleep(READ_AHEAD_DELAY_S)
