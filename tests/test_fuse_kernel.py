@@ -49,11 +49,12 @@ class Scripted(LayerFS):
         super().__init__(FileReader(cast(ChunkFetcher, None), 16 << 20, "none", 1))
         self.add_layer(LAYER, 1, "example/repo", layer_toc())
         self.stall = stall
+        self.gate = asyncio.Event()  # a stalled read goes on once it is set
         self.backing: Path | None = None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if self.stall:
-            await asyncio.Event().wait()
+            await self.gate.wait()
         return b"hello"[off:off + size]
 
     def backing_path(self, inode: int) -> Path | None:
@@ -136,6 +137,21 @@ async def test_interrupt_of_a_stalled_read_answers_eintr() -> None:
         await wire.send(Op.GETATTR, 14)
         assert (await wire.reply())[:2] == (14, 0)  # no reply to either INTERRUPT came before it
         assert session.reads == 1
+
+
+async def test_reads_beyond_max_tasks_wait_in_the_kernel_queue_then_all_get_answers() -> None:
+    fs = Scripted(stall=True)
+    async with wired(fs) as (wire, session):  # max_tasks=8
+        ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
+        for unique in range(1, 21):
+            await wire.send(Op.READ, unique, nodeid=ino, body=abi.READ_IN.pack(ino, 0, 4096, 0, 0, 0, 0))
+        await _until(lambda: session.reads == 8)
+        await asyncio.sleep(0.1)  # a chance to read more than it may: it must not
+        assert session.reads == 8
+        fs.gate.set()
+        answers = [await wire.reply() for _ in range(20)]
+        assert sorted(a[0] for a in answers) == list(range(1, 21))
+        assert all(a[1:] == (0, b"hello") for a in answers)
 
 
 async def test_xattr_size_probe_and_erange() -> None:
