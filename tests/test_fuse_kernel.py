@@ -16,49 +16,25 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.fetcher import ChunkFetcher
-from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.guard import FsError
 from snapshotter.fs.kernel import abi
 from snapshotter.fs.kernel.abi import InitFlag, Op
 from snapshotter.fs.kernel.session import KernelSession, SessionError
 from snapshotter.fs.mount import KernelMount, mounted_at, open_mount
-from tests.support.failing_fuse import LAYER, LAYER_DIR, failing_fs, layer_toc
+from tests.support.failing_fuse import LAYER_DIR, failing_fs
+from tests.support.kernel_fuse import BOUND_S, Scripted, in_thread, mounted, until
 
-BOUND_S = 60.0  # a guard against a hang, not a timing assertion
 STATE = {"major": 7, "minor": 45, "flags": int(InitFlag.ASYNC_READ | InitFlag.DO_READDIRPLUS), "max_write": 1 << 20,
          "max_pages": 256, "max_readahead": 1 << 17, "max_background": 64, "congestion_threshold": 48,
          "time_gran": 1, "max_stack_depth": 0}
-
-
-class Scripted(LayerFS):
-    """The test layer (tests/support/failing_fuse.py) with scripted reads: stalled (a fetch that
-    never answers: only INTERRUPT ends it) or "hello"; and optionally a complete local copy of its
-    file (what the object store will provide) for passthrough."""
-
-    def __init__(self, stall: bool = False) -> None:
-        super().__init__(FileReader(cast(ChunkFetcher, None), 16 << 20, "none", 1))
-        self.add_layer(LAYER, 1, "example/repo", layer_toc())
-        self.stall = stall
-        self.gate = asyncio.Event()  # a stalled read goes on once it is set
-        self.backing: Path | None = None
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        if self.stall:
-            await self.gate.wait()
-        return b"hello"[off:off + size]
-
-    def backing_path(self, inode: int) -> Path | None:
-        return self.backing
 
 
 class Wire:
@@ -145,7 +121,7 @@ async def test_reads_beyond_max_tasks_wait_in_the_kernel_queue_then_all_get_answ
         ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
         for unique in range(1, 21):
             await wire.send(Op.READ, unique, nodeid=ino, body=abi.READ_IN.pack(ino, 0, 4096, 0, 0, 0, 0))
-        await _until(lambda: session.reads == 8)
+        await until(lambda: session.reads == 8)
         await asyncio.sleep(0.1)  # a chance to read more than it may: it must not
         assert session.reads == 8
         fs.gate.set()
@@ -209,32 +185,6 @@ def _needs_fuse() -> None:
         pytest.skip("needs root and /dev/fuse")
 
 
-@contextlib.asynccontextmanager
-async def mounted(fs: LayerFS, point: Path) -> AsyncIterator[KernelMount]:
-    point.mkdir()
-    mount = KernelMount(fs, point, 64, 128)
-    mount.open()
-    serving = asyncio.create_task(mount.serve())
-    try:
-        yield mount
-    finally:
-        await mount.stop(serving)
-        mount.close()
-        assert mounted_at(point) is None
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(int(BOUND_S / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the condition did not come true")
-
-
-async def _in_thread(call: Any, *args: Any) -> Any:
-    return await asyncio.wait_for(asyncio.to_thread(call, *args), BOUND_S)
-
-
 @pytest.mark.root
 async def test_init_state_and_a_resumed_session_serves_without_init(tmp_path: Path) -> None:
     _needs_fuse()
@@ -247,16 +197,16 @@ async def test_init_state_and_a_resumed_session_serves_without_init(tmp_path: Pa
         assert state["max_write"] == 1 << 20 and state["max_pages"] == 256
         assert state["flags"] & InitFlag.ASYNC_READ and not state["flags"] & InitFlag.WRITEBACK_CACHE
         target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
-        assert (await _in_thread(os.stat, target)).st_size == 5
+        assert (await in_thread(os.stat, target)).st_size == 5
         assert first.lookups()  # the kernel holds references to what it looked up
         # a successor takes the same connection from (fd, state): it never sees INIT
         first.stop()
         await asyncio.sleep(0)
         second = KernelSession.resume(fs, first.fd, state, lookups=first.lookups())
         serving = asyncio.create_task(second.serve())
-        listing = await _in_thread(os.listdir, tmp_path / "mnt" / LAYER_DIR / "d")
+        listing = await in_thread(os.listdir, tmp_path / "mnt" / LAYER_DIR / "d")
         assert listing == ["f"]
-        assert await _in_thread(os.getxattr, target, "user.k") == b"v"
+        assert await in_thread(os.getxattr, target, "user.k") == b"v"
         assert second.requests > 0
         second.stop()
         await serving
@@ -292,7 +242,7 @@ async def test_a_signal_to_a_reader_stalled_in_the_daemon_interrupts_its_read(tm
                                                       stdout=asyncio.subprocess.PIPE)
         assert reader.stdout is not None
         assert await asyncio.wait_for(reader.stdout.readline(), BOUND_S) == b"opened\n"
-        await _until(lambda: session.reads > 0)  # its READ is stalled in the daemon
+        await until(lambda: session.reads > 0)  # its READ is stalled in the daemon
         reader.send_signal(signal.SIGUSR1)  # the kernel sends INTERRUPT for the request it waits on
         out, _ = await asyncio.wait_for(reader.communicate(), BOUND_S)
         assert out == b"interrupted\n"
@@ -309,8 +259,8 @@ async def test_a_request_left_unanswered_is_resent_to_the_successor(tmp_path: Pa
         if not first.resend:
             pytest.skip("this kernel does not resend FUSE requests (6.9+)")
         target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
-        reading = asyncio.create_task(_in_thread(Path.read_bytes, target))
-        await _until(lambda: first.reads > 0)  # its READ is stalled in the first session
+        reading = asyncio.create_task(in_thread(Path.read_bytes, target))
+        await until(lambda: first.reads > 0)  # its READ is stalled in the first session
         first.stop()  # gone without answering: the kernel still waits for that READ
         await asyncio.sleep(0.1)
         assert not reading.done()
@@ -334,10 +284,10 @@ async def test_a_mount_handed_to_a_successor_keeps_serving_its_open_files(tmp_pa
     first.open()
     serving = asyncio.create_task(first.serve())
     target = point / LAYER_DIR / "d" / "f"
-    held = await _in_thread(os.open, target, os.O_RDONLY | os.O_DIRECT)  # O_DIRECT: every read is a READ
+    held = await in_thread(os.open, target, os.O_RDONLY | os.O_DIRECT)  # O_DIRECT: every read is a READ
     buffer = mmap.mmap(-1, 4096)
     try:
-        assert await _in_thread(os.preadv, held, [buffer], 0) == 5
+        assert await in_thread(os.preadv, held, [buffer], 0) == 5
         await first.stop(serving)
         session = first.detach()
         first.close()  # the predecessor goes; the mount and the connection stay
@@ -346,10 +296,10 @@ async def test_a_mount_handed_to_a_successor_keeps_serving_its_open_files(tmp_pa
                                    session.handles())
         serving = asyncio.create_task(second.serve())
         buffer[:5] = b"....."
-        assert await _in_thread(os.preadv, held, [buffer], 0) == 5 and buffer[:5] == b"hello"
-        assert await _in_thread(os.listdir, point / LAYER_DIR) == ["d", "l"]
+        assert await in_thread(os.preadv, held, [buffer], 0) == 5 and buffer[:5] == b"hello"
+        assert await in_thread(os.listdir, point / LAYER_DIR) == ["d", "l"]
         assert second.session is not None and second.session.reads == 1
-        await _in_thread(os.close, held)
+        await in_thread(os.close, held)
         await second.stop(serving)
         second.close()
         assert mounted_at(point) is None
@@ -371,8 +321,8 @@ async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path)
             pytest.skip("this kernel does not offer FUSE passthrough (6.9+)")
         target = tmp_path / "mnt" / LAYER_DIR / "d" / "f"
         # without a backing file the read reaches the daemon
-        assert await _in_thread(Path.read_bytes, target) == b"hello" and session.reads > 0
-        await _until(lambda: session.handles() == {})  # its RELEASE came: the next open decides anew
+        assert await in_thread(Path.read_bytes, target) == b"hello" and session.reads > 0
+        await until(lambda: session.handles() == {})  # its RELEASE came: the next open decides anew
         fs.backing = backing
         before = session.reads
 
@@ -382,30 +332,30 @@ async def test_a_passthrough_file_reads_without_any_read_request(tmp_path: Path)
                 with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                     return data, bytes(mapped[:5])
 
-        assert await _in_thread(read_and_map) == (b"HELLO", b"HELLO")
-        assert await _in_thread(read_and_map) == (b"HELLO", b"HELLO")  # the backing id is reused / reopened
+        assert await in_thread(read_and_map) == (b"HELLO", b"HELLO")
+        assert await in_thread(read_and_map) == (b"HELLO", b"HELLO")  # the backing id is reused / reopened
         # two opens at once share one backing id, released with the last close
-        first = await _in_thread(open, target, "rb")
-        second = await _in_thread(open, target, "rb")
+        first = await in_thread(open, target, "rb")
+        second = await in_thread(open, target, "rb")
         ino = os.fstat(first.fileno()).st_ino
         count, backing_id = session.handles()[ino]
         assert count == 2 and backing_id > 0
-        assert await _in_thread(first.read) == await _in_thread(second.read) == b"HELLO"
-        await _in_thread(first.close)
-        await _in_thread(second.close)
-        await _until(lambda: session.handles() == {})  # every open released, its backing id closed
+        assert await in_thread(first.read) == await in_thread(second.read) == b"HELLO"
+        await in_thread(first.close)
+        await in_thread(second.close)
+        await until(lambda: session.handles() == {})  # every open released, its backing id closed
         # through overlayfs with an upper directory on top, as a container sees it
         merged, upper, work = tmp_path / "merged", tmp_path / "upper", tmp_path / "work"
         for d in (merged, upper, work):
             d.mkdir()
         options = f"lowerdir={tmp_path / 'mnt' / LAYER_DIR},upperdir={upper},workdir={work}"
         # in a thread: overlayfs asks the FUSE mount, which this event loop serves
-        await _in_thread(lambda: subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+        await in_thread(lambda: subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
                                                 check=True))
         try:
-            assert await _in_thread(Path.read_bytes, merged / "d" / "f") == b"HELLO"
+            assert await in_thread(Path.read_bytes, merged / "d" / "f") == b"HELLO"
         finally:
-            await _in_thread(lambda: subprocess.run(["umount", str(merged)], check=True))
+            await in_thread(lambda: subprocess.run(["umount", str(merged)], check=True))
         assert session.reads == before
 
 
