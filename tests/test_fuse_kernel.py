@@ -115,6 +115,19 @@ async def test_interrupt_of_a_stalled_read_answers_eintr() -> None:
         assert session.reads == 1
 
 
+async def test_interrupt_read_with_its_read_in_one_batch_still_answers_eintr() -> None:
+    fs = Scripted(stall=True)
+    async with wired(fs) as (wire, session):
+        ino = fs.lookup(fs.lookup(fs.lookup(abi.ROOT_ID, LAYER_DIR.encode()).ino, b"d").ino, b"f").ino
+        # both queued before the session reads: its READ task is cancelled before it ever ran
+        await wire.send(Op.READ, 20, nodeid=ino, body=abi.READ_IN.pack(ino, 0, 4096, 0, 0, 0, 0))
+        await wire.send(Op.INTERRUPT, 21, body=abi.INTERRUPT_IN.pack(20))
+        assert (await wire.reply())[:2] == (20, errno.EINTR)
+        await wire.send(Op.GETATTR, 22)
+        assert (await wire.reply())[:2] == (22, 0)  # one answer for the READ, none for the INTERRUPT
+        assert session.interrupts == 1
+
+
 async def test_reads_beyond_max_tasks_wait_in_the_kernel_queue_then_all_get_answers() -> None:
     fs = Scripted(stall=True)
     async with wired(fs) as (wire, session):  # max_tasks=8

@@ -250,6 +250,17 @@ class KernelSession:
                 self._resume_reading()
         self._reply(unique, data)
 
+    def _interrupted_silently(self, unique: int) -> None:
+        # a task cancelled before its first step never ran _read's handlers: answer for it, or the
+        # interrupted caller waits for its reply forever
+        if unique in self._interrupted:
+            self._interrupted.discard(unique)
+            self._tasks.pop(unique, None)
+            self.interrupts += 1
+            self._error(unique, errno.EINTR)
+            if not self._reading and len(self._tasks) < self._max_tasks:
+                self._resume_reading()
+
     # ---- replies ------------------------------------------------------------------------------
 
     def _reply(self, unique: int, *parts: bytes) -> None:
@@ -276,9 +287,10 @@ class KernelSession:
             except struct.error:
                 return  # INTERRUPT has no reply, not even an error
             task = self._tasks.get(target)
-            if task is not None:  # an unknown target was answered already: nothing to do
+            if task is not None and not task.done():  # an unknown target was answered already
                 self._interrupted.add(target)
                 task.cancel()
+                task.add_done_callback(lambda _: self._interrupted_silently(target))
         elif opcode == Op.DESTROY:
             self._reply(unique)
             self._end("destroy")
