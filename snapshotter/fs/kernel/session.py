@@ -2,8 +2,9 @@
 
 The descriptor is non-blocking and watched with `loop.add_reader`; each read returns exactly one
 request. Requests that never wait (lookups, attributes, directories, xattrs) are answered inline;
-READ runs as a task (it may wait on the network), at most `max_tasks` at once; further requests
-stay queued in the kernel until a task ends. INTERRUPT cancels the request's task, which answers
+a READ runs eagerly and is answered inline too when its data is in memory; one that has to wait
+(the network) goes on as a task, at most `max_tasks` at once; further requests stay queued in the
+kernel until a task ends. INTERRUPT cancels the request's task, which answers
 EINTR. Replies go out with one `os.writev` each.
 
 Unlike libfuse, the session's negotiated state is plain data (`init_state()`), so a successor can
@@ -15,10 +16,13 @@ also needs) are in requests.py, INIT in handshake.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import errno
 import fcntl
 import os
 import struct
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -198,7 +202,7 @@ class KernelSession:
                 log.error("fuse_bad_request", opcode=opcode, size=len(data))
                 self._error(unique, errno.EIO)
                 return
-            self._start(unique, self._read(unique, fh, offset, size))
+            self._start_read(unique, fh, offset, size)
             return
         if opcode == Op.INTERRUPT or opcode == Op.DESTROY or opcode == Op.INIT:
             self._session_request(opcode, unique, body)
@@ -222,44 +226,92 @@ class KernelSession:
                       error=repr(exc), exc_info=True)
             self._error(unique, code)
 
-    def _start(self, unique: int, work: Any) -> None:
+    def _start_read(self, unique: int, fh: int, offset: int, size: int) -> None:
+        """Run the READ eagerly: served from memory it is answered now, without a task or another
+        loop iteration (a quarter of the CPU per request); only a read that waits (a fetch, a slot)
+        goes on in a task. The code before a read's first await therefore runs outside a task: it
+        must not need one (asyncio.timeout, TaskGroup); fetches run in tasks of their own."""
         assert self._loop is not None
-        self._tasks[unique] = self._loop.create_task(work)
+        context = contextvars.copy_context()
+        coro = self._read(unique, fh, offset, size)
+        try:
+            waiting = context.run(coro.send, None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(self._drive(coro, waiting), context=context)
+        task.add_done_callback(lambda _: coro.close())  # a task cancelled before it ran leaves coro suspended
+        self._tasks[unique] = task
+
+    @staticmethod
+    async def _drive(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        """Go on with a coroutine suspended in its eager first step, as its own Task would have:
+        resume it when what it waits for is done; on cancellation, cancel that (the coroutine then
+        sees the CancelledError), or throw the cancellation in when there is nothing to cancel."""
+        while True:
+            throw = False
+            if waiting is None:  # a bare yield (asyncio.sleep(0))
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    throw = True
+            elif getattr(waiting, "_asyncio_future_blocking", None) is None:
+                throw_bad = RuntimeError(f"a read awaited {waiting!r}, not an asyncio future")
+                try:
+                    waiting = coro.throw(throw_bad)  # as a Task would: the read answers EIO
+                except StopIteration:
+                    return
+                continue
+            else:
+                waiting._asyncio_future_blocking = False
+                try:
+                    await asyncio.wait({waiting})
+                except asyncio.CancelledError:
+                    if waiting.cancel():
+                        while not waiting.done():  # a task cancels asynchronously
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await asyncio.wait({waiting})
+                    else:
+                        throw = True
+            try:
+                waiting = coro.throw(asyncio.CancelledError()) if throw else coro.send(None)
+            except StopIteration:
+                return
 
     async def _read(self, unique: int, fh: int, offset: int, size: int) -> None:
         try:
             data = await self.fs.read(fh, offset, size)
         except FsError as exc:
+            self._answered(unique)
             self._error(unique, exc.errno)
             return
         except asyncio.CancelledError:
             if unique in self._interrupted:
+                self._answered(unique)
                 self.interrupts += 1
                 self._error(unique, errno.EINTR)
                 return
-            raise
+            raise  # the session stops: the request stays unanswered for a successor (resend)
         except Exception as exc:  # noqa: BLE001 - the kernel seam: every request gets an answer
             log.error("fuse_handler_failed", op="read", errno="EIO", error=repr(exc), exc_info=True)
+            self._answered(unique)
             self._error(unique, errno.EIO)
             return
-        finally:
-            # the bookkeeping of a finished request (cheaper here than in a done callback)
-            self._tasks.pop(unique, None)
-            self._interrupted.discard(unique)
-            if not self._reading and len(self._tasks) < self._max_tasks:
-                self._resume_reading()
+        self._answered(unique)
         self._reply(unique, data)
 
+    def _answered(self, unique: int) -> None:
+        self._tasks.pop(unique, None)
+        self._interrupted.discard(unique)
+        if not self._reading and len(self._tasks) < self._max_tasks:
+            self._resume_reading()
+
     def _interrupted_silently(self, unique: int) -> None:
-        # a task cancelled before its first step never ran _read's handlers: answer for it, or the
-        # interrupted caller waits for its reply forever
+        # a READ whose task was cancelled before it ran never reached _read's handlers: answer for
+        # it, or the interrupted caller waits for its reply forever
         if unique in self._interrupted:
-            self._interrupted.discard(unique)
-            self._tasks.pop(unique, None)
+            self._answered(unique)
             self.interrupts += 1
             self._error(unique, errno.EINTR)
-            if not self._reading and len(self._tasks) < self._max_tasks:
-                self._resume_reading()
 
     # ---- replies ------------------------------------------------------------------------------
 
