@@ -20,7 +20,7 @@ from peerpull.host_checks import check_host, check_socket_path, writable_dir
 from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
-from snapshotter.fs.mount import FuseMount, unmount_stale
+from snapshotter.fs.mount import open_mount, unmount_stale
 from snapshotter.fs.request_timeout import check_request_timeout
 from snapshotter.service.grpc_service import SnapshotService, serve
 from snapshotter.service.image_fetch import ImageFetch
@@ -83,8 +83,7 @@ class NodeDaemon:
                                   trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch)
             stack.push_async_callback(remote.close)
             restored = remote.restore()
-            fuse = FuseMount(self.fs, self.layout.fuse, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
-            fuse.open()
+            fuse = open_mount(self.fs, self.layout.fuse, sc.fuse_backend, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
             stack.callback(fuse.close)
             # in the TaskGroup: if the FUSE loop ends or crashes, the group cancels the rest and the
             # daemon exits with its error

@@ -9,6 +9,7 @@ from converter.format.settings import setting
 
 PREFETCH_MODES = ("none", "sequential", "file", "layer")
 STREAM_MODES = ("auto", "always", "never")
+FUSE_BACKENDS = ("auto", "kernel", "pyfuse3")
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,7 @@ class SnapshotterConfig:
     fuse_read_ahead_kb: int = setting(1024, lo=0, hi=1 << 20)
     # concurrent FUSE requests served (readers block on fetches, not on each other)
     fuse_max_tasks: int = setting(512, lo=8, hi=65536)
+    # who speaks the FUSE protocol (docs/snapshotter.md): kernel: peerpull's own session on /dev/fuse
+    # (FUSE passthrough, a connection a successor can take over); pyfuse3: libfuse; auto (default):
+    # kernel when /dev/fuse and the protocol the kernel offers allow it, else pyfuse3
+    fuse_backend: str = setting("auto", choices=FUSE_BACKENDS)

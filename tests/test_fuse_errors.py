@@ -2,7 +2,7 @@
 
 A real FUSE mount per case (a LayerFS in its own process, see tests/support/failing_fuse.py) has a
 RuntimeError injected into one handler; the syscall that reaches that handler must fail with
-EIO. The syscall runs in a thread joined with a bound: if it hangs, the server is killed (which
+EIO. Every case runs over both transports (pyfuse3 and peerpull's own kernel session). The syscall runs in a thread joined with a bound: if it hangs, the server is killed (which
 aborts the connection and frees the syscall) and the test fails.
 """
 
@@ -17,13 +17,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import pyfuse3
 import pytest
 import structlog
 
-from snapshotter.fs.fusefs import LayerFS
-from snapshotter.fs.guard import GUARD_MARK, errno_for, fuse_handler
+from snapshotter.fs.fusefs import OPERATIONS, LayerFS
+from snapshotter.fs.guard import GUARD_MARK, FsError, errno_for, fuse_handler
 from snapshotter.fs.mount import mounted_at
+from snapshotter.fs.pyfuse3_ops import Pyfuse3Operations
 from tests.support.failing_fuse import LAYER_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,9 +60,10 @@ CASES: dict[str, Syscall] = {
 
 
 class Mounted:
-    def __init__(self, mountpoint: Path, op: str) -> None:
+    def __init__(self, mountpoint: Path, op: str, backend: str) -> None:
         self.mountpoint = mountpoint
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.support.failing_fuse", str(mountpoint), op],
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.support.failing_fuse", str(mountpoint), op,
+                                         backend],
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()  # EOF if the server failed to mount
@@ -109,10 +110,10 @@ def mount(tmp_path: Path):  # type: ignore[no-untyped-def]
         pytest.skip("needs root and /dev/fuse")
     opened: list[Mounted] = []
 
-    def start(op: str) -> Mounted:
-        point = tmp_path / f"mnt-{op}"
+    def start(op: str, backend: str) -> Mounted:
+        point = tmp_path / f"mnt-{op}-{backend}"
         point.mkdir()
-        opened.append(Mounted(point, op))
+        opened.append(Mounted(point, op, backend))
         return opened[-1]
 
     yield start
@@ -121,11 +122,13 @@ def mount(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 pytestmark = pytest.mark.root
+BACKENDS = ("pyfuse3", "kernel")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", sorted(CASES))
-def test_failure_in_handler_is_eio_not_a_hang(mount, op: str) -> None:  # type: ignore[no-untyped-def]
-    served = mount(op)
+def test_failure_in_handler_is_eio_not_a_hang(mount, op: str, backend: str) -> None:  # type: ignore[no-untyped-def]
+    served = mount(op, backend)
     exc = served.call(CASES[op])
     assert isinstance(exc, OSError), f"{op}: expected an errno, got {exc!r}"
     assert exc.errno == errno.EIO, f"{op}: {exc!r}"
@@ -136,8 +139,9 @@ def test_failure_in_handler_is_eio_not_a_hang(mount, op: str) -> None:  # type: 
     assert f"injected into {op}" in failed[0]["error"]
 
 
-def test_without_injection_every_syscall_succeeds(mount) -> None:  # type: ignore[no-untyped-def]
-    served = mount("none")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_injection_every_syscall_succeeds(mount, backend: str) -> None:  # type: ignore[no-untyped-def]
+    served = mount("none", backend)
     for op, syscall in CASES.items():
         if op == "read":
             continue  # needs a chunk fetcher; the failing server has none
@@ -145,28 +149,31 @@ def test_without_injection_every_syscall_succeeds(mount) -> None:  # type: ignor
     assert "fuse_handler_failed" not in served.close()
 
 
-def test_every_handler_of_layerfs_is_guarded() -> None:
-    handlers = {name for name, value in vars(pyfuse3.Operations).items()
-                if callable(value) and not name.startswith("_")} & set(vars(LayerFS))
-    assert {"lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "open", "read", "release",
-            "getxattr", "listxattr", "statfs", "forget"} <= handlers
-    unguarded = sorted(name for name in handlers if not getattr(vars(LayerFS)[name], GUARD_MARK, False))
+def test_every_operation_of_layerfs_and_every_pyfuse3_handler_is_guarded() -> None:
+    unguarded = sorted(name for name in OPERATIONS if not getattr(vars(LayerFS)[name], GUARD_MARK, False))
     assert unguarded == []
+    import pyfuse3
+
+    handlers = {name for name, value in vars(pyfuse3.Operations).items()
+                if callable(value) and not name.startswith("_")} & set(vars(Pyfuse3Operations))
+    assert {"lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "open", "read", "release",
+            "getxattr", "listxattr", "statfs", "forget", "access"} <= handlers
+    assert sorted(name for name in handlers if not getattr(vars(Pyfuse3Operations)[name], GUARD_MARK, False)) == []
 
 
-async def test_guard_passes_fuse_errors_and_maps_the_rest() -> None:
+async def test_guard_passes_fs_errors_and_maps_the_rest() -> None:
     @fuse_handler
-    async def lookup(self: object, inode: int) -> None:
-        raise pyfuse3.FUSEError(errno.ENOENT)
+    def lookup(self: object, inode: int) -> None:
+        raise FsError(errno.ENOENT)
 
     @fuse_handler
     async def getattr(self: object, inode: int) -> None:
         raise RuntimeError("boom")
 
     with structlog.testing.capture_logs() as logs:
-        with pytest.raises(pyfuse3.FUSEError) as passed:
-            await lookup(None, 5)
-        with pytest.raises(pyfuse3.FUSEError) as mapped:
+        with pytest.raises(FsError) as passed:
+            lookup(None, 5)
+        with pytest.raises(FsError) as mapped:
             await getattr(None, 7)
     assert passed.value.errno == errno.ENOENT
     assert mapped.value.errno == errno.EIO
@@ -178,3 +185,4 @@ def test_errno_for() -> None:
     assert errno_for(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
     assert errno_for(NotImplementedError()) == errno.ENOSYS
     assert errno_for(MemoryError()) == errno.ENOMEM
+    assert errno_for(FsError(errno.ENOTDIR)) == errno.ENOTDIR

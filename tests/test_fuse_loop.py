@@ -1,6 +1,6 @@
 """The FUSE loop belongs to the daemon's TaskGroup: when it ends behind the daemon's back (the mount
 is detached from outside), the daemon stops loudly, with `fuse_loop_failed` and a non-zero exit,
-instead of serving a snapshotter whose lazily served layers are gone."""
+instead of serving a snapshotter whose lazily served layers are gone. Over both FUSE backends."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ pytestmark = pytest.mark.root
 EXIT_BOUND_S = 120.0  # a guard against a daemon that never stops, not a timing assertion
 
 
-def test_daemon_stops_loudly_when_the_fuse_loop_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["pyfuse3", "kernel"])
+def test_daemon_stops_loudly_when_the_fuse_loop_ends(tmp_path: Path, backend: str) -> None:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("needs root and /dev/fuse")
-    with EmbeddedDaemon(tmp_path / "d") as daemon:
+    with EmbeddedDaemon(tmp_path / "d", extra_env={"PEERPULL_SNAPSHOTTER_FUSE_BACKEND": backend}) as daemon:
+        assert [e["backend"] for e in daemon.events("fuse_backend_selected")] == [backend], daemon.log_tail()
         assert mounted_at(daemon.fuse_mount) == "fuse.peerpull"
         subprocess.run(["umount", "-l", str(daemon.fuse_mount)], check=True)
         assert daemon._proc is not None

@@ -1,8 +1,13 @@
-"""The node's single FUSE mount: one read-only directory per lazily served layer, named by the
+"""The node's single FUSE filesystem: one read-only directory per lazily served layer, named by the
 layer digest's hex, used by overlayfs as lower directories.
 
+This is the transport-neutral core: tree lookups, attributes as a plain `Attr`, directory entries,
+reads as bytes, and every failure as one `FsError(errno)`. Two transports serve it: the pyfuse3
+adapter (pyfuse3_ops.py) and peerpull's own session on /dev/fuse (kernel/session.py), so one
+filesystem answers the same whichever speaks the protocol.
+
 Image content never changes, so the kernel may cache entries, attributes and pages for a long
-time (`keep_cache`); only the top directory (layers come and go) is revalidated. Every handler
+time (`keep_cache`); only the top directory (layers come and go) is revalidated. Every operation
 is guarded by `fuse_handler` (guard.py) and answers with an errno: a bad chunk is EIO to the
 reader, never wrong bytes, and an unexpected exception is EIO, never a hung syscall.
 """
@@ -13,23 +18,24 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-import pyfuse3
 import structlog
 
 from converter.format import toc as fmt
 from converter.format.errors import PeerpullError
 from snapshotter.fs.file_reader import FileReader, LayerSource
-from snapshotter.fs.guard import fuse_handler
+from snapshotter.fs.guard import ENOATTR, FsError, fuse_handler
 from snapshotter.fs.layer_tree import Inode, LayerTree
 
 log = structlog.get_logger(__name__)
 
-ROOT_INODE = pyfuse3.ROOT_INODE
+ROOT_INODE = 1  # FUSE's root node id
 CONTENT_TIMEOUT_S = 365 * 24 * 3600.0  # image content is immutable
 TOP_TIMEOUT_S = 1.0  # the top directory changes as layers are added and removed
+READDIR_BATCH = 256  # directory entries built per call; a transport asks again from the next offset
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 
@@ -41,11 +47,41 @@ class MountedLayer:
     source: LayerSource
 
 
-class LayerFS(pyfuse3.Operations):
-    enable_writeback_cache = False
+@dataclass(slots=True)
+class Attr:
+    """An inode's attributes as every transport reports them, with how long the kernel may cache them."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    blksize: int
+    time_ns: int  # atime = mtime = ctime
+    entry_timeout: float
+    attr_timeout: float
+
+
+@dataclass(slots=True)
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+class LayerFS:
+    """The layers and the read-only operations on them (each guarded: it raises only FsError)."""
 
     def __init__(self, reader: FileReader, on_read: Callable[[], None] | None = None) -> None:
-        super().__init__()
         self._reader = reader
         self._on_read = on_read  # counts read requests (per-read CPU in bench/coldstart)
         self._by_name: dict[bytes, MountedLayer] = {}
@@ -92,137 +128,124 @@ class LayerFS(pyfuse3.Operations):
         layer = self._by_slot.get(ino >> 32)
         node = layer.tree.inodes.get(ino) if layer is not None else None
         if layer is None or node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FsError(errno.ENOENT)
         return layer, node
 
     # ---- attributes ---------------------------------------------------------------------------
 
-    def _top_attr(self) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ROOT_INODE
-        a.st_mode = stat.S_IFDIR | 0o755
-        a.st_nlink = 2 + len(self._by_name)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started_ns
-        a.st_blksize = 4096
-        a.entry_timeout = a.attr_timeout = TOP_TIMEOUT_S
-        return a
+    def _top_attr(self) -> Attr:
+        return Attr(ROOT_INODE, stat.S_IFDIR | 0o755, 2 + len(self._by_name), 0, 0, 0, 0, 0, 4096,
+                    self._started_ns, TOP_TIMEOUT_S, TOP_TIMEOUT_S)
 
     @staticmethod
-    def _attr(node: Inode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.st_mode = node.mode
-        a.st_nlink = node.nlink
-        a.st_uid = node.uid
-        a.st_gid = node.gid
-        a.st_rdev = node.rdev
-        a.st_size = node.size
-        a.st_blksize = 4096
-        a.st_blocks = (node.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = max(node.mtime_ns, 0)
-        a.entry_timeout = a.attr_timeout = CONTENT_TIMEOUT_S
-        return a
+    def _attr(node: Inode) -> Attr:
+        return Attr(node.ino, node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size,
+                    (node.size + 511) // 512, 4096, max(node.mtime_ns, 0), CONTENT_TIMEOUT_S, CONTENT_TIMEOUT_S)
 
     @fuse_handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int) -> Attr:
         if inode == ROOT_INODE:
             return self._top_attr()
         return self._attr(self._node(inode)[1])
 
     @fuse_handler
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
-                     ) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes) -> Attr:
         if parent_inode == ROOT_INODE:
             if name == b"..":
                 return self._top_attr()
             layer = self._by_name.get(name)
             if layer is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise FsError(errno.ENOENT)
             attr = self._attr(layer.tree.root)
             attr.entry_timeout = TOP_TIMEOUT_S  # the layer may go away
             return attr
         _, node = self._node(parent_inode)
         if node.children is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FsError(errno.ENOTDIR)
         child = node.children.get(name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FsError(errno.ENOENT)
         return self._attr(child)
 
     @fuse_handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def access(self, inode: int, mask: int) -> None:
+        if inode != ROOT_INODE:
+            self._node(inode)
+        if mask & os.W_OK:
+            raise FsError(errno.EROFS)
+
+    @fuse_handler
+    def readlink(self, inode: int) -> bytes:
         _, node = self._node(inode)
         if not stat.S_ISLNK(node.mode):
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FsError(errno.EINVAL)
         return node.target
 
     @fuse_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes) -> bytes:
         if inode == ROOT_INODE:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FsError(ENOATTR)
         value = self._node(inode)[1].xattrs.get(name)
         if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FsError(ENOATTR)
         return value
 
     @fuse_handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    def listxattr(self, inode: int) -> list[bytes]:
         return [] if inode == ROOT_INODE else list(self._node(inode)[1].xattrs)
 
     @fuse_handler
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self) -> StatFs:
         # overlayfs refuses a lower directory whose filesystem cannot answer statfs
-        s = pyfuse3.StatvfsData()
         total = sum(layer.tree.bytes for layer in self._by_name.values())
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (total + 4095) // 4096
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = sum(len(layer.tree.inodes) for layer in self._by_name.values()) + 1
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+        files = sum(len(layer.tree.inodes) for layer in self._by_name.values()) + 1
+        return StatFs(bsize=4096, frsize=4096, blocks=(total + 4095) // 4096, bfree=0, bavail=0, files=files,
+                      ffree=0, favail=0, namemax=255)
 
     # ---- directories --------------------------------------------------------------------------
 
     @fuse_handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    def opendir(self, inode: int) -> int:
         if inode != ROOT_INODE:
             _, node = self._node(inode)
             if node.children is None:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
+                raise FsError(errno.ENOTDIR)
         return inode
 
     @fuse_handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir(self, fh: int, start_id: int, limit: int = READDIR_BATCH) -> list[tuple[bytes, Attr, int]]:
+        """Entries from `start_id` on (name, attributes, the offset of the next entry), at most `limit`."""
         if fh == ROOT_INODE:
             names = sorted(self._by_name)
-            for index in range(start_id, len(names)):
-                attr = self._attr(self._by_name[names[index]].tree.root)
-                if not pyfuse3.readdir_reply(token, names[index], attr, index + 1):
-                    return
-            return
+            return [(names[i], self._attr(self._by_name[names[i]].tree.root), i + 1)
+                    for i in range(start_id, min(len(names), start_id + limit))]
         _, node = self._node(fh)
         if node.children is None:  # opendir refused it; a stale handle is still not a directory
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        names = node.listing()
-        for index in range(start_id, len(names)):
-            if not pyfuse3.readdir_reply(token, names[index], self._attr(node.children[names[index]]), index + 1):
-                return
+            raise FsError(errno.ENOTDIR)
+        listing = node.listing()
+        children = node.children
+        return [(listing[i], self._attr(children[listing[i]]), i + 1)
+                for i in range(start_id, min(len(listing), start_id + limit))]
 
     @fuse_handler
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         return None
 
     # ---- files --------------------------------------------------------------------------------
 
     @fuse_handler
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int) -> int:
+        """The file handle of a read-only open (the inode; the kernel may keep the file's pages)."""
         if flags & _WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FsError(errno.EROFS)
         _, node = self._node(inode)
         if not stat.S_ISREG(node.mode):
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+            raise FsError(errno.EINVAL)
+        return inode
+
+    def backing_path(self, inode: int) -> Path | None:
+        """A complete, verified local copy of the file (FUSE passthrough may serve it); none yet."""
+        return None
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -233,12 +256,12 @@ class LayerFS(pyfuse3.Operations):
             return await self._reader.read(layer.source, node.ino, node.chunks, node.size, off, size)
         except PeerpullError as exc:
             log.error("fuse_read_failed", layer=layer.digest, inode=fh, offset=off, size=size, error=str(exc))
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FsError(errno.EIO) from None
 
     @fuse_handler
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> None:
         return None
 
-    @fuse_handler
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        return None  # inodes live as long as their layer
+
+OPERATIONS = ("getattr", "lookup", "access", "readlink", "getxattr", "listxattr", "statfs", "opendir", "readdir",
+              "releasedir", "open", "read", "release")  # what a transport calls; each is guarded

@@ -1,8 +1,9 @@
 """A LayerFS served alone on a real FUSE mount, with a failure injected into one handler.
 
-Run as `python -m tests.support.failing_fuse MOUNTPOINT OP`: mounts one small layer (directory
-`d`, file `d/f` with an xattr, symlink `l`) and makes the internals called from handler OP raise
-RuntimeError (OP = none injects nothing). Prints `ready` once mounted; serves until killed.
+Run as `python -m tests.support.failing_fuse MOUNTPOINT OP [BACKEND]`: mounts one small layer
+(directory `d`, file `d/f` with an xattr, symlink `l`) over BACKEND (pyfuse3, the default, or
+kernel) and makes the internals called from handler OP raise RuntimeError (OP = none injects
+nothing). Prints `ready` once mounted; serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from typing import Any, cast
-
-import pyfuse3
-import pyfuse3.asyncio
 
 from converter.format import toc as fmt
 from peer.fetcher import ChunkFetcher
 from peerpull.config import LogConfig
 from peerpull.logs import configure_logging
 from snapshotter.fs.file_reader import FileReader
-from snapshotter.fs.fusefs import LayerFS
+from snapshotter.fs.fusefs import Attr, LayerFS
+from snapshotter.fs.mount import open_mount
 
 LAYER = "sha256:" + "ab" * 32
 LAYER_DIR = LAYER.split(":", 1)[1]
@@ -60,7 +60,7 @@ def failing_fs(op: str) -> LayerFS:
                 raise RuntimeError(f"injected into {op}")
             return node(self, ino)
 
-        def _top_attr(self) -> pyfuse3.EntryAttributes:
+        def _top_attr(self) -> Attr:
             if _caller() == op:
                 raise RuntimeError(f"injected into {op}")
             return top_attr(self)
@@ -71,21 +71,20 @@ def failing_fs(op: str) -> LayerFS:
     return fs
 
 
-async def _serve(mountpoint: str, op: str) -> None:
-    pyfuse3.init(failing_fs(op), mountpoint, {"fsname=peerpull-test", "ro", "default_permissions"})
+async def _serve(mountpoint: str, op: str, backend: str) -> None:
+    mount = open_mount(failing_fs(op), Path(mountpoint), backend, 64, 128)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
-    main = asyncio.ensure_future(pyfuse3.main())
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    serving = asyncio.ensure_future(mount.serve())
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(mount.stop(serving)))
     try:
-        await main
+        await serving
     except asyncio.CancelledError:
         pass
     finally:
-        pyfuse3.close(unmount=True)
+        mount.close()
 
 
 if __name__ == "__main__":
     configure_logging(LogConfig(level="info", format="json"))  # logs on stderr: stdout says `ready`
-    pyfuse3.asyncio.enable()
-    asyncio.run(_serve(sys.argv[1], sys.argv[2]))
+    asyncio.run(_serve(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "pyfuse3"))

@@ -1,0 +1,1 @@
+"""peerpull's own FUSE session: the kernel protocol spoken on /dev/fuse, without libfuse."""
