@@ -14,6 +14,8 @@ class PeerConfig:
     node_id: str = ""  # empty: the host name
     cache_dir: str = "/var/lib/peerpull/cache"
     cache_max_bytes: int = setting(20 << 30, lo=64 << 20)
+    # verified frames waiting to be written to the disk cache (in batches); beyond it streams wait
+    cache_write_pending_bytes: int = setting(32 << 20, lo=1 << 20, hi=4 << 30)
     listen_host: str = "0.0.0.0"
     listen_port: int = setting(7470, lo=0, hi=65535)
     advertise_host: str = ""  # address peers reach us on; empty: listen_host, or the first non-loopback address

@@ -21,6 +21,7 @@ import structlog
 from converter.format.errors import FormatError, PeerpullError
 from converter.format.layer_reader import decompress_chunk
 from peer.cache import ChunkCache
+from peer.cache_writer import CacheWriter
 from peer.chunk import ChunkRef
 from peer.client import PeerClient, PeerFetchError
 from peer.membership import Membership
@@ -28,7 +29,7 @@ from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
-MAX_PENDING_STORES = 256  # fetched frames waiting to be written to the disk cache
+STORE_BATCH_BYTES = 16 << 20  # frames written to the disk cache in one transaction, at most
 # background (prefetch, warm-up) verification in parallel: zstd and hashlib release the GIL; one core
 # is left to on-demand reads, which verify in the loop's default executor, never behind these
 BACKGROUND_VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -47,7 +48,8 @@ class Fetched:
 
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
-                 membership: Membership | None = None, peers: PeerClient | None = None) -> None:
+                 membership: Membership | None = None, peers: PeerClient | None = None,
+                 pending_store_bytes: int = 32 << 20) -> None:
         self._cache = cache
         self._origin = origin
         self._metrics = metrics
@@ -60,7 +62,7 @@ class ChunkFetcher:
                                                    thread_name_prefix="prefetch-verify")
         # writing to the disk cache is off the reader's path: a reader waits for the verified bytes only
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
-        self._stores: set[asyncio.Future[None]] = set()
+        self.writer = CacheWriter(cache, self._store_pool, metrics, pending_store_bytes, STORE_BATCH_BYTES)
 
     async def get(self, ref: ChunkRef) -> bytes:
         """The verified bytes of a chunk, from the cheapest tier that has it."""
@@ -125,32 +127,21 @@ class ChunkFetcher:
         return decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
 
     async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
-        """Decompress and check the digest in a worker thread, then cache the frame in the background."""
+        """Decompress and check the digest in a worker thread, then queue the frame for the disk cache."""
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self._background_pool if background else None,
                                           self._decompress_verified, ref, frame)
-        self._cache.stage(ref, frame)
-        store = loop.run_in_executor(self._store_pool, self._cache.store_verified, ref, frame)
-        self._stores.add(store)
-        store.add_done_callback(self._stored)
-        if len(self._stores) > MAX_PENDING_STORES:
-            await store  # the disk is behind: hold this reader rather than memory
+        await self.writer.put(ref, frame, wait=background)  # staged at once: readers find it
         return data
-
-    def _stored(self, store: asyncio.Future[None]) -> None:
-        self._stores.discard(store)
-        if not store.cancelled() and (exc := store.exception()) is not None:
-            self._metrics.errors.labels("cache", type(exc).__name__).inc()
-            log.warning("cache_store_failed", error=str(exc))
 
     async def flush(self) -> None:
         """Wait until every fetched chunk is in the disk cache."""
-        while self._stores:
-            await asyncio.gather(*list(self._stores), return_exceptions=True)
+        await self.writer.flush()
 
     async def cancel_fetches(self) -> None:
         """End every fetch still in flight (at shutdown, before the pools close)."""
         await self._flights.close()
+        await self.writer.close()  # verified frames are not thrown away: they reach the disk first
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)

@@ -133,7 +133,8 @@ class PeerNode:
             self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
-            self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
+            self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers,
+                                        self.config.cache_write_pending_bytes)
             self.streamer = Streamer(self.fetcher, origin, cache, self.config, self.membership)
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
