@@ -27,6 +27,7 @@ from peer.config import PeerConfig
 from peer.discovery import make_discovery
 from peer.fetcher import ChunkFetcher
 from peer.listener import GuardedListener
+from peer.malloc import tune_malloc
 from peer.membership import Membership
 from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
@@ -121,6 +122,7 @@ class PeerNode:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         check_token(self.config)
+        tune_malloc()  # before the threads and buffers: resident memory follows what the node holds
         async with AsyncExitStack() as stack:
             cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
