@@ -27,7 +27,7 @@ from peer.config import PeerConfig
 from peer.discovery import make_discovery
 from peer.fetcher import ChunkFetcher
 from peer.listener import GuardedListener
-from peer.malloc import tune_malloc
+from peer.malloc import keep_trimmed, tune_malloc
 from peer.membership import Membership
 from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
@@ -163,6 +163,7 @@ class PeerNode:
                     group.create_task(discovery.run(self.membership.set_candidates))
                 group.create_task(self.membership.run())
                 group.create_task(self._gauges(cache))
+                group.create_task(keep_trimmed())
                 if ready is not None:
                     ready.set()
 
