@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,18 @@ STORE_BATCH_BYTES = 16 << 20  # frames written to the disk cache in one transact
 # background (prefetch, warm-up) verification in parallel: zstd and hashlib release the GIL; one core
 # is left to on-demand reads, which verify in the loop's default executor, never behind these
 BACKGROUND_VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+BACKGROUND_NICE = 10  # background verify and disk writes yield the CPU to the containers and the FUSE loop
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at a lower CPU priority (Linux: a thread's own nice value). A cold
+    start's stream verifies and stores hundreds of MB while the container's own start (an import
+    on the same cores) is what the node waits for."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError:  # not permitted or not per-thread here: the default priority, nothing else changes
+        pass
 
 
 class FrameSource(Protocol):
@@ -58,10 +71,11 @@ class ChunkFetcher:
         self._flights: SingleFlight[Fetched] = SingleFlight()
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
-        self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS,
+        self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS, initializer=_lower_priority,
                                                    thread_name_prefix="prefetch-verify")
         # writing to the disk cache is off the reader's path: a reader waits for the verified bytes only
-        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
+        self._store_pool = ThreadPoolExecutor(max_workers=1, initializer=_lower_priority,
+                                              thread_name_prefix="cache-store")
         self.writer = CacheWriter(cache, self._store_pool, metrics, pending_store_bytes, STORE_BATCH_BYTES)
 
     async def get(self, ref: ChunkRef) -> bytes:
