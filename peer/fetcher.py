@@ -79,8 +79,24 @@ class ChunkFetcher:
         self.writer = CacheWriter(cache, self._store_pool, metrics, pending_store_bytes, STORE_BATCH_BYTES)
 
     async def get(self, ref: ChunkRef) -> bytes:
-        """The verified bytes of a chunk, from the cheapest tier that has it."""
-        return (await self.fetch(ref, use_peers=True)).data
+        """The verified bytes of a chunk, from the cheapest tier that has it (a local reader).
+
+        Concurrent gets of one digest share one flight that covers the cache tier too: the kernel
+        asks for a chunk in several pieces at once, and they cost one disk read and decompression
+        (or one remote fetch, which requests from peers and prefetches join as well).
+        """
+        return (await self._flights.do(ref.digest, lambda: self._get(ref))).data
+
+    def loading(self, digest: str) -> bool:
+        """A fetch of `digest` is under way (a read-ahead need not start another)."""
+        return self._flights.inflight(digest)
+
+    async def _get(self, ref: ChunkRef) -> Fetched:
+        started = time.monotonic()
+        loaded = await self._cache_load(ref)
+        if loaded is not None:
+            return self._count(loaded, started)
+        return await self._fetch_remote(ref, use_peers=True)
 
     async def fetch(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         """`use_peers=False` for requests that came from a peer: cache, then origin, never another hop.
