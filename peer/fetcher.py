@@ -30,7 +30,7 @@ from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
-STORE_BATCH_BYTES = 16 << 20  # frames written to the disk cache in one transaction, at most
+STORE_BATCH_BYTES = 8 << 20  # frames written to the disk cache in one transaction, at most
 # background (prefetch, warm-up) verification in parallel: zstd and hashlib release the GIL; one core
 # is left to on-demand reads, which verify in the loop's default executor, never behind these
 BACKGROUND_VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -62,7 +62,7 @@ class Fetched:
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
                  membership: Membership | None = None, peers: PeerClient | None = None,
-                 pending_store_bytes: int = 32 << 20) -> None:
+                 pending_store_bytes: int = 16 << 20) -> None:
         self._cache = cache
         self._origin = origin
         self._metrics = metrics
