@@ -159,10 +159,12 @@ def main() -> None:
                     drop_page_cache()
                     cpu, seconds, (files, total) = measured(daemon, lambda: read_every_file(daemon.fuse_mount))
                     rows.append(row("cold", cpu, seconds, total / (1 << 20), files, "files"))
-                    daemon.stop()  # the memory cache goes; the disk cache stays
-                    subprocess.run(["umount", "-l", str(daemon.fuse_mount)], capture_output=True)
-                    drop_page_cache()
-                    daemon.start()
+                daemon.stop()  # the memory cache goes; the disk cache stays
+                subprocess.run(["umount", "-l", str(daemon.fuse_mount)], capture_output=True)
+                drop_page_cache()
+                daemon.start()
+                # a new containerd: the old one's connection to the stopped daemon's socket backs off
+                with EmbeddedContainerd(root / "containerd2", proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
                     pull(ctrd, image)
                     before = origin_chunks(daemon)
                     cpu, seconds, (files, total) = measured(daemon, lambda: read_every_file(daemon.fuse_mount))

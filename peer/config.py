@@ -14,6 +14,8 @@ class PeerConfig:
     node_id: str = ""  # empty: the host name
     cache_dir: str = "/var/lib/peerpull/cache"
     cache_max_bytes: int = setting(20 << 30, lo=64 << 20)
+    # verified frames waiting to be written to the disk cache (in batches); beyond it streams wait
+    cache_write_pending_bytes: int = setting(16 << 20, lo=1 << 20, hi=4 << 30)
     listen_host: str = "0.0.0.0"
     listen_port: int = setting(7470, lo=0, hi=65535)
     advertise_host: str = ""  # address peers reach us on; empty: listen_host, or the first non-loopback address
@@ -40,13 +42,15 @@ class PeerConfig:
     # streams (startup profiles, background streaming of an image): Range requests of up to
     # coalesce_max_bytes in flight at once, and the bytes they may hold in memory, for all streams
     stream_parallel: int = setting(4, lo=1, hi=256)
-    stream_max_bytes_in_flight: int = setting(64 << 20, lo=1 << 20, hi=4 << 30)
+    # (32 MiB: four 8 MiB Range requests; a stream still ran at the link's 117 MB/s with it)
+    stream_max_bytes_in_flight: int = setting(32 << 20, lo=1 << 20, hi=4 << 30)
     # peer server: misses that need the origin get their own slots and deadline (cache hits never wait
     # behind them); bytes being answered are bounded per connection and in total
     max_concurrent_serves: int = setting(64, lo=1, hi=4096)  # origin fetches for peers at once; more wait
     serve_origin_timeout_s: float = setting(30.0, lo=0.1, hi=600)  # a peer's miss gives up after this
     serve_connection_bytes: int = setting(32 << 20, lo=1 << 20, hi=1 << 30)
-    serve_total_bytes: int = setting(256 << 20, lo=4 << 20, hi=16 << 30)
+    # 64 MiB: 16 MiB for each of four peers at once is above a 10 Gbit link × 5 ms RTT (6 MB)
+    serve_total_bytes: int = setting(64 << 20, lo=4 << 20, hi=16 << 30)
     max_connections: int = setting(2048, lo=16, hi=100_000)  # over it, the oldest idle connection is closed
     header_timeout_s: float = setting(10.0, lo=0.1, hi=600)  # a connection must send a whole request by then
     warm_progress_s: float = setting(5.0, lo=0.05, hi=600)  # /v1/warm writes a progress line this often

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import structlog
 from converter.format.errors import FormatError, PeerpullError
 from converter.format.layer_reader import decompress_chunk
 from peer.cache import ChunkCache
+from peer.cache_writer import CacheWriter
 from peer.chunk import ChunkRef
 from peer.client import PeerClient, PeerFetchError
 from peer.membership import Membership
@@ -28,10 +30,22 @@ from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
-MAX_PENDING_STORES = 256  # fetched frames waiting to be written to the disk cache
+STORE_BATCH_BYTES = 8 << 20  # frames written to the disk cache in one transaction, at most
 # background (prefetch, warm-up) verification in parallel: zstd and hashlib release the GIL; one core
 # is left to on-demand reads, which verify in the loop's default executor, never behind these
 BACKGROUND_VERIFIERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+BACKGROUND_NICE = 10  # background verify and disk writes yield the CPU to the containers and the FUSE loop
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at a lower CPU priority (Linux: a thread's own nice value). A cold
+    start's stream verifies and stores hundreds of MB while the container's own start (an import
+    on the same cores) is what the node waits for."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except OSError:  # not permitted or not per-thread here: the default priority, nothing else changes
+        pass
 
 
 class FrameSource(Protocol):
@@ -47,7 +61,8 @@ class Fetched:
 
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
-                 membership: Membership | None = None, peers: PeerClient | None = None) -> None:
+                 membership: Membership | None = None, peers: PeerClient | None = None,
+                 pending_store_bytes: int = 16 << 20) -> None:
         self._cache = cache
         self._origin = origin
         self._metrics = metrics
@@ -56,15 +71,32 @@ class ChunkFetcher:
         self._flights: SingleFlight[Fetched] = SingleFlight()
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
-        self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS,
+        self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS, initializer=_lower_priority,
                                                    thread_name_prefix="prefetch-verify")
         # writing to the disk cache is off the reader's path: a reader waits for the verified bytes only
-        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-store")
-        self._stores: set[asyncio.Future[None]] = set()
+        self._store_pool = ThreadPoolExecutor(max_workers=1, initializer=_lower_priority,
+                                              thread_name_prefix="cache-store")
+        self.writer = CacheWriter(cache, self._store_pool, metrics, pending_store_bytes, STORE_BATCH_BYTES)
 
     async def get(self, ref: ChunkRef) -> bytes:
-        """The verified bytes of a chunk, from the cheapest tier that has it."""
-        return (await self.fetch(ref, use_peers=True)).data
+        """The verified bytes of a chunk, from the cheapest tier that has it (a local reader).
+
+        Concurrent gets of one digest share one flight that covers the cache tier too: the kernel
+        asks for a chunk in several pieces at once, and they cost one disk read and decompression
+        (or one remote fetch, which requests from peers and prefetches join as well).
+        """
+        return (await self._flights.do(ref.digest, lambda: self._get(ref))).data
+
+    def loading(self, digest: str) -> bool:
+        """A fetch of `digest` is under way (a read-ahead need not start another)."""
+        return self._flights.inflight(digest)
+
+    async def _get(self, ref: ChunkRef) -> Fetched:
+        started = time.monotonic()
+        loaded = await self._cache_load(ref)
+        if loaded is not None:
+            return self._count(loaded, started)
+        return await self._fetch_remote(ref, use_peers=True)
 
     async def fetch(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         """`use_peers=False` for requests that came from a peer: cache, then origin, never another hop.
@@ -130,32 +162,21 @@ class ChunkFetcher:
         return decompress_chunk(frame, ref.as_chunk()._replace(compressed_length=len(frame)))
 
     async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
-        """Decompress and check the digest in a worker thread, then cache the frame in the background."""
+        """Decompress and check the digest in a worker thread, then queue the frame for the disk cache."""
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self._background_pool if background else None,
                                           self._decompress_verified, ref, frame)
-        self._cache.stage(ref, frame)
-        store = loop.run_in_executor(self._store_pool, self._cache.store_verified, ref, frame)
-        self._stores.add(store)
-        store.add_done_callback(self._stored)
-        if len(self._stores) > MAX_PENDING_STORES:
-            await store  # the disk is behind: hold this reader rather than memory
+        await self.writer.put(ref, frame, wait=background)  # staged at once: readers find it
         return data
-
-    def _stored(self, store: asyncio.Future[None]) -> None:
-        self._stores.discard(store)
-        if not store.cancelled() and (exc := store.exception()) is not None:
-            self._metrics.errors.labels("cache", type(exc).__name__).inc()
-            log.warning("cache_store_failed", error=str(exc))
 
     async def flush(self) -> None:
         """Wait until every fetched chunk is in the disk cache."""
-        while self._stores:
-            await asyncio.gather(*list(self._stores), return_exceptions=True)
+        await self.writer.flush()
 
     async def cancel_fetches(self) -> None:
         """End every fetch still in flight (at shutdown, before the pools close)."""
         await self._flights.close()
+        await self.writer.close()  # verified frames are not thrown away: they reach the disk first
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=True)

@@ -27,6 +27,7 @@ from peer.config import PeerConfig
 from peer.discovery import make_discovery
 from peer.fetcher import ChunkFetcher
 from peer.listener import GuardedListener
+from peer.malloc import keep_trimmed, tune_malloc
 from peer.membership import Membership
 from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
@@ -121,6 +122,7 @@ class PeerNode:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until cancelled."""
         check_token(self.config)
+        tune_malloc()  # before the threads and buffers: resident memory follows what the node holds
         async with AsyncExitStack() as stack:
             cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
@@ -133,7 +135,8 @@ class PeerNode:
             self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
-            self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers)
+            self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers,
+                                        self.config.cache_write_pending_bytes)
             self.streamer = Streamer(self.fetcher, origin, cache, self.config, self.membership)
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
@@ -160,6 +163,7 @@ class PeerNode:
                     group.create_task(discovery.run(self.membership.set_candidates))
                 group.create_task(self.membership.run())
                 group.create_task(self._gauges(cache))
+                group.create_task(keep_trimmed())
                 if ready is not None:
                     ready.set()
 

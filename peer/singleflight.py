@@ -1,6 +1,6 @@
 """Concurrent requests for the same key share one in-flight fetch.
 
-The one implementation every stage uses (the fetcher's tiers, the FUSE reader's chunk loads, the
+The one implementation every stage uses (the fetcher's tiers and a local reader's chunk loads, the
 snapshotter's layer resolution). It owns the fetch tasks it starts: `close()` cancels and awaits
 them, and each owner registers that with the daemon's exit stack, so no task outlives its room."""
 

@@ -50,8 +50,9 @@ class SnapshotterConfig:
     stream: str = setting("auto", choices=STREAM_MODES)
     stream_after_bytes: int = setting(64 << 20, lo=0, hi=1 << 50)
     profile_fetch: bool = True  # at pull time, stream the image's startup profile when one is found
-    # decompressed chunks kept in memory for the FUSE read path
-    memory_cache_bytes: int = setting(256 << 20, lo=16 << 20, hi=64 << 30)
+    # decompressed chunks kept in memory for the FUSE read path: the kernel asks for a chunk in
+    # several pieces, and packed small files share one; the page cache keeps what was read (keep_cache)
+    memory_cache_bytes: int = setting(64 << 20, lo=16 << 20, hi=64 << 30)
     # kernel readahead on the FUSE mount (the default 128 halves throughput)
     fuse_read_ahead_kb: int = setting(1024, lo=0, hi=1 << 20)
     # concurrent FUSE requests served (readers block on fetches, not on each other)

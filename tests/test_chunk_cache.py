@@ -215,3 +215,25 @@ async def test_a_fetched_chunk_is_verified_once_and_found_by_the_next_read(tmp_p
     assert not await cache.contains(bad.digest)
     fetcher.close()
     cache.close()
+
+
+async def test_background_verification_and_disk_writes_run_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from peer.fetcher import BACKGROUND_NICE
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    fetcher = ChunkFetcher(cache, None, PeerMetrics())  # type: ignore[arg-type]  # no fetch: threads only
+    loop = asyncio.get_running_loop()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        for pool in (fetcher._background_pool, fetcher._store_pool):
+            assert await loop.run_in_executor(pool, own_nice) == min(19, base + BACKGROUND_NICE)
+        assert await loop.run_in_executor(None, own_nice) == base  # on-demand reads verify at full priority
+    finally:
+        fetcher.close()
+        cache.close()

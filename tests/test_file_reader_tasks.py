@@ -1,15 +1,21 @@
 """FileReader's background work has an owner: concurrent pieces of one chunk share one load (the
-one SingleFlight), and close() cancels and awaits fetch-ahead and read-ahead tasks."""
+fetcher's one flight per digest, cache tier included), and close() cancels and awaits fetch-ahead
+and read-ahead tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 from typing import cast
 
+import zstandard
+
 from converter.format import toc as fmt
+from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
+from peer.metrics import PeerMetrics
 from snapshotter.fs.file_reader import FileReader, LayerSource
 
 
@@ -26,6 +32,9 @@ class GatedFetcher:
         self.gets.append(ref.digest)
         await self.gate.wait()
         return b"x" * ref.length
+
+    def loading(self, digest: str) -> bool:
+        return False
 
     async def fetch(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> object:
         self.fetches.append(ref.digest)
@@ -50,19 +59,52 @@ def _source(chunks: list[fmt.Chunk]) -> LayerSource:
     return LayerSource.from_toc("example/repo", "sha256:" + "cd" * 32, toc)
 
 
-async def test_pieces_of_one_chunk_share_one_load() -> None:
-    fetcher = GatedFetcher()
-    reader = FileReader(cast(ChunkFetcher, fetcher), 64 << 20, "none", 4)
-    chunks = _chunks(1)
+class GatedOrigin:
+    """Fault injection: the origin answers when the test opens the gate."""
+
+    def __init__(self, frames: dict[str, bytes]) -> None:
+        self.gate = asyncio.Event()
+        self.calls = 0
+        self._frames = frames
+
+    async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
+        self.calls += 1
+        await self.gate.wait()
+        return self._frames[ref.digest]
+
+
+async def test_pieces_of_one_chunk_share_one_load(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(data)
+    chunks = [fmt.Chunk(0, len(data), 0, len(frame), hashlib.sha256(data).digest())]
     source = _source(chunks)
-    reads = [asyncio.ensure_future(reader.read(source, 1, chunks, 1 << 20, off, 128 << 10))
-             for off in range(0, 1 << 20, 128 << 10)]
-    while not fetcher.gets:
-        await asyncio.sleep(0)
-    fetcher.gate.set()
-    assert [len(r) for r in await asyncio.gather(*reads)] == [128 << 10] * 8
-    assert len(fetcher.gets) == 1
-    await reader.close()
+    origin = GatedOrigin({source.ref(chunks[0]).digest: frame})
+    metrics = PeerMetrics()
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    fetcher = ChunkFetcher(cache, origin, metrics)
+
+    async def read_all_pieces(reader: FileReader) -> list[bytes]:
+        return list(await asyncio.gather(*(reader.read(source, 1, chunks, len(data), off, 128 << 10)
+                                           for off in range(0, len(data), 128 << 10))))
+
+    try:
+        reader = FileReader(fetcher, 64 << 20, "none", 4)
+        reads = asyncio.ensure_future(read_all_pieces(reader))
+        while not origin.calls:
+            await asyncio.sleep(0)
+        origin.gate.set()
+        assert b"".join(await reads) == data and origin.calls == 1  # cold: one remote fetch
+        await reader.close()
+        await fetcher.flush()
+        fresh = FileReader(fetcher, 64 << 20, "none", 4)  # an empty memory cache: the chunk is on disk
+        assert b"".join(await read_all_pieces(fresh)) == data
+        assert origin.calls == 1
+        assert metrics.requests.labels("cache")._value.get() == 1  # warm: one disk read and decompression
+        await fresh.close()
+    finally:
+        await fetcher.cancel_fetches()
+        fetcher.close()
+        cache.close()
 
 
 async def test_close_cancels_and_awaits_background_fetches() -> None:

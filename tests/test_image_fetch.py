@@ -204,7 +204,7 @@ def test_defaults_and_validation(tmp_path: Path) -> None:
     assert config.snapshotter.stream == "auto" and config.snapshotter.stream_after_bytes == 64 << 20
     assert config.snapshotter.prefetch == "sequential" and config.snapshotter.prefetch_sequential_bytes == 4 << 20
     assert config.snapshotter.profile_fetch is True
-    assert config.peer.stream_parallel == 4 and config.peer.stream_max_bytes_in_flight == 64 << 20
+    assert config.peer.stream_parallel == 4 and config.peer.stream_max_bytes_in_flight == 32 << 20
     assert load_config(None, environ={"PEERPULL_SNAPSHOTTER_STREAM": "never"}).snapshotter.stream == "never"
     bad = tmp_path / "bad.toml"
     bad.write_text('[snapshotter]\nstream = "sometimes"\n')

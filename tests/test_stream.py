@@ -142,3 +142,29 @@ async def test_an_on_demand_read_goes_before_the_streams_queued_requests(registr
             assert node.streamer.bytes_in_flight == 0
             await node.close()
             await proxy.stop()
+
+
+async def test_a_stream_never_holds_more_than_its_byte_budget(registry_session, image: str, tmp_path: Path) -> None:
+    budget = 1 << 20
+    config = PeerConfig(coalesce_max_bytes=256 << 10, stream_parallel=8, stream_max_bytes_in_flight=budget)
+    async with RegistryClient(RegistryConfig()) as client:
+        refs, _ = await image_chunks(client, image)
+        node = Node(client, tmp_path, config)
+        seen: list[int] = []
+
+        async def sample() -> None:
+            while True:
+                seen.append(node.streamer.bytes_in_flight)
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            report = await node.streamer.stream(refs, "test")
+            assert report.from_origin == len(refs) and report.failed == 0
+            # the image (over 3 MiB) went through a 1 MiB budget, by the streamer's own accounting
+            assert sum(r.compressed_length for r in refs) > 3 * budget
+            assert 0 < max(seen) <= budget and node.streamer.bytes_in_flight == 0
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+            await node.close()

@@ -26,7 +26,7 @@ A node fetches a chunk another node asks for only from a registry it trusts: pee
 ("*" for any), or one its own snapshotter (or a warm-up asked on loopback) uses.
 
 Limits (config [peer], defaults): connections 2048 (max_connections), a whole request within 10 s
-of connecting (header_timeout_s), 32 MiB answered per connection and 256 MiB in all at once
+of connecting (header_timeout_s), 32 MiB answered per connection and 64 MiB in all at once
 (serve_connection_bytes, serve_total_bytes), 64 origin fetches for peers at once, each given up
 after 30 s (max_concurrent_serves, serve_origin_timeout_s). Requests to other nodes: connect 2 s,
 idle 5 s, overall 10 s (peer_connect_timeout_s, peer_read_timeout_s, peer_timeout_s).

@@ -23,7 +23,6 @@ import structlog
 from converter.format import toc as fmt
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
-from peer.singleflight import SingleFlight
 from peer.stream import Streamer
 from peer.tasks import TaskSet
 
@@ -101,10 +100,6 @@ class FileReader:
         self._layers_started: set[str] = set()
         self._prefetched: set[tuple[str, int]] = set()
         self._tasks = TaskSet("file_reader")  # fetch-ahead and read-ahead: cancelled and awaited at close
-        # The kernel asks for one chunk in several concurrent pieces: they share one load (cache or
-        # fetcher, then decompression) of the decoded chunk. The fetcher's own single-flight covers
-        # only the remote tiers, so this one is not redundant with it.
-        self._loading: SingleFlight[bytes] = SingleFlight()
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
 
     def add_observer(self, fn: Observer) -> None:
@@ -113,15 +108,12 @@ class FileReader:
         self._observers.append(fn)
 
     async def chunk(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
-        """A chunk's verified bytes, from memory or through the fetcher (one load per digest at a time)."""
+        """A chunk's verified bytes, from memory or through the fetcher, whose one flight per digest
+        the kernel's concurrent pieces of a chunk share (cache tier and decompression included)."""
         data = self._memory.get(chunk.digest)
-        if data is not None:
-            return data
-        return await self._loading.do(chunk.digest_hex, lambda: self._load(source, chunk))
-
-    async def _load(self, source: LayerSource, chunk: fmt.Chunk) -> bytes:
-        data = await self._fetcher.get(source.ref(chunk))
-        self._memory.put(chunk.digest, data)
+        if data is None:
+            data = await self._fetcher.get(source.ref(chunk))
+            self._memory.put(chunk.digest, data)  # once per digest: put ignores one already held
         return data
 
     @staticmethod
@@ -138,7 +130,7 @@ class FileReader:
     def _read_ahead(self, source: LayerSource, chunks: list[fmt.Chunk]) -> None:
         """Decode the next chunks of a sequentially read file into memory while the kernel copies this one."""
         for chunk in chunks:
-            if self._memory.get(chunk.digest) is None and not self._loading.inflight(chunk.digest_hex):
+            if self._memory.get(chunk.digest) is None and not self._fetcher.loading(chunk.digest_hex):
                 # a read-ahead failure is retried (and reported) by the read that needs the chunk
                 self._tasks.spawn(self.chunk(source, chunk), f"read-ahead {chunk.digest_hex}", quiet=True)
 
@@ -209,8 +201,7 @@ class FileReader:
         await asyncio.gather(*(one(c) for c in unique))
 
     async def close(self) -> None:
-        await self._tasks.close()
-        await self._loading.close()
+        await self._tasks.close()  # the fetcher's flights are closed by its owner (cancel_fetches)
 
 
 def _slice(chunks: list[fmt.Chunk], frames: list[bytes], offset: int, end: int) -> bytes:
