@@ -426,6 +426,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     else:
         layout, image_bytes = build_realistic_image(Path(args.cache))
         label = "Debian + CPU torch 2.13.0"
+    if args.layout:
+        label += ", startup-first layout (convert --profile learn)"
     work = Path(tempfile.mkdtemp(prefix="peerpull-coldstart-", dir="/var/tmp"))
     address = f"{NS_ADDR}:{PORT}"
     os.environ["PEERPULL_REGISTRY_INSECURE_HOSTS"] = address  # for the daemons this starts
@@ -439,8 +441,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"registry at {address} behind {shaping}; image {label}, {image_bytes / 1e9:.2f} GB", flush=True)
             original, seekable = f"{address}/{name}:original", f"{address}/{name}:seekable"
             push(layout, original)
+            # --layout: the startup-first layout, learnt by running the entrypoint once on an embedded set-up
+            layout_args = ["--profile", "learn"] if args.layout else []
             sh(sys.executable, "-m", "peerpull", "--log-level", "warning", "--insecure-registry", address,
-               "convert", original, seekable, "--quiet")
+               "convert", original, seekable, "--quiet", *layout_args)
             chunks = image_chunks(seekable, address)
             manifest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"].split(":")[1]
             layers = json.loads((layout / "blobs" / "sha256" / manifest).read_text())["layers"]
@@ -553,6 +557,8 @@ def main() -> int:
     parser.add_argument("--large", action="store_true",
                         help="the 8 GB class image: CUDA torch 2.14.1 + weights read whole after the import")
     parser.add_argument("--weights-mib", type=int, default=2048, help="--large: size of the weights file (default 2048)")
+    parser.add_argument("--layout", action="store_true",
+                        help="convert with --profile learn: startup files first, the learnt profile pushed beside it")
     parser.add_argument("--skip", action="append", default=[], choices=ROWS, help="leave a row out (repeatable)")
     parser.add_argument("--cache", default="/var/cache/peerpull-bench", help="where the images are built/kept")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
