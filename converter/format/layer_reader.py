@@ -19,6 +19,9 @@ from converter.format.errors import DigestMismatchError, FormatError, NoFooterEr
 
 # One tail read usually brings the footer and the whole TOC.
 TAIL_READ_BYTES = 256 << 10
+# bytes between the announced TOC frame and the blob's end beyond the footer that the one TOC
+# read still takes along (a converter that put something there); more, and the tail is read instead
+TOC_SPAN_SLACK = 64 << 10
 
 
 class RangeReader(Protocol):
@@ -80,17 +83,20 @@ async def read_toc_frame(reader: RangeReader, expected: TocLocation | None = Non
     """Locate the TOC frame of the blob behind `reader`: its footer and the raw frame bytes.
 
     With `expected` (from the manifest annotations) the footer must agree with it and the TOC
-    frame must hash to its digest.
+    frame must hash to its digest, and TOC and footer come in one Range request from the TOC's
+    offset to the blob's end: no tail read that would also bring the last chunk frames along.
     """
     size = reader.size
     if size < fmt.FOOTER_SIZE:
         raise NoFooterError("blob too short for a peerpull footer: not a seekable layer")
-    tail_len = min(size, TAIL_READ_BYTES)
-    tail = await _read_exact(reader, size - tail_len, tail_len, "layer tail")
+    if expected is not None and 0 < size - expected.offset <= expected.length + TOC_SPAN_SLACK:
+        tail_start = expected.offset
+    else:
+        tail_start = size - min(size, TAIL_READ_BYTES)
+    tail = await _read_exact(reader, tail_start, size - tail_start, "layer tail")
     footer = fmt.decode_footer(tail[-fmt.FOOTER_SIZE:], size)
     if expected is not None and (expected.offset, expected.length) != (footer.toc_offset, footer.toc_length):
         raise FormatError("footer and manifest annotations disagree on where the TOC is")
-    tail_start = size - tail_len
     if footer.toc_offset >= tail_start:
         rel = footer.toc_offset - tail_start
         frame = tail[rel : rel + footer.toc_length]

@@ -21,9 +21,8 @@ from pathlib import Path
 import structlog
 
 from converter.format import toc as fmt
-from converter.format.digest import is_digest, sha256_digest
+from converter.format.digest import is_digest
 from converter.format.errors import (
-    DigestMismatchError,
     FormatError,
     NoFooterError,
     NotSeekableError,
@@ -50,9 +49,6 @@ LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
 LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
-# bytes between the TOC frame and the blob's end beyond the footer that one TOC read still takes
-# along (a converter that put something there); more, and the footer is read on its own
-TOC_SPAN_SLACK = 64 << 10
 
 
 class RemoteLayers:
@@ -180,21 +176,10 @@ class RemoteLayers:
 
     async def _read_toc(self, image: ImageReference, digest: str, expected: TocLocation | None,
                         size: int | None) -> tuple[int, fmt.Footer, bytes]:
-        """(blob size, footer, TOC frame). When the manifest gives the blob's size and the TOC's place,
-        TOC and footer come in one Range request (no HEAD, no tail read that would also bring the
-        last chunk frames); otherwise the footer is looked for at the end of the blob."""
-        if expected is not None and size is not None and 0 < size - expected.offset <= expected.length + TOC_SPAN_SLACK:
-            data = await self._client.read_range(image, digest, expected.offset, size - expected.offset)
-            if len(data) != size - expected.offset:
-                raise FormatError(f"layer {digest}: blob ends before the size its manifest gives ({size})")
-            footer = fmt.decode_footer(data[-fmt.FOOTER_SIZE:], size)
-            if (footer.toc_offset, footer.toc_length) != (expected.offset, expected.length):
-                raise FormatError("footer and manifest annotations disagree on where the TOC is")
-            frame = data[:footer.toc_length]
-            if sha256_digest(frame) != expected.digest:
-                raise DigestMismatchError("TOC digest does not match the manifest annotation")
-            return size, footer, frame
-        size = await self._client.blob_size(image, digest)
+        """(blob size, footer, TOC frame). The blob's size comes from the manifest when it gives one
+        (no HEAD); with the TOC's place announced too, read_toc_frame needs one Range request."""
+        if size is None:
+            size = await self._client.blob_size(image, digest)
         if size is None:
             raise RegistryNotFoundError(f"layer {digest} is not in {image.registry}/{image.repository}")
         try:
