@@ -14,7 +14,7 @@ requests count as on the wire too, once sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
@@ -108,11 +108,7 @@ class OriginSource:
     async def fetch_run(self, refs: Sequence[ChunkRef], background: bool = True) -> list[bytes]:
         """The frames of `refs` (one blob, in blob order, joinable) in one Range
         request under a slot of their registry; each stays staged until `unstage`."""
-        loop = asyncio.get_running_loop()
-        futures: dict[str, asyncio.Future[bytes]] = {}
-        for ref in refs:
-            if ref.digest not in self._on_wire and ref.digest not in self._staged:
-                futures[ref.digest] = self._on_wire[ref.digest] = loop.create_future()
+        futures = self._claim_wire(ref for ref in refs if ref.digest not in self._staged)
         try:
             async with self._slots(refs[0]).slot(background):
                 start = refs[0].blob_offset
@@ -128,14 +124,10 @@ class OriginSource:
                     futures[ref.digest].set_result(frame)
             return frames
         except BaseException as exc:
-            for future in futures.values():
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else Abandoned())
-                    future.exception()  # retrieved: a waiter may be gone
+            _fail_wire(futures, exc)
             raise
         finally:
-            for digest in futures:
-                self._on_wire.pop(digest, None)
+            self._release_wire(futures)
 
     def busy(self, ref: ChunkRef) -> bool:
         """Whether `ref`'s frame is being fetched already: queued, on the wire, or arrived."""
@@ -154,11 +146,7 @@ class OriginSource:
         end = max(ref.blob_offset + ref.compressed_length for ref, _ in run)
         # on the wire like a stream's run: a request for one of these frames (a read, while a
         # background fetch of the frame is out) waits for this answer instead of asking again
-        loop = asyncio.get_running_loop()
-        wires: dict[str, asyncio.Future[bytes]] = {}
-        for ref, _ in run:
-            if ref.digest not in self._on_wire:
-                wires[ref.digest] = self._on_wire[ref.digest] = loop.create_future()
+        wires = self._claim_wire(ref for ref, _ in run)
         try:
             self.requests += 1
             self.bytes += end - start
@@ -171,16 +159,34 @@ class OriginSource:
                 if wire is not None and not wire.done():
                     wire.set_result(frame)
         except BaseException as exc:
-            for wire in wires.values():
-                if not wire.done():
-                    wire.set_exception(exc if isinstance(exc, Exception) else Abandoned())
-                    wire.exception()  # retrieved: a waiter may be gone
+            _fail_wire(wires, exc)
             raise
         finally:
-            for digest, wire in wires.items():
-                if self._on_wire.get(digest) is wire:
-                    del self._on_wire[digest]
+            self._release_wire(wires)
+
+    def _claim_wire(self, refs: Iterable[ChunkRef]) -> dict[str, asyncio.Future[bytes]]:
+        """Mark the frames of a request about to be sent as on the wire (those not already): a later
+        request for one of them waits for this answer instead of asking again."""
+        loop = asyncio.get_running_loop()
+        claimed: dict[str, asyncio.Future[bytes]] = {}
+        for ref in refs:
+            if ref.digest not in self._on_wire:
+                claimed[ref.digest] = self._on_wire[ref.digest] = loop.create_future()
+        return claimed
+
+    def _release_wire(self, claimed: dict[str, asyncio.Future[bytes]]) -> None:
+        for digest, wire in claimed.items():
+            if self._on_wire.get(digest) is wire:
+                del self._on_wire[digest]
 
     async def close(self) -> None:
         self._queue.cancel_all()
         self._staged.clear()
+
+
+def _fail_wire(claimed: dict[str, asyncio.Future[bytes]], exc: BaseException) -> None:
+    """The request failed: its waiters see the error (or Abandoned when it was cancelled) and ask on their own."""
+    for wire in claimed.values():
+        if not wire.done():
+            wire.set_exception(exc if isinstance(exc, Exception) else Abandoned())
+            wire.exception()  # retrieved: a waiter may be gone
