@@ -85,6 +85,12 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def _loop_crashed(mountpoint: Path, exc: Exception) -> PeerpullError:
+    log.error("fuse_loop_failed", mount=str(mountpoint), error=repr(exc), exc_info=True)
+    return PeerpullError(f"the FUSE loop at {mountpoint} crashed ({exc!r}): the daemon stops; "
+                         "restart it (lazily served files fail until then)")
+
+
 def _loop_ended(mountpoint: Path, why: str) -> PeerpullError:
     log.error("fuse_loop_failed", mount=str(mountpoint), error=why)
     return PeerpullError(f"the FUSE loop at {mountpoint} ended ({why}): the daemon stops; restart it")
@@ -119,9 +125,7 @@ class FuseMount:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("fuse_loop_failed", mount=str(self.mountpoint), error=repr(exc), exc_info=True)
-            raise PeerpullError(f"the FUSE loop at {self.mountpoint} crashed ({exc!r}): the daemon stops; "
-                                "restart it (lazily served files fail until then)") from exc
+            raise _loop_crashed(self.mountpoint, exc) from exc
         finally:
             tuning.cancel()
             await asyncio.gather(tuning, return_exceptions=True)
@@ -206,9 +210,7 @@ class KernelMount:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("fuse_loop_failed", mount=str(self.mountpoint), error=repr(exc), exc_info=True)
-            raise PeerpullError(f"the FUSE loop at {self.mountpoint} crashed ({exc!r}): the daemon stops; "
-                                "restart it (lazily served files fail until then)") from exc
+            raise _loop_crashed(self.mountpoint, exc) from exc
         if not self._stopping:
             raise _loop_ended(self.mountpoint, f"the kernel ended the connection: {reason}; unmounted from outside?")
 
