@@ -17,7 +17,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converter.conversion.convert import frames_spanned
+from converter.conversion.convert import frame_spread
 from converter.conversion.layer_writer import write_seekable_layer
 from converter.conversion.layout import LayoutPlan, SegmentReader, plan_layout
 from converter.format import toc as fmt
@@ -165,13 +165,13 @@ def test_startup_files_fill_the_first_frames_in_profile_order(tmp_path: Path) ->
     blob, plan = _lay_out(tar, startup)
     after = _toc(blob, tmp_path)
     assert plan.moved == startup and not plan.refused  # small ones in order, then the large one
-    frames, span = frames_spanned(after, _startup_frames(after, startup))
+    frames, span, _ = frame_spread(after, _startup_frames(after, startup))
     frame_offsets = sorted({c.blob_offset for e in after.entries for c in e.chunks})
     assert span == frames and min(_startup_frames(after, startup)) == frame_offsets[0]  # one run, at the front
     small_bytes = sum(-(-e.size // 512) * 512 + 1024 for e in after.entries if e.path in startup[:-1])
     packed_at_most = -(-small_bytes // (CHUNK - SMALL)) + 1  # a frame is filled to at least chunk - threshold
     assert frames <= packed_at_most + 4  # + the large file's 4 chunks
-    frames_before, span_before = frames_spanned(before, _startup_frames(before, startup))
+    frames_before, span_before, _ = frame_spread(before, _startup_frames(before, startup))
     assert frames < frames_before and span < span_before
     files_in_order = [e.path for e in after.entries if e.path in set(startup)]
     assert files_in_order == startup
@@ -286,7 +286,7 @@ def test_profile_file_end_to_end(corner: dict[str, str]) -> None:
     assert pushed is not None and {blob for blob, _ in pushed.reads} == {facts["layer"]}
     offsets = [o for _, o in pushed.reads]
     assert set(_startup_frames(toc, STARTUP)) <= set(offsets)  # and those of files that shared their frames
-    count, span = frames_spanned(toc, offsets)
+    count, span, _ = frame_spread(toc, offsets)
     assert count == span == layout["frames_after"]
 
 

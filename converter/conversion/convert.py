@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -285,24 +285,22 @@ class Converter:
                              result.toc if startup is not None else None)
 
 
-def _frame_indexes(toc: fmt.Toc, offsets: Sequence[int]) -> list[int]:
-    """The positions, in `toc`'s frames in blob order, of the frames at `offsets` (sorted, distinct)."""
+class FrameSpread(NamedTuple):
+    """Where a set of frames lies in a layer: how many of its frames it names, how many lie from
+    the first of them to the last (equal when contiguous), and how many runs of consecutive frames
+    it forms (the Range requests that fetch exactly those frames)."""
+
+    frames: int
+    span: int
+    runs: int
+
+
+def frame_spread(toc: fmt.Toc, offsets: Sequence[int]) -> FrameSpread:
+    """The spread, in `toc`'s frames in blob order, of the frames at blob `offsets`."""
     order = {o: i for i, o in enumerate(sorted({c.blob_offset for e in toc.entries for c in e.chunks}))}
-    return sorted({order[o] for o in offsets if o in order})
-
-
-def frames_spanned(toc: fmt.Toc, offsets: Sequence[int]) -> tuple[int, int]:
-    """How many of `toc`'s frames `offsets` name, and how many frames lie from the first of them
-    to the last (equal when they are one contiguous run)."""
-    index = _frame_indexes(toc, offsets)
-    return len(index), (index[-1] - index[0] + 1 if index else 0)
-
-
-def frame_runs(toc: fmt.Toc, offsets: Sequence[int]) -> int:
-    """How many runs of consecutive frames `offsets` name in `toc`: the Range requests that fetch
-    exactly those frames."""
-    index = _frame_indexes(toc, offsets)
-    return sum(1 for i, x in enumerate(index) if i == 0 or x != index[i - 1] + 1)
+    index = sorted({order[o] for o in offsets if o in order})
+    runs = sum(1 for i, x in enumerate(index) if i == 0 or x != index[i - 1] + 1)
+    return FrameSpread(len(index), index[-1] - index[0] + 1 if index else 0, runs)
 
 
 class _TempPath:

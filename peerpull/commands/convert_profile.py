@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from converter.conversion.convert import ConvertReport, config_diff_ids, frame_runs, frames_spanned
+from converter.conversion.convert import ConvertReport, config_diff_ids, frame_spread
 from converter.conversion.image_source import ImageSource, ResolvedImage
 from converter.format import toc as fmt
 from converter.format import untrusted
@@ -215,10 +215,10 @@ async def plan(client: RegistryClient, profile: pf.StartupProfile, profiled: _Pr
         result.by_layer.setdefault(src, []).append(path)
     result.files = len(read_bytes)
     for blob, offsets in read_offsets.items():
-        count, span = frames_spanned(tocs[blob], offsets)
-        result.frames_before += count
-        result.span_before += span
-        result.runs_before += frame_runs(tocs[blob], offsets)
+        spread = frame_spread(tocs[blob], offsets)
+        result.frames_before += spread.frames
+        result.span_before += spread.span
+        result.runs_before += spread.runs
     return result
 
 
@@ -261,9 +261,9 @@ def layout_summary(startup: StartupPlan, report: ConvertReport, new: pf.StartupP
         toc = report.new_tocs.get(by_source.get(blob, ""))
         if toc is not None:
             offsets = [o for b, o in new.reads if b == blob]
-            count, span = frames_spanned(toc, offsets)
-            frames_after, span_after = frames_after + count, span_after + span
-            runs_after += frame_runs(toc, offsets)
+            spread = frame_spread(toc, offsets)
+            frames_after, span_after = frames_after + spread.frames, span_after + spread.span
+            runs_after += spread.runs
     return {
         "startup_files": startup.files,
         "moved_files": sum(layer.startup_moved or 0 for layer in laid),
