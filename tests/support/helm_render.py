@@ -9,7 +9,8 @@ and fails loudly on anything else, so that a template outside the subset cannot 
   chart must write `$.Values`), `$`, `$.a.b`, "strings" and integers;
 * functions: `quote`, `squote`, `toYaml`, `toJson`, `nindent`, `indent`, `default`, `not`, `and`,
   `or`, `eq`, `include`, `int64`, `trunc`, `trimSuffix`, `printf` (%s, %d), `b64enc`, `randAlphaNum`,
-  `dig`, and `lookup` (answers from the `lookups` given to `render_chart`, else an empty map, as
+  `dig`, `toString`, `fail`, `.Files.Get` (a file of the chart, as a function of one argument),
+  and `lookup` (answers from the `lookups` given to `render_chart`, else an empty map, as
   `helm template` does without a cluster);
 * parenthesized sub-pipelines as arguments: `default (randAlphaNum 8 | b64enc)`.
 
@@ -196,8 +197,10 @@ def _words(stage: str) -> list[str]:
 
 
 class _Renderer:
-    def __init__(self, root: dict[str, Any], lookups: dict[tuple[str, str, str, str], Any] | None = None) -> None:
+    def __init__(self, root: dict[str, Any], lookups: dict[tuple[str, str, str, str], Any] | None = None,
+                 chart: Path = Path(".")) -> None:
         self.root = root
+        self.chart = chart
         self.defines: dict[str, list[Any]] = {}
         self.lookups = lookups or {}
 
@@ -309,6 +312,18 @@ class _Renderer:
         if func == "lookup":
             arity(4)
             return self.lookups.get(tuple(args), {})
+        if func == "toString":
+            arity(1)
+            return _go_str(args[0])
+        if func == "fail":
+            arity(1)
+            raise TemplateError(f"fail: {_go_str(args[0])}")
+        if func == ".Files.Get":
+            arity(1)
+            path = (self.chart / _go_str(args[0])).resolve()
+            if not path.is_relative_to(self.chart.resolve()) or not path.is_file():
+                return ""  # Helm: a missing file is empty
+            return path.read_text()
         raise TemplateError(f"unsupported template function {func!r}")
 
     def pipeline(self, expr: str, dot: Any) -> Any:
@@ -318,7 +333,9 @@ class _Renderer:
             if not words:
                 raise TemplateError(f"empty pipeline stage in {expr!r}")
             head = words[0]
-            if head[0] in '.$"-0123456789(':
+            if head in (".Files.Get", "$.Files.Get"):
+                head = ".Files.Get"  # the one method the chart calls, like a function
+            elif head[0] in '.$"-0123456789(':
                 if len(words) != 1 or index:
                     raise TemplateError(f"unsupported pipeline {expr!r}")
                 result = self.term(head, dot)
@@ -404,7 +421,7 @@ def render_chart(chart: Path, values: dict[str, Any] | None = None, release: str
                     "IsInstall": revision == 1, "IsUpgrade": revision > 1},
         "Chart": {key[:1].upper() + key[1:]: value for key, value in meta.items()},
     }
-    renderer = _Renderer(root, lookups)
+    renderer = _Renderer(root, lookups, chart)
     parsed = {}
     for template in sorted((chart / "templates").iterdir()):
         nodes, _, _ = _parse(_tokens(template.read_text(), template.name), 0, template.name)
