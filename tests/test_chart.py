@@ -37,8 +37,19 @@ FULL = {"peer": {"token": "s3cret"}, "containerd": {"configure": True},
         "warmup": {"images": ["reg:5000/ml/torch:seekable", "reg:5000/ml/vllm:1"], "nodes": 3}}
 
 
+CLUSTER_SCOPED = {"RuntimeClass"}
+# the chart's main object of a kind that the options add more of
+MAIN = {"ConfigMap": "pp-config", "Service": "pp-peers"}
+
+
+def _objects(values: dict[str, Any] | None = None) -> list[dict]:
+    rendered = render_chart(CHART, values)
+    return [doc for name, text in rendered.items() if name != "NOTES.txt" for doc in yaml.safe_load_all(text) if doc]
+
+
 def _render(values: dict[str, Any] | None = None) -> tuple[dict[str, dict], str]:
-    """(kind → the one document of that kind, NOTES.txt)."""
+    """(kind → the document of that kind (the main one, MAIN, if several), and "Kind/name" → each
+    document, NOTES.txt)."""
     rendered = render_chart(CHART, values)
     docs: dict[str, dict] = {}
     for name, text in rendered.items():
@@ -46,9 +57,16 @@ def _render(values: dict[str, Any] | None = None) -> tuple[dict[str, dict], str]
             continue
         for doc in yaml.safe_load_all(text):
             if doc:
-                assert doc["kind"] not in docs, f"two {doc['kind']} documents"
-                assert doc["metadata"]["namespace"] == "kube-system" and doc["apiVersion"]
-                docs[doc["kind"]] = doc
+                kind, meta = doc["kind"], doc["metadata"]
+                assert f"{kind}/{meta['name']}" not in docs, f"two {kind} {meta['name']}"
+                if kind in CLUSTER_SCOPED:
+                    assert "namespace" not in meta
+                else:
+                    assert meta["namespace"] == "kube-system" and doc["apiVersion"]
+                docs[f"{kind}/{meta['name']}"] = doc
+                if kind not in MAIN or MAIN[kind] == meta["name"]:
+                    assert kind not in docs, f"two {kind} documents"
+                    docs[kind] = doc
     return docs, rendered["NOTES.txt"]
 
 
@@ -77,7 +95,9 @@ def full() -> tuple[dict[str, dict], str]:
 
 def test_default_chart_runs_the_daemon_privileged_with_fuse_and_shared_mounts(default) -> None:
     docs, _ = default
-    assert set(docs) == {"ConfigMap", "DaemonSet", "Secret", "Service"}  # no Job or ServiceAccount
+    assert {k for k in docs if "/" not in k} == {"ConfigMap", "DaemonSet", "Secret", "Service"}  # no Job or SA
+    assert set(docs) - {"ConfigMap", "DaemonSet", "Secret", "Service"} == {
+        "ConfigMap/pp-config", "ConfigMap/pp-containerd", "DaemonSet/pp-node", "Secret/pp-token", "Service/pp-peers"}
     pod = _pod(docs)
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["tolerations"] == [{"operator": "Exists"}] and "nodeSelector" not in pod
@@ -360,3 +380,356 @@ def test_the_renderer_behaves_like_helm_on_what_the_chart_relies_on(tmp_path: Pa
                 "{{ if .Values.port }}"):
         with pytest.raises((TemplateError, KeyError)):
             render(bad)
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+KUBERNETES_VERSIONS = ("1.29.0", "1.31.0")  # kubernetes-validate's bundled schemas (offline)
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: checked structurally below
+EVERYTHING = {"peer": {"token": "s3cret"}, "serviceAccount": {"create": True}, "nodeSelector": {"gpu": "yes"},
+              "containerd": {"configure": True}, "runtimeClass": {"enabled": True},
+              "registry": {"dockerConfigSecret": "regcred"}, "warmup": {"images": ["reg:5000/a:1"], "hook": True},
+              "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                          "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}}
+OPTIONS = {
+    "default": {},
+    "full": FULL,
+    "everything": EVERYTHING,
+    "runtime-class": {"runtimeClass": {"enabled": True}},
+    "containerd-2": {"containerd": {"version": "2", "configure": True}},
+    "k3s": {"containerd": {"flavor": "k3s", "configure": True}},
+    "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True}}},
+    "prometheus-rule": {"metrics": {"prometheusRule": {"enabled": True}}},
+    "dashboard": {"metrics": {"dashboard": {"enabled": True}}},
+    "existing-token": {"peer": {"existingTokenSecret": "t"}},
+    "on-delete": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": None}},
+}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_object_validates_against_the_kubernetes_schema(option: str, version: str) -> None:
+    import kubernetes_validate
+
+    objects = _objects(OPTIONS[option])
+    checked = 0
+    for obj in objects:
+        if obj["kind"] in OPERATOR_KINDS:
+            continue
+        # strict: unknown fields are errors too (a misspelt or misplaced key would be dropped by the API)
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 4  # ConfigMaps, DaemonSet, Service (+ Secret unless existing)
+
+
+def test_the_schema_check_catches_a_misplaced_field() -> None:
+    import kubernetes_validate
+
+    (daemonset,) = [o for o in _objects() if o["kind"] == "DaemonSet"]
+    daemonset["spec"]["template"]["spec"]["containers"][0]["mountPropagation"] = "Bidirectional"  # belongs to a mount
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def _duration(text: str) -> bool:
+    import re
+
+    return re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", text) is not None
+
+
+def test_service_monitor_scrapes_every_daemon_through_the_metrics_service() -> None:
+    docs, _ = _render(OPTIONS["service-monitor"])
+    monitor, service = docs["ServiceMonitor"], docs["Service/pp-metrics"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["name"] == "pp"
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "endpoints", "jobLabel"}
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    # not the peers' Service: that one has ready pods only, so a hung daemon would vanish instead of `up == 0`
+    assert not spec["selector"]["matchLabels"].items() <= docs["Service/pp-peers"]["metadata"]["labels"].items()
+    assert spec["namespaceSelector"] == {"matchNames": ["kube-system"]}
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    assert _duration(endpoint["interval"])
+    assert service["spec"]["publishNotReadyAddresses"] is True and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= docs["DaemonSet"]["spec"]["template"]["metadata"]["labels"].items()
+    labelled, _ = _render(EVERYTHING)
+    assert labelled["ServiceMonitor"]["metadata"]["labels"]["release"] == "prom"
+
+
+def _rules(values: dict[str, Any]) -> dict[str, dict]:
+    docs, _ = _render(values)
+    rule = docs["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule["spec"]) == {"groups"}
+    out = {}
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "labels", "annotations"} and r["expr"].strip()
+            assert _duration(r["for"]) and r["labels"]["severity"] in {"critical", "warning", "info"}
+            assert r["annotations"]["summary"] and "{{" not in r["expr"]
+            out[r["alert"]] = r
+    return out
+
+
+def test_prometheus_rule_alerts_on_down_fallbacks_errors_and_a_full_cache() -> None:
+    rules = _rules(OPTIONS["prometheus-rule"])
+    assert set(rules) == {"PeerpullDaemonDown", "PeerpullHighRegistryFallback", "PeerpullFetchErrors",
+                          "PeerpullCacheNearFull"}
+    assert rules["PeerpullDaemonDown"]["expr"] == 'up{job="pp-metrics"} == 0'  # the metrics Service's job
+    assert 'tier="origin"' in rules["PeerpullHighRegistryFallback"]["expr"]
+    assert rules["PeerpullHighRegistryFallback"]["expr"].rstrip().endswith("> 0.5")
+    assert rules["PeerpullCacheNearFull"]["expr"].split()[-3:] == ["0.95", "*", "21474836480"]  # peer.cacheMaxBytes
+    tuned = _rules({"metrics": {"prometheusRule": {"enabled": True, "originRatio": 0.25}},
+                    "peer": {"cacheMaxBytes": 1 << 30}})
+    assert tuned["PeerpullHighRegistryFallback"]["expr"].rstrip().endswith("> 0.25")
+    assert tuned["PeerpullCacheNearFull"]["expr"].endswith(str(1 << 30))
+
+
+# --- metric names: code, dashboard, rules and docs agree ----------------------------------------------
+
+REPO = CHART.parent.parent
+_METRIC = r"peerpull_[a-z0-9_]+"
+
+
+def _exported() -> dict[str, str]:
+    """Every metric family the daemon exports → its type, from the metrics object itself."""
+    from peer.metrics import PeerMetrics
+
+    metrics = PeerMetrics()
+    metrics.watch_registry_faults({"retry": 1})
+    return {family.name: family.type for family in metrics.registry.collect()}
+
+
+def _series_names(families: dict[str, str]) -> set[str]:
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "summary": ("_sum", "_count", "_created", "")}
+    return {name + suffix for name, kind in families.items() for suffix in suffixes[kind]}
+
+
+def _declared_in_source() -> set[str]:
+    """Metric names passed to a prometheus_client constructor anywhere in the code (not only peer/metrics.py)."""
+    import re
+
+    pattern = re.compile(r'(?:Counter|Gauge|Histogram|Summary|Info|Enum|MetricFamily)\(\s*"(' + _METRIC + ')"')
+    names = set()
+    for package in ("peer", "peerpull", "snapshotter", "converter"):
+        for path in (REPO / package).rglob("*.py"):
+            names |= set(pattern.findall(path.read_text()))
+    return names
+
+
+def _dashboard() -> dict:
+    import json
+
+    return json.loads((CHART / "dashboards" / "peerpull.json").read_text())
+
+
+def _dashboard_exprs(dashboard: dict) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_and_rules_use_only_metrics_the_code_exports() -> None:
+    import re
+
+    families = _exported()
+    assert set(families) >= _declared_in_source() and len(families) >= 10
+    series = _series_names(families)
+    used = set()
+    for expr in _dashboard_exprs(_dashboard()) + [r["expr"] for r in _rules(OPTIONS["prometheus-rule"]).values()]:
+        names = set(re.findall(_METRIC, expr))
+        assert names or re.fullmatch(r'up\{job="pp-metrics"\} == 0', expr), expr
+        assert names <= series, (expr, names - series)
+        used |= names
+    # what the issue asks the dashboard to show
+    for needed in ("peerpull_chunk_bytes_total", "peerpull_chunk_requests_total", "peerpull_chunk_fetch_seconds_bucket",
+                   "peerpull_members", "peerpull_chunk_errors_total", "peerpull_cache_bytes"):
+        assert needed in used, needed
+
+
+def test_every_exported_metric_is_documented() -> None:
+    import re
+
+    families = _exported() | {name: "?" for name in _declared_in_source()}
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"`(" + _METRIC + r")`", doc))
+    exposed = {name + ("_total" if kind == "counter" else "") for name, kind in _exported().items()}
+    missing = {name for name in families if name not in documented and f"{name}_total" not in documented}
+    assert not missing, f"metrics not in docs/metrics.md: {sorted(missing)}"
+    stale = documented - _series_names(_exported()) - set(_exported())  # a histogram by its family name
+    assert not stale, f"docs/metrics.md documents metrics the code does not export: {sorted(stale)}"
+    assert exposed <= documented
+
+
+def test_dashboard_json_is_a_grafana_dashboard_and_its_config_map_carries_it() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] == "peerpull" and dashboard["schemaVersion"] >= 30
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        if panel["type"] != "row":
+            assert panel["targets"] and all(t["refId"] and t["expr"] for t in panel["targets"])
+            assert panel["datasource"]["uid"] == "${datasource}"
+    docs, _ = _render(OPTIONS["dashboard"])
+    config_map = docs["ConfigMap/pp-dashboard"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    import json
+
+    assert json.loads(config_map["data"]["peerpull.json"]) == dashboard
+    assert "ConfigMap/pp-dashboard" not in _render()[0]
+
+
+# --- runtime class and containerd wiring ---------------------------------------------------------------
+
+def test_runtime_class_serves_only_pods_that_ask_never_the_daemon_itself() -> None:
+    docs, _ = _render({"runtimeClass": {"enabled": True, "name": "lazy"}, "warmup": {"images": ["x:1"]},
+                       "nodeSelector": {"gpu": "yes"}})
+    runtime_class = docs["RuntimeClass"]
+    assert runtime_class["metadata"]["name"] == runtime_class["handler"] == "lazy"
+    assert runtime_class["scheduling"]["nodeSelector"] == {"gpu": "yes"}  # only where the daemon runs
+    # the daemon (and its warm-up pods) keep containerd's default snapshotter: a daemon served by itself
+    # could not start again after a restart
+    for kind in ("DaemonSet", "Job"):
+        assert "runtimeClassName" not in _pod(docs, kind)
+    wired = tomllib.loads(docs["ConfigMap/pp-containerd"]["data"]["config.toml"])
+    cri = wired["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert "snapshotter" not in cri and cri["disable_snapshot_annotations"] is False  # default stays overlayfs
+    assert cri["runtimes"]["lazy"] == {"runtime_type": "io.containerd.runc.v2", "snapshotter": "peerpull",
+                                       "options": {"SystemdCgroup": True}}
+    assert "RuntimeClass" not in _render()[0]
+    with pytest.raises(TemplateError, match="1.7"):  # containerd 1.6 has no snapshotter per runtime
+        _render({"runtimeClass": {"enabled": True}, "containerd": {"version": "1.6"}})
+
+
+WIRINGS = [(version, flavor, runtime_class) for version in ("1.6", "1.7", "2") for flavor in ("containerd", "k3s")
+           for runtime_class in ("", "peerpull") if not (runtime_class and version == "1.6")]
+
+
+def _k3s_fields(template: str) -> str:
+    """Fill in k3s's own template fields, as k3s would, to parse the result."""
+    import re
+
+    values = {"SELinux": "false", "SystemdCgroup": "true"}
+    return re.sub(r"\{\{ \.([A-Za-z.]+) \}\}",
+                  lambda m: values.get(m.group(1).rsplit(".", 1)[-1], "/var/lib/rancher/k3s/x"), template)
+
+
+@pytest.mark.parametrize(("version", "flavor", "runtime_class"), WIRINGS)
+def test_chart_renders_the_same_containerd_config_as_the_cli(version: str, flavor: str, runtime_class: str) -> None:
+    from peerpull import containerd_snippets
+    from peerpull.containerd_snippets import Wiring
+
+    docs, _ = _render({"containerd": {"version": version, "flavor": flavor},
+                       "runtimeClass": {"enabled": bool(runtime_class)}, "snapshotter": {"socket": "/run/peerpull/s.sock"}})
+    (key, text), = docs["ConfigMap/pp-containerd"]["data"].items()
+    wiring = Wiring(containerd=version, socket="/run/peerpull/s.sock", runtime_class=runtime_class)
+    if flavor == "k3s":
+        assert key == containerd_snippets.k3s_template_name(version) and text == containerd_snippets.k3s_template(wiring)
+        parsed = tomllib.loads(_k3s_fields(text))
+    else:
+        assert key == "config.toml" and text == containerd_snippets.snippet(wiring)
+        parsed = tomllib.loads(containerd_snippets.config_file(wiring))
+    assert parsed["version"] == (3 if version == "2" else 2)
+    proxy = parsed["proxy_plugins"]["peerpull"]
+    assert proxy["type"] == "snapshot" and proxy["address"] == "/run/peerpull/s.sock"
+    plugins = parsed["plugins"]
+    if version == "2":
+        assert proxy["exports"] == {"enable_remote_snapshot_annotations": "true"}
+        images = plugins["io.containerd.cri.v1.images"]
+        runtimes = plugins.get("io.containerd.cri.v1.runtime", {}).get("containerd", {}).get("runtimes", {})
+        assert "io.containerd.grpc.v1.cri" not in plugins  # a version 3 config has no such plugin
+    else:
+        assert "exports" not in proxy
+        images = plugins["io.containerd.grpc.v1.cri"]["containerd"]
+        runtimes = images.get("runtimes", {})
+    assert images["disable_snapshot_annotations"] is False
+    if runtime_class:
+        assert "snapshotter" not in images and runtimes[runtime_class]["snapshotter"] == "peerpull"
+        assert "io.containerd.transfer.v1.local" not in plugins
+    else:
+        assert images["snapshotter"] == "peerpull"
+        if version == "2":
+            (unpack,) = plugins["io.containerd.transfer.v1.local"]["unpack_config"]
+            assert unpack == {"platform": "linux/amd64", "snapshotter": "peerpull"}
+    if flavor == "k3s":  # k3s's settings are kept, through its template fields
+        assert "{{ .NodeConfig.AgentConfig.PauseImage }}" in text and "{{ .NodeConfig.Containerd.Registry }}" in text
+        assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
+
+
+def test_cli_prints_the_module_snippets(tmp_path: Path) -> None:
+    from peerpull import containerd_snippets
+    from peerpull.containerd_snippets import Wiring
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["peerpull", "containerd-config", *args], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    done = cli("--containerd", "2", "--runtime-class", "lazy", "--no-systemd-cgroup")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == containerd_snippets.snippet(Wiring(containerd="2", runtime_class="lazy", systemd_cgroup=False,
+                                                             platform="linux/amd64"))
+    done = cli("--k3s")
+    assert done.returncode == 0 and done.stdout == containerd_snippets.k3s_template(Wiring())
+    refused = cli("--containerd", "1.6", "--runtime-class", "lazy")
+    assert refused.returncode == 2 and "1.7" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_wiring_init_container_writes_a_version_3_config_for_containerd_2(tmp_path: Path) -> None:
+    docs, _ = _render({"containerd": {"version": "2", "configure": True}})
+    (init,) = _pod(docs)["initContainers"]
+    script = init["command"][2]
+    assert "--containerd 2" in script
+    conf = tmp_path / "host" / "etc" / "containerd" / "config.toml"
+    conf.parent.mkdir(parents=True)
+    from peerpull.commands.containerd_config_cmd import snippet as cli_snippet
+
+    full = tmp_path / "full.toml"
+    full.write_text(cli_snippet(PeerpullConfig(), containerd="2"))
+    calls = tmp_path / "calls"
+    env = _fake_bin(tmp_path / "bin", {"peerpull": f'echo "$*" >> {calls}\ncat {full}\n'})
+    done = _sh(script.replace("conf=/host/", f"conf={tmp_path}/host/"), env)
+    assert done.returncode == 0, done.stderr
+    wired = tomllib.loads(conf.read_text())
+    assert wired["version"] == 3 and wired["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "peerpull"
+    assert "--containerd 2" in calls.read_text()
+    # a version 2 file on a containerd 2 node: only the proxy plugin, said on stderr
+    conf.write_text("version = 2\n")
+    (tmp_path / "calls").unlink()
+    done = _sh(script.replace("conf=/host/", f"conf={tmp_path}/host/"), env)
+    assert "--no-cri" in calls.read_text() and "by hand" in done.stderr
+
+
+def test_k3s_wiring_writes_its_template_only_where_there_is_none(tmp_path: Path) -> None:
+    docs, _ = _render({"containerd": {"flavor": "k3s", "configure": True,
+                                      "configDir": "/var/lib/rancher/k3s/agent/etc/containerd"}})
+    (init,) = _pod(docs)["initContainers"]
+    script = init["command"][2].replace("tmpl=/host/", f"tmpl={tmp_path}/host/")
+    tmpl = tmp_path / "host" / "var/lib/rancher/k3s/agent/etc/containerd" / "config.toml.tmpl"
+    tmpl.parent.mkdir(parents=True)
+    env = _fake_bin(tmp_path / "bin", {"peerpull": 'echo "template for: $*"\n'})
+    done = _sh(script, env)
+    assert done.returncode == 0, done.stderr
+    assert "--k3s" in tmpl.read_text() and "restart k3s" in done.stdout
+    tmpl.write_text("{{ template \"base\" . }}\n")  # the operator's own: left alone
+    done = _sh(script, env)
+    assert done.returncode == 0 and tmpl.read_text() == "{{ template \"base\" . }}\n" and "by hand" in done.stderr
+
+
+@pytest.mark.root
+def test_real_containerd_1_6_loads_the_rendered_snippet(tmp_path: Path) -> None:
+    """The chart's containerd 1.6 snippet, appended to a private containerd 1.6's config: it starts, loads
+    the proxy snapshotter, and its CRI plugin takes the snapshotter and the snapshot annotations."""
+    from peerpull.testbed.containerd import EmbeddedContainerd
+
+    version = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
+    assert " 1.6." in version or " v1.6." in version, version
+    docs, _ = _render({"containerd": {"version": "1.6"}, "snapshotter": {"socket": str(tmp_path / "pp.sock")}})
+    text = docs["ConfigMap/pp-containerd"]["data"]["config.toml"]
+    root = tmp_path / "ctrd"
+    with EmbeddedContainerd(root, enable_cri=True, extra_config="\n" + text) as containerd:
+        plugins = containerd.ctr("plugins", "ls").stdout.splitlines()
+        (line,) = [p for p in plugins if p.split()[:2] == ["io.containerd.snapshotter.v1", "peerpull"]]
+        assert line.split()[-1] == "ok", line
+        log = containerd.log_path.read_text()
+    assert "Snapshotter:peerpull" in log and "DisableSnapshotAnnotations:false" in log, log[-2000:]
