@@ -121,6 +121,10 @@ def k3s_template(w: Wiring) -> str:
             '[plugins."io.containerd.internal.v1.opt"]',
             '  path = "{{ .NodeConfig.Containerd.Opt }}"',
             "",
+            '[plugins."io.containerd.grpc.v1.cri"]',  # still the streaming server's (kubectl exec, logs)
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "10010"',
+            "",
             f"[{runtime}]",
             "  enable_selinux = {{ .NodeConfig.SELinux }}",
             "",

@@ -80,6 +80,10 @@ version = 3
 [plugins."io.containerd.internal.v1.opt"]
   path = "{{ "{{" }} .NodeConfig.Containerd.Opt }}"
 
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "10010"
+
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = {{ "{{" }} .NodeConfig.SELinux }}
 
