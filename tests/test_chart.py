@@ -375,6 +375,14 @@ def test_the_renderer_behaves_like_helm_on_what_the_chart_relies_on(tmp_path: Pa
     assert render('{{ "" | default (printf "%s" "y" | b64enc) }}') == "eQ=="
     assert render('{{ lookup "v1" "Secret" "ns" "n" | dig "data" "token" "none" }}') == "none"
     assert len(render("{{ randAlphaNum 12 }}")) == 12
+    assert render('{{ toString .Values.port }} {{ eq (toString .Values.port) "7470" }}') == "7470 true"
+    (chart / "files").mkdir()
+    (chart / "files" / "a.json").write_text('{"x": "{{ not a template }}"}\n')
+    assert render('{{ .Files.Get "files/a.json" | indent 2 }}') == '  {"x": "{{ not a template }}"}\n  '
+    assert render('{{ .Files.Get "files/missing.json" }}') == ""
+    assert render('a {{ "{{" }} .NodeConfig.X }} b') == "a {{ .NodeConfig.X }} b"  # what a k3s template needs
+    with pytest.raises(TemplateError, match="stop here"):
+        render('{{ fail "stop here" }}')
     for bad in ("{{ range .Values.list }}{{ .Values.port }}{{ end }}",  # `.` is the item in range
                 "{{ .Values.missing }}", "{{ .Values.port | sha256sum }}", "{{ with .Values.port }}{{ end }}",
                 "{{ if .Values.port }}"):
