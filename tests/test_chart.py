@@ -685,7 +685,7 @@ def test_cli_prints_the_module_snippets(tmp_path: Path) -> None:
 
 
 def test_wiring_init_container_writes_a_version_3_config_for_containerd_2(tmp_path: Path) -> None:
-    docs, _ = _render({"containerd": {"version": "2", "configure": True}})
+    docs, _ = _render({"containerd": {"version": 2, "configure": True}})  # as `--set containerd.version=2` gives it
     (init,) = _pod(docs)["initContainers"]
     script = init["command"][2]
     assert "--containerd 2" in script
