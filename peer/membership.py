@@ -64,6 +64,10 @@ class Membership:
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
 
+    def known(self) -> list[Member]:
+        """Every member seen, alive or not (for `peerpull status`)."""
+        return list(self._members.values())
+
     def alive(self) -> list[Member]:
         """Members that missed fewer than three complete health-check rounds. Counted in rounds, not
         seconds: a round slowed by busy peers, or a late wake-up of a busy event loop, must not
