@@ -3,6 +3,7 @@ locality line of `peerpull pull`; the ring of recent events."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ def pulled(lazy_stack: LazyStack) -> dict[str, str]:
     assert result.returncode == 0, result.stderr[-3000:]
     out = run_container(lazy_stack.containerd, target, ["/bin/busybox", "sha256sum", "/data/file1.bin"],
                         snapshotter="peerpull")
-    assert out.split()[0] == __import__("hashlib").sha256(FILES["data/file1.bin"]).hexdigest()
+    assert out.split()[0] == hashlib.sha256(FILES["data/file1.bin"]).hexdigest()
     return {"target": target, "pull_stdout": result.stdout}
 
 
@@ -107,3 +108,26 @@ def test_the_event_ring_keeps_recent_warnings_and_errors_only() -> None:
     assert [e["event"] for e in ring.events] == ["lazy_layer_fallback"] * 3
     assert [e["layer"] for e in ring.events] == ["sha256:2", "sha256:3", "sha256:4"]
     assert ring.events[-1]["level"] == "warning" and ring.events[-1]["error"] == "boom"
+
+
+def test_progress_is_log_events_off_a_terminal_and_a_bar_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from peerpull.progress import Progress
+    # off a terminal (a fresh process, logging as the CLI sets it up): one JSON event per update, nothing else
+    code = ("from peerpull.config import LogConfig\nfrom peerpull.logs import configure_logging\n"
+            "configure_logging(LogConfig(format='auto'))\nfrom peerpull.progress import Progress\n"
+            "with Progress('warm_progress', 'warming img', image='img') as p:\n"
+            "    p.update(completed=2, total=5, text='fetching')\n    print(p.on_terminal)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "False", child.stderr
+    [line] = child.stderr.strip().splitlines()
+    event = json.loads(line)
+    assert {k: event[k] for k in ("event", "image", "completed", "total", "text")} == {
+        "event": "warm_progress", "image": "img", "completed": 2, "total": 5, "text": "fetching"}
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", screen)
+    with Progress("warm_progress", "warming img", tty=True) as bar:
+        bar.update(completed=5, total=5, text="fetching")
+    assert bar.on_terminal
+    assert "warming img" in screen.getvalue() and "5/5" in screen.getvalue()
