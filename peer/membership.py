@@ -64,9 +64,9 @@ class Membership:
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
 
-    def known(self) -> list[Member]:
-        """Every member seen, alive or not (for `peerpull status`)."""
-        return list(self._members.values())
+    def known(self) -> tuple[list[Member], set[str]]:
+        """Members (some may be missing rounds) and every candidate address (for `peerpull status`)."""
+        return list(self._members.values()), set(self._candidates)
 
     def alive(self) -> list[Member]:
         """Members that missed fewer than three complete health-check rounds. Counted in rounds, not

@@ -73,9 +73,15 @@ class NodeStatus:
         now = time.monotonic()
         out: list[dict[str, Any]] = [{"node_id": self._node_id, "address": "(this node)", "healthy": True,
                                       "self": True}]
-        for m in sorted(self._membership.known(), key=lambda m: m.node_id):
+        members, candidates = self._membership.known()
+        for m in sorted(members, key=lambda m: m.node_id):
             out.append({"node_id": m.node_id, "address": m.address, "healthy": m.node_id in alive,
                         "last_ok_s_ago": round(now - m.last_ok, 1), "skipped": m.skip_until > now, "self": False})
+        # configured or discovered addresses that answer no health check (left, or never joined)
+        answering = {m.address for m in members}
+        for address in sorted(candidates - answering):
+            out.append({"node_id": "", "address": address, "healthy": False, "last_ok_s_ago": None,
+                        "skipped": False, "self": False})
         return out
 
     async def snapshot(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from peerpull.testbed.containerd import EmbeddedContainerd
 from peerpull.testbed.daemon import EmbeddedDaemon
 from peerpull.testbed.registry import free_port
 from tests.support.lazy_stack import fuse_missing
+from tests.support.peer_cluster import TOKEN, start_cluster
 
 pytestmark = [pytest.mark.root]
 
@@ -193,3 +194,21 @@ def test_help_has_examples() -> None:
         assert "examples:" in out and f"peerpull {command} --json" in out, out
     assert f"{exit_codes.UNHEALTHY} a doctor check failed" in subprocess.run(
         [sys.executable, "-m", "peerpull", "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+def test_static_peers_answering_and_one_down(tmp_path: Path) -> None:
+    nodes = start_cluster(tmp_path / "p6-doctor-cluster", 2)
+    try:
+        env = {**os.environ, "PEERPULL_PEER_TOKEN": TOKEN, "PEERPULL_PEER_LISTEN_HOST": "0.0.0.0",
+               "PEERPULL_PEER_STATIC_PEERS": ",".join(n.address for n in nodes)}
+        _, report = _doctor(tmp_path / "missing.toml", env, "--timeout", "2")
+        checks = _by_name(report)
+        assert checks["peers_reachable"]["ok"] and "all 2 static peers" in checks["peers_reachable"]["message"]
+        assert checks["peer_token"]["ok"] and "token is set" in checks["peer_token"]["message"]
+        nodes[1].stop()
+        _, report = _doctor(tmp_path / "missing.toml", env, "--timeout", "2")
+        down = _by_name(report)["peers_reachable"]
+        assert not down["ok"] and "1 of 2 peers" in down["message"] and nodes[1].address in down["message"]
+    finally:
+        for node in nodes:
+            node.stop()

@@ -10,6 +10,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -20,6 +22,7 @@ from tests.support import images
 from tests.support.cli import final_error, peerpull_cmd
 from tests.support.containerd import NAMESPACE, run_container
 from tests.support.lazy_stack import LazyStack
+from tests.support.peer_cluster import TOKEN, start_cluster
 
 pytestmark = [pytest.mark.root]
 
@@ -131,3 +134,29 @@ def test_progress_is_log_events_off_a_terminal_and_a_bar_on_one(monkeypatch: pyt
         bar.update(completed=5, total=5, text="fetching")
     assert bar.on_terminal
     assert "warming img" in screen.getvalue() and "5/5" in screen.getvalue()
+
+
+def test_status_of_a_peer_node_shows_members_health_and_needs_the_token(tmp_path: Path) -> None:
+    nodes = start_cluster(tmp_path / "p6-cluster", 2)
+    try:
+        env = {**os.environ, "PEERPULL_PEER_TOKEN": TOKEN}
+        refused = peerpull_cmd("status", "--node", nodes[0].address, env={k: v for k, v in env.items()
+                                                                          if k != "PEERPULL_PEER_TOKEN"})
+        assert refused.returncode == 6 and "cluster token" in final_error(refused.stderr).message
+        status = json.loads(peerpull_cmd("status", "--node", nodes[0].address, "--json", env=env).stdout)
+        assert [(m["node_id"], m["healthy"]) for m in status["members"]] == [("node0", True), ("node1", True)]
+        assert status["images"] == []  # a peer node alone serves no images
+        nodes[1].stop()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = json.loads(peerpull_cmd("status", "--node", nodes[0].address, "--json", env=env).stdout)
+            if not status["members"][1]["healthy"]:
+                break
+            time.sleep(0.3)
+        # gone from the ring after three missed rounds, still listed by its address
+        assert status["members"][1]["address"] == nodes[1].address and status["members"][1]["healthy"] is False
+        text = peerpull_cmd("status", "--node", nodes[0].address, env=env).stdout
+        assert "members 2, 1 healthy" in text and f"DOWN  {nodes[1].address}" in text, text
+    finally:
+        for node in nodes:
+            node.stop()

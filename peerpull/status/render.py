@@ -46,7 +46,9 @@ def render(status: dict[str, Any], node: str) -> list[str]:
     ]
     for m in members:
         mark = "ok  " if m.get("healthy") else "DOWN"
-        extra = "" if m.get("self") else f" {m.get('address')}, last answer {m.get('last_ok_s_ago')} s ago"
+        seen = m.get("last_ok_s_ago")
+        extra = "" if m.get("self") else f" {m.get('address')}, " + (
+            f"last answer {seen} s ago" if seen is not None else "no answer to health checks")
         extra += " (skipped after a failure)" if m.get("skipped") else ""
         lines.append(f"  {mark} {m.get('node_id')}{' (this node)' if m.get('self') else ''}{extra}")
     images = status.get("images", [])
