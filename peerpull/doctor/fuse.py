@@ -8,6 +8,7 @@ detached. Nothing else is ever served on it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import tempfile
@@ -56,9 +57,14 @@ def _kernel_features(backend: str) -> CheckResult:
     try:
         fd = mount.open_device()
         mount.mount_fd(fd, where)
+        # the probe is no session: its fuse_session_init event would only read like one
+        quiet = logging.getLogger(handshake.__name__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
         try:
             state = handshake.negotiate(fd)
         finally:
+            quiet.setLevel(level)
             mount.unmount(where)
     except Exception as exc:  # a kernel the kernel backend cannot use: say which backend serves instead
         reason = " ".join(str(exc).split())[:300]
