@@ -64,6 +64,10 @@ class Membership:
     def set_candidates(self, addresses: set[str]) -> None:
         self._candidates = set(addresses)
 
+    def known(self) -> tuple[list[Member], set[str]]:
+        """Members (some may be missing rounds) and every candidate address (for `peerpull status`)."""
+        return list(self._members.values()), set(self._candidates)
+
     def alive(self) -> list[Member]:
         """Members that missed fewer than three complete health-check rounds. Counted in rounds, not
         seconds: a round slowed by busy peers, or a late wake-up of a busy event loop, must not

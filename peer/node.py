@@ -33,6 +33,7 @@ from peer.metrics import PeerMetrics
 from peer.origin import OriginSource
 from peer.policy import OriginPolicy
 from peer.server import PeerServer, ProfileReader
+from peer.status import EventRing, NodeStatus
 from peer.stream import Streamer
 from peer.warm import WarmProgress, image_chunks, warm
 
@@ -98,6 +99,7 @@ class PeerNode:
         self.listener: GuardedListener | None = None
         self._client: RegistryClient | None = None
         self.profiles: ProfileReader | None = None  # set by the node daemon: startup profiles it keeps
+        self.status: NodeStatus | None = None  # what /v1/status answers (peer/status.py), once run() started
 
     @property
     def registry(self) -> RegistryClient | None:
@@ -140,8 +142,10 @@ class PeerNode:
             self.streamer = Streamer(self.fetcher, origin, cache, self.config, self.membership)
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
+            events = stack.enter_context(EventRing())
+            self.status = NodeStatus(self.node_id, self.config, self.metrics, cache, self.membership, events)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,
-                                warm=self.warm_image, profiles=self._profile)
+                                warm=self.warm_image, profiles=self._profile, status=self.status.snapshot)
             stack.callback(server.close)
             listener = GuardedListener(self.config.header_timeout_s, self.config.max_connections,
                                        on_evicted=lambda: self.metrics.refused.labels("connections").inc())

@@ -40,6 +40,7 @@ from peer.warm import WarmProgress
 log = structlog.get_logger(__name__)
 WarmHandler = Callable[[str, WarmProgress], Awaitable[dict[str, object]]]
 ProfileReader = Callable[[str], Awaitable[bytes | None]]  # manifest digest → a stored startup profile
+StatusReader = Callable[[], Awaitable[dict[str, object]]]  # peer/status.py: what /v1/status answers
 MAX_PROFILE_ANSWER = 4 << 20  # a startup profile above this is not served (snapshotter/service/profiles.py)
 OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
 HIT_GROUP = 16  # cache hits loaded per worker hop
@@ -66,7 +67,7 @@ def _is_loopback(remote: str | None) -> bool:
 class PeerServer:
     def __init__(self, node_id: str, fetcher: ChunkFetcher, cache: ChunkCache, metrics: PeerMetrics,
                  config: PeerConfig, policy: OriginPolicy, warm: WarmHandler | None = None,
-                 profiles: ProfileReader | None = None) -> None:
+                 profiles: ProfileReader | None = None, status: StatusReader | None = None) -> None:
         self._node_id = node_id
         self._cache = cache
         self._fetcher = fetcher
@@ -80,6 +81,7 @@ class PeerServer:
         self._cache_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-cache")
         self._warm = warm
         self._profiles = profiles
+        self._status = status
 
     def app(self, middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = ()) -> web.Application:
         app = web.Application(client_max_size=MAX_BATCH * (MAX_HINT_BYTES + 8) + 1024,
@@ -90,6 +92,7 @@ class PeerServer:
         app.router.add_get("/metrics", self._metrics_endpoint)
         app.router.add_post("/v1/warm", self._warm_endpoint)
         app.router.add_get("/v1/profiles/{digest}", self._profile_endpoint)
+        app.router.add_get("/v1/status", self._status_endpoint)
         return app
 
     def close(self) -> None:
@@ -246,6 +249,12 @@ class PeerServer:
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _status_endpoint(self, request: web.Request) -> web.Response:
+        """This node for a person (`peerpull status`): cache, tiers, members, images, recent events."""
+        if self._status is None:
+            return web.Response(status=404, text="this node keeps no status")
+        return web.json_response(await self._status())
 
     async def _profile_endpoint(self, request: web.Request) -> web.Response:
         """An image's startup profile by manifest digest, as this node keeps it (a hint: the asker

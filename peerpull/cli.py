@@ -21,6 +21,7 @@ from peerpull.commands import (
     containerd_config_cmd,
     convert_cmd,
     daemon_cmd,
+    doctor_cmd,
     fd_holder_cmd,
     inspect_cmd,
     peer_cmd,
@@ -28,6 +29,7 @@ from peerpull.commands import (
     pull_cmd,
     quickstart_cmd,
     run_cmd,
+    status_cmd,
     warm_cmd,
 )
 from peerpull.config import LOG_FORMATS, LOG_LEVELS, PeerpullConfig, load_config
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
-                   containerd_config_cmd, quickstart_cmd, profile_cmd, fd_holder_cmd):
+                   containerd_config_cmd, quickstart_cmd, profile_cmd, fd_holder_cmd, doctor_cmd, status_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser

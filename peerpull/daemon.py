@@ -17,6 +17,7 @@ from converter.registry.config import RegistryConfig
 from peer.config import PeerConfig
 from peer.node import PeerNode
 from peerpull.host_checks import check_host, check_socket_path, writable_dir
+from peerpull.status.images import ImageLocality
 from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
@@ -83,6 +84,8 @@ class NodeDaemon:
                                   trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch)
             stack.push_async_callback(remote.close)
             restored = remote.restore()
+            if self.peer.status is not None:  # /v1/status: how local each image is
+                self.peer.status.images = ImageLocality(store, self.fs).report
             fuse = open_mount(self.fs, self.layout.fuse, sc.fuse_backend, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
             stack.callback(fuse.close)
             # in the TaskGroup: if the FUSE loop ends or crashes, the group cancels the rest and the

@@ -11,6 +11,7 @@ from converter.format import errors
 OK = 0
 INTERNAL = 70
 INTERRUPTED = 130
+UNHEALTHY = 12  # `peerpull doctor`: a check failed (no error class: every check ran)
 
 # most specific first only for readability: lookup walks the MRO, so order does not matter
 CODES: dict[type[errors.PeerpullError], int] = {
@@ -32,7 +33,7 @@ _MEANINGS: dict[int, str] = {
     1: "the operation failed (e.g. a container exited non-zero, a node could not warm an image)",
     2: "bad configuration or usage", 3: "malformed data", 4: "registry error", 5: "registry or node unreachable",
     6: "authentication refused", 7: "not found", 8: "unsupported input", 9: "already exists", 10: "wrong state",
-    11: "containerd refused a request", INTERNAL: "internal error", INTERRUPTED: "interrupted",
+    11: "containerd refused a request", UNHEALTHY: "a doctor check failed", INTERNAL: "internal error", INTERRUPTED: "interrupted",
 }
 
 
@@ -49,5 +50,5 @@ def error_class(code: int) -> type[errors.PeerpullError]:
 
 def epilog() -> str:
     """`Exit codes: 0 ok, 1 …` for `--help`."""
-    codes = sorted({OK, *CODES.values(), INTERNAL, INTERRUPTED})
+    codes = sorted({OK, *CODES.values(), UNHEALTHY, INTERNAL, INTERRUPTED})
     return "Exit codes: " + ", ".join(f"{c} {_MEANINGS[c]}" for c in codes) + "."

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
 from converter.registry.client import RegistryClient
 from peerpull.config import PeerpullConfig
+from peerpull.progress import Progress
+from peerpull.status.locality import image_locality
+from peerpull.status.render import locality_line
 from snapshotter.containerd.client import ContainerdClient
 from snapshotter.containerd.pull import pull
 
@@ -42,11 +44,15 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     s = config.snapshotter
     quiet = args.json
     async with RegistryClient(config.registry) as registry, ContainerdClient(s.containerd_address, s.namespace) as ctrd:
-        report = await pull(registry, ctrd, args.image, args.snapshotter or s.name,
-                            progress=None if quiet else lambda text: print(text, file=sys.stderr))
+        with Progress("pull_progress", f"pulling {args.image}", enabled=not quiet, image=args.image) as bar:
+            report = await pull(registry, ctrd, args.image, args.snapshotter or s.name,
+                                progress=None if quiet else lambda text: bar.update(text=text))
+    locality = await image_locality(config, report.image) if report.lazy else None  # the daemon's view
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps({**asdict(report), "locality": locality}, indent=2))
     else:
         print(f"{report.image}: {report.layers} layers, {report.lazy} lazy, {report.downloaded} downloaded "
               f"({report.downloaded_bytes} bytes), {report.already_present} already present, in {report.seconds:.2f} s")
+        if locality is not None:
+            print(locality_line(locality))
     return 0

@@ -14,6 +14,7 @@ from converter.format import errors
 from converter.format.errors import AuthError, ConfigError, PeerpullError, RegistryUnreachableError
 from peer.client import auth_headers
 from peerpull.config import PeerpullConfig
+from peerpull.progress import Progress
 
 log = structlog.get_logger(__name__)
 MAX_LINE = 1 << 20  # a progress or final line; anything longer is not a node speaking
@@ -64,6 +65,11 @@ def _node_error(message: str, error_type: object) -> PeerpullError:
 
 
 async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, Any]:
+    with Progress("warm_progress", f"warming {args.image}", node=args.node, image=args.image) as bar:
+        return await _warm_with(args, config, bar)
+
+
+async def _warm_with(args: argparse.Namespace, config: PeerpullConfig, bar: Progress) -> dict[str, Any]:
     url = f"http://{args.node}/v1/warm"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.connect_timeout, sock_read=args.idle_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -93,9 +99,8 @@ async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, A
                 except ValueError:
                     raise PeerpullError(f"node {args.node} sent a malformed warm-up answer") from None
                 event = record.get("event") if isinstance(record, dict) else None
-                if event == "progress":
-                    log.info("warm_progress", node=args.node, image=args.image,
-                             **{k: record.get(k) for k in ("stage", "chunks", "done", "bytes")})
+                if event == "progress":  # a bar on a terminal, else the warm_progress event as before
+                    bar.update(**_warm_fields(record))
                 elif event == "done" and isinstance(record.get("report"), dict):
                     return record["report"]
                 elif event == "error":
@@ -103,6 +108,15 @@ async def _warm(args: argparse.Namespace, config: PeerpullConfig) -> dict[str, A
                                       record.get("error_type"))
                 else:
                     raise PeerpullError(f"node {args.node} sent a malformed warm-up answer")
+
+
+def _warm_fields(record: dict[str, Any]) -> dict[str, Any]:
+    done, chunks, stage, size = (record.get(k) for k in ("done", "chunks", "stage", "bytes"))
+    fields: dict[str, Any] = {"stage": stage, "chunks": chunks, "done": done, "bytes": size}
+    if isinstance(done, int) and isinstance(chunks, int) and chunks:
+        fields.update(completed=done, total=chunks)
+    fields["text"] = f"{stage} {size if isinstance(size, int) else 0} bytes"
+    return fields
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
