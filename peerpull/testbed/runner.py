@@ -12,6 +12,10 @@ A private set-up is recognised later by `peerpull clean` through the marker writ
 (peerpull.testbed.setup_marker): its outside directories and processes are recorded there as
 soon as they exist. The caller's global options reach the private daemon: the whole registry
 section as `PEERPULL_REGISTRY_*` variables, plus `global_args` (`--config`, `--log-level`).
+
+The container's docker-style settings (env, bind mounts, network, GPUs, name, removal) become
+`ctr run` flags in `container_flags`; with `sample_every_s` the daemon's bytes by tier are sampled
+during a lazy run (for `peerpull run --plot`), and `ports` are probed until they first answer.
 """
 
 from __future__ import annotations
