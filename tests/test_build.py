@@ -83,6 +83,21 @@ def test_build_pushes_a_seekable_image_that_runs_lazily(context: Path, registry:
     assert res["bytes_by_tier"]["origin"] > 0 and res["bytes_by_tier"]["download"] == 0
 
 
+def test_build_profile_learn_passes_through_to_convert(context: Path, registry: EmbeddedRegistry) -> None:
+    """--profile learn: the built image runs once on a private set-up and is converted again with
+    the files it read (busybox, /srv/msg) in front of the 8 MB it never reads."""
+    (context / "big.bin").write_bytes(os.urandom(8 << 20))
+    (context / "Dockerfile").write_text(DOCKERFILE.replace("$STAGE", "2").replace(
+        "COPY busybox /bin/busybox\n", "COPY busybox /bin/busybox\nCOPY big.bin /data/big.bin\n"))
+    r = _peerpull("build", "-t", f"{registry.address}/built/learn:1", "--profile", "learn", "--json", "-", "--quiet",
+                  str(context))
+    assert r.returncode == 0, r.stderr[-3000:]
+    layout = json.loads(r.stdout)["convert"]["layout"]
+    assert layout is not None and layout["moved_files"] >= 2, layout
+    assert layout["span_after"] < layout["span_before"], layout
+    assert layout["profile_artifact"], layout
+
+
 def test_build_without_storage_dir_leaves_nothing_and_logs_its_steps(context: Path, registry: EmbeddedRegistry,
                                                                       tmp_path: Path) -> None:
     before = set(Path("/var/tmp").glob("peerpull-build-*"))

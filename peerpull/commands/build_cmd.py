@@ -144,6 +144,9 @@ def print_summary(s: BuildSummary, console: Console) -> None:
                   f"{s.seekable_bytes / 1e6:.1f} MB ({s.uncompressed_bytes / 1e6:.1f} MB uncompressed), "
                   f"{s.chunks} chunks in {s.frames} frames; manifest {s.manifest_digest}"
                   + (f"; original pushed as {s.original}" if s.original else ""), markup=False, highlight=False)
+    if (lay := s.convert.get("layout")) is not None:
+        console.print(f"startup-first layout: {lay['moved_files']} startup files moved to the front; the working set "
+                      f"spans {lay['span_before']} → {lay['span_after']} frames", markup=False, highlight=False)
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:

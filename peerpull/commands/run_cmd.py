@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from converter.format.errors import ConfigError
-from peerpull.config import PeerpullConfig
 from peerpull.commands.run_flags import container_options
+from peerpull.config import PeerpullConfig
 from peerpull.run_plot import plot_runs, require_matplotlib
 from peerpull.testbed.runner import RunOptions, RunResult, run_image
 
