@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,17 @@ def test_build_without_storage_dir_leaves_nothing_and_logs_its_steps(context: Pa
     assert any(e["event"] == "convert_layer_done" for e in events)
     assert "5 steps, 1 layers: built" in r.stdout and "chunks in" in r.stdout, r.stdout
     assert set(Path("/var/tmp").glob("peerpull-build-*")) - before == set()
+
+
+def test_on_a_terminal_build_shows_a_bar_instead_of_log_events(context: Path, registry: EmbeddedRegistry) -> None:
+    """Under a pseudo-terminal (script(1)): the step bar is drawn, and no structured events are written."""
+    cmd = f"{sys.executable} -m peerpull build -t {registry.address}/built/tty:1 {context}"
+    r = subprocess.run(["script", "-qfec", cmd, "/dev/null"], capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert re.search(r"STEP [1-5]/5", r.stdout), r.stdout[-3000:]
+    assert "build_step" not in r.stdout and "progress_started" not in r.stdout
+    assert "5 steps, 1 layers" in r.stdout
 
 
 def test_build_without_buildah_names_the_package(context: Path, registry: EmbeddedRegistry, tmp_path: Path) -> None:
