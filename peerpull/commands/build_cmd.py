@@ -33,8 +33,8 @@ log = structlog.get_logger(__name__)
 
 DESCRIPTION = """\
 Build CONTEXT (default .) with its Dockerfile, convert the result to a seekable image and push it
-as TAG: one tag every node runs, lazily where peerpull serves it and as an ordinary image (gzip-
-compatible zstd layers) on plain containerd.
+as TAG: one tag every node runs, lazily where peerpull serves it and as an ordinary image (valid
+tar+zstd layers) on plain containerd.
 
 The builder is buildah (Debian's `buildah` package, as root): its storage (vfs driver) lives in a
 private directory, a new one under /var/tmp removed afterwards unless --storage-dir is given, so
@@ -52,7 +52,7 @@ FROM images are pulled by buildah itself: use a registry it can reach, a local i
 scratch and COPY a static binary), or --insecure-registry for a plain-HTTP one.
 
 exit codes: 0 pushed; 1 the build failed (the line ends with buildah's last lines); 2 bad usage
-(buildah missing: install the buildah package; no Dockerfile; an unwritable --json);
+(buildah missing: install the buildah package; not root; no Dockerfile; an unwritable --json);
 4/6 the registry refused a push (6: credentials); others as listed by `peerpull --help`.
 
 examples:
@@ -151,6 +151,8 @@ def print_summary(s: BuildSummary, console: Console) -> None:
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     find_buildah()
+    if os.geteuid() != 0:
+        raise ConfigError("peerpull build runs buildah as root (rootful, with private vfs storage): run it as root")
     context, dockerfile = _inputs(args)
     dest = ImageReference.parse(args.tag)
     original = str(ImageReference.parse(args.push_original)) if args.push_original else None

@@ -32,7 +32,7 @@ peerpull daemon, cold caches; needs root), removed afterwards unless --keep. Wit
 uses that containerd (and the peerpull daemon wired into it).
 
 --mode both runs it normally and then lazily (each on a private set-up of its own, or both on
---address), for a side-by-side table and plot.
+--address), for a side-by-side table and plot; --json then writes a list of both results.
 
 Arguments after `--` replace the image's Cmd (its Entrypoint stays), as in Kubernetes.
 
