@@ -17,6 +17,7 @@ from typing import Any
 from converter.format.errors import PeerpullError
 from peerpull import __version__, exit_codes
 from peerpull.commands import (
+    build_cmd,
     clean_cmd,
     containerd_config_cmd,
     convert_cmd,
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerpull {__version__}")
     _global_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (convert_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd, warm_cmd,
-                   containerd_config_cmd, quickstart_cmd, profile_cmd, fd_holder_cmd, doctor_cmd, status_cmd):
+    for module in (convert_cmd, build_cmd, inspect_cmd, daemon_cmd, pull_cmd, run_cmd, clean_cmd, peer_cmd,
+                   warm_cmd, containerd_config_cmd, quickstart_cmd, profile_cmd, fd_holder_cmd, doctor_cmd,
+                   status_cmd):
         sub = module.add_parser(commands)
         _global_options(sub, top=False)
     return parser

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${PEERPULL_VENV:-.venv}
 APT_PACKAGES=(python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev containerd runc docker-registry
-              skopeo umoci busybox-static debootstrap iproute2 ca-certificates pigz)
+              skopeo umoci busybox-static debootstrap iproute2 ca-certificates pigz buildah)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

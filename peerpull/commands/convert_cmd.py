@@ -8,10 +8,12 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
+import structlog
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
@@ -30,6 +32,7 @@ from peerpull.testbed.runner import RunOptions, run_image
 from snapshotter.service import profiles as pf
 from snapshotter.service.profiles_source import registry_profile
 
+log = structlog.get_logger(__name__)
 _R = RegistryConfig()
 DESCRIPTION = f"""\
 Convert an image into a seekable image: every layer becomes independent zstd frames (small
@@ -41,6 +44,8 @@ directory (oci:DIR[:TAG]). DST is a registry reference. Converting an image that
 seekable converts nothing and says so. Credentials come from docker's config.json.
 DST equal to SRC (same registry, repository and tag) overwrites the tag: that needs --force.
 The --work-dir and --json outputs are checked writable before any work starts.
+On a terminal a progress bar per layer shows on stderr; otherwise (piped, CI) each layer logs
+convert_layer_started and convert_layer_done (structured, JSON lines), and --quiet silences both.
 
 --platform picks from a multi-platform image (default linux/amd64); given explicitly, a
 single-platform image of another platform is refused (exit 8) naming the one it has.
@@ -121,6 +126,24 @@ class _RichProgress:
     def layer_finished(self, digest: str) -> None:
         task = self._tasks[digest]
         self._progress.update(task, completed=self._progress.tasks[task].total)
+
+
+class _LoggedProgress:
+    """Not on a terminal: one `convert_layer_started`/`convert_layer_done` pair per layer, no bar."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, tuple[float, int]] = {}
+
+    def layer_started(self, digest: str, total_bytes: int) -> None:
+        self._started[digest] = (time.monotonic(), total_bytes)
+        log.info("convert_layer_started", digest=digest, source_bytes=total_bytes)
+
+    def layer_advanced(self, digest: str, nbytes: int) -> None:
+        pass
+
+    def layer_finished(self, digest: str) -> None:
+        t0, total = self._started.get(digest, (time.monotonic(), 0))
+        log.info("convert_layer_done", digest=digest, source_bytes=total, seconds=round(time.monotonic() - t0, 3))
 
 
 def report_json(report: ConvertReport) -> dict[str, Any]:
@@ -250,6 +273,27 @@ async def _convert_with_profile(args: argparse.Namespace, config: PeerpullConfig
     return report
 
 
+async def convert_image(args: argparse.Namespace, config: PeerpullConfig, client: RegistryClient,
+                        source: ImageSource, dest: ImageReference, show: bool) -> ConvertReport:
+    """Convert `source` to `dest` (with `args.profile`'s layout when given): a bar per layer when
+    `show`, otherwise one structured log line per layer unless `args.quiet`. `peerpull build` calls
+    this too."""
+
+    async def convert(startup: dict[str, list[str]] | None) -> ConvertReport:
+        if show:
+            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                       TimeRemainingColumn())
+            with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+                return await Converter(client, config.convert, _RichProgress(progress)).convert(source, dest, startup)
+        if args.quiet:
+            return await Converter(client, config.convert).convert(source, dest, startup)
+        return await Converter(client, config.convert, _LoggedProgress()).convert(source, dest, startup)
+
+    if args.profile:
+        return await _convert_with_profile(args, config, client, source, dest, convert)
+    return await convert(None)
+
+
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     dest = ImageReference.parse(args.destination)
     show = sys.stderr.isatty() and not args.quiet
@@ -268,18 +312,7 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
             raise ConfigError(f"destination {dest} is the source image: converting would overwrite it; "
                               "pass --force to do so, or choose another tag")
 
-        async def convert(startup: dict[str, list[str]] | None) -> ConvertReport:
-            if show:
-                columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn())
-                with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-                    return await Converter(client, config.convert, _RichProgress(progress)).convert(source, dest, startup)
-            return await Converter(client, config.convert).convert(source, dest, startup)
-
-        if args.profile:
-            report = await _convert_with_profile(args, config, client, source, dest, convert)
-        else:
-            report = await convert(None)
+        report = await convert_image(args, config, client, source, dest, show)
     if not args.quiet:
         print_summary(report, Console(width=None if sys.stdout.isatty() else 160))
     if args.json:

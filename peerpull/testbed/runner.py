@@ -12,6 +12,10 @@ A private set-up is recognised later by `peerpull clean` through the marker writ
 (peerpull.testbed.setup_marker): its outside directories and processes are recorded there as
 soon as they exist. The caller's global options reach the private daemon: the whole registry
 section as `PEERPULL_REGISTRY_*` variables, plus `global_args` (`--config`, `--log-level`).
+
+The container's docker-style settings (env, bind mounts, network, GPUs, name, removal) become
+`ctr run` flags in `container_flags`; with `sample_every_s` the daemon's bytes by tier are sampled
+during a lazy run (for `peerpull run --plot`), and `ports` are probed until they first answer.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -32,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.format.errors import ConfigError, PeerpullError
+from converter.format.errors import AlreadyExistsError, ConfigError, PeerpullError
 from converter.registry.client import RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.manifest import parse_manifest
@@ -66,6 +71,15 @@ class RunOptions:
     peers: list[str] = field(default_factory=list)  # static peers for a private daemon
     global_args: list[str] = field(default_factory=list)  # peerpull global options for a private daemon
     on_start: Callable[[], None] | None = None  # called when containerd reports the task started (benchmarks)
+    # docker-style container settings (peerpull run's flags); the defaults are what benchmarks need
+    env: list[str] = field(default_factory=list)  # K=V
+    mounts: list[tuple[str, str, bool]] = field(default_factory=list)  # (host path, container path, read-only)
+    net_host: bool = True  # False: the container's own network namespace (loopback only: no CNI here)
+    ports: list[int] = field(default_factory=list)  # host ports probed until something answers (-p)
+    gpus: list[int] = field(default_factory=list)  # GPU indices, through containerd's NVIDIA hook
+    name: str = ""  # container id; empty: a generated one
+    rm: bool = True  # remove the container (and its snapshot) when it exits
+    sample_every_s: float = 0.0  # > 0: sample the daemon's bytes by tier this often (lazy mode; for plots)
 
 
 @dataclass
@@ -85,6 +99,10 @@ class RunResult:
     present_layers: int = 0  # already unpacked before this run
     fallback_layers: list[str] = field(default_factory=list)  # lazy mode: layers downloaded in full
     fallback_reasons: list[str] = field(default_factory=list)  # why, as the daemon logged or counted it
+    container: str = ""  # its id in containerd
+    removed: bool = True  # False: the container was kept (run without --rm)
+    ports_reachable_s: dict[str, float | None] = field(default_factory=dict)  # host port → first connect
+    tier_samples: list[dict[str, float]] = field(default_factory=list)  # {"t": s, tier: bytes} from the pull's start
 
     @property
     def mode_summary(self) -> str:
@@ -223,9 +241,91 @@ async def _wait_ready(url: str, deadline: float) -> float:
     raise PeerpullError(f"{url} did not become ready in time")
 
 
+GPU_TOOLKIT = ("nvidia-container-runtime-hook", "nvidia-ctk")
+
+
+def resolve_gpus(spec: str) -> list[int]:
+    """`--gpus all|N|device=I[,J]` → GPU indices for containerd's NVIDIA hook (`ctr run --gpus`),
+    which runs nvidia-container-cli; the NVIDIA container toolkit must be installed."""
+    text = spec.strip()
+    wanted: list[int] | None = None  # None: all
+    if text.startswith("device="):
+        try:
+            wanted = sorted({int(d) for d in text[len("device="):].strip("\"'").split(",")})
+        except ValueError:
+            raise ConfigError(f"--gpus {spec}: device= takes GPU indices (device=0,1); UUIDs are not supported "
+                              "by containerd's hook") from None
+    elif text != "all":
+        try:
+            count = int(text)
+        except ValueError:
+            raise ConfigError(f"--gpus {spec}: give all, a count N, or device=I[,J]") from None
+        if count < 1:
+            raise ConfigError(f"--gpus {spec}: the count must be at least 1")
+        wanted = list(range(count))
+    if not any(shutil.which(tool) for tool in GPU_TOOLKIT):
+        raise ConfigError(f"--gpus needs the NVIDIA container toolkit: neither {' nor '.join(GPU_TOOLKIT)} is in "
+                          "PATH (install nvidia-container-toolkit)")
+    for tool in ("nvidia-container-cli", "nvidia-smi"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"--gpus needs {tool} in PATH (install the NVIDIA driver utilities and "
+                              "libnvidia-container-tools)")
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    present = [i for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
+    if not present:
+        raise ConfigError("--gpus: nvidia-smi -L lists no GPU on this node")
+    chosen = present if wanted is None else wanted
+    missing = [i for i in chosen if i not in present]
+    if missing:
+        raise ConfigError(f"--gpus {spec}: this node has {len(present)} GPU(s); no GPU {missing[0]}")
+    return chosen
+
+
+def container_flags(opts: RunOptions) -> list[str]:
+    """`ctr run` flags for the docker-style settings."""
+    out = ["--rm"] if opts.rm else []
+    if opts.net_host:
+        out.append("--net-host")
+    for kv in opts.env:
+        out += ["--env", kv]
+    for src, dst, ro in opts.mounts:
+        out += ["--mount", f"type=bind,src={src},dst={dst},options=rbind:{'ro' if ro else 'rw'}"]
+    for index in opts.gpus:
+        out += ["--gpus", str(index)]
+    return out
+
+
+async def _probe_ports(ports: list[int], t0: float, out: dict[str, float | None]) -> None:
+    """When each host port first accepts a connection (what -p can say without a CNI)."""
+    pending = set(ports)
+    for port in ports:
+        out[str(port)] = None
+    while pending:
+        for port in list(pending):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+            except (OSError, TimeoutError):
+                continue
+            writer.close()
+            out[str(port)] = round(time.monotonic() - t0, 3)
+            pending.discard(port)
+        await asyncio.sleep(0.1)
+
+
+async def _sample_tiers(url: str, before: dict[str, float], t0: float, every_s: float,
+                        out: list[dict[str, float]]) -> None:
+    """Uncompressed bytes by tier since the pull started, every `every_s` (for --plot)."""
+    b0 = by_tier(before, "peerpull_chunk_bytes_total")
+    while True:
+        now = by_tier(await asyncio.to_thread(_metrics, url), "peerpull_chunk_bytes_total")
+        out.append({"t": round(time.monotonic() - t0, 3), **{t: now[t] - b0[t] for t in now}})
+        await asyncio.sleep(every_s)
+
+
 async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float, result: RunResult,
                          log: Callable[[str], None]) -> None:
-    container_id = f"peerpull-run-{uuid.uuid4().hex[:10]}"
+    container_id = opts.name or f"peerpull-run-{uuid.uuid4().hex[:10]}"
+    result.container, result.removed = container_id, opts.rm
     snap = ["--snapshotter", opts.snapshotter] if opts.mode == "lazy" else []
     started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     live = asyncio.Event()
@@ -236,7 +336,8 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         raise
-    cmd = [*ctr.base, "run", "--rm", "--net-host", "--label", f"{RUN_LABEL}=1", *snap, opts.image, container_id, *argv]
+    cmd = [*ctr.base, "run", *container_flags(opts), "--label", f"{RUN_LABEL}=1", *snap, opts.image, container_id,
+           *argv]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                                                 stdin=asyncio.subprocess.DEVNULL)
     lines: list[str] = []
@@ -255,6 +356,7 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
             log(text)
 
     reader = asyncio.create_task(read_output())
+    prober = asyncio.create_task(_probe_ports(opts.ports, t0, result.ports_reachable_s)) if opts.ports else None
     try:
         if opts.benchmark_mode == "readiness":
             ready_at = await _wait_ready(opts.readiness_endpoint, deadline)
@@ -271,7 +373,9 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
         if started.done():
             result.start_s = round(started.result() - t0, 3)
         watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        if prober is not None:
+            prober.cancel()
+        await asyncio.gather(watcher, *([prober] if prober else []), return_exceptions=True)
     result.output = "\n".join(lines[-50:])
 
 
@@ -308,6 +412,14 @@ def _fallback_reasons(before: dict[str, float], after: dict[str, float], daemon:
     if ordinary:
         reasons.append(f"{ordinary} layer(s) not seekable (convert the image with peerpull convert)")
     return reasons
+
+
+async def _container_exists(ctr: _Ctr, name: str) -> bool:
+    try:
+        await ctr.run("containers", "info", name, timeout=30)
+    except PeerpullError:
+        return False
+    return True
 
 
 async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[str], None] = lambda s: None) -> RunResult:
@@ -348,12 +460,20 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             if opts.peers:
                 await _wait_members(metrics_url, 1 + len(opts.peers))
         ctr = _Ctr(address, opts.namespace)
+        if opts.name and opts.address and await _container_exists(ctr, opts.name):
+            raise AlreadyExistsError(f"a container named {opts.name} already exists in namespace {opts.namespace}; "
+                                     f"remove it (ctr -n {opts.namespace} containers rm {opts.name}) or choose "
+                                     "another --name")
         async with RegistryClient(registry) as client:
             image_bytes, layer_count, entrypoint, cmd = await _image_facts(client, ref)
             result.layers = layer_count
             argv = [*entrypoint, *opts.args] if opts.args else []
             before = _metrics(metrics_url) if opts.mode == "lazy" else {}
             t0 = time.monotonic()
+            sampler = None
+            if opts.sample_every_s > 0 and opts.mode == "lazy":
+                sampler = asyncio.create_task(_sample_tiers(metrics_url, before, t0, opts.sample_every_s,
+                                                            result.tier_samples))
             report = None
             if opts.mode == "lazy":
                 async with ContainerdClient(address, opts.namespace) as ctrd_client:
@@ -362,8 +482,13 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
                 plain = ["--plain-http"] if _plain_http(ref, registry) else []
                 platform = ["--platform", registry.platform] if registry.platform else []  # "": ctr's own default
                 await ctr.run("images", "pull", *plain, *platform, str(ref), timeout=opts.timeout_s)
-            result.pull_s = round(time.monotonic() - t0, 3)
-            await _run_container(ctr, opts, argv, t0, result, log)
+            try:
+                result.pull_s = round(time.monotonic() - t0, 3)
+                await _run_container(ctr, opts, argv, t0, result, log)
+            finally:
+                if sampler is not None:
+                    sampler.cancel()
+                    await asyncio.gather(sampler, return_exceptions=True)
         if report is not None:
             after = _metrics(metrics_url)
             b0, b1 = by_tier(before, "peerpull_chunk_bytes_total"), by_tier(after, "peerpull_chunk_bytes_total")
