@@ -177,7 +177,7 @@ async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
                 if step is None:
                     return
                 steps = step.count
-                bar.update(completed=step.index, total=step.count, text=step.instruction[:60])
+                bar.update(completed=step.index, total=step.count, text=f"STEP {step.index}/{step.count}: {step.instruction[:60]}")
                 if not tty and not args.quiet:
                     log.info("build_step", step=step.index, steps=step.count, instruction=step.instruction)
 
