@@ -16,6 +16,7 @@ import mmap
 import os
 import random
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,3 +329,18 @@ def test_a_store_on_overlayfs_stops_the_daemon_with_one_line(tmp_path: Path) -> 
         assert "snapshotter.object_store_dir" in err.message
     finally:
         subprocess.run(["umount", str(dirs["merged"])], check=True)
+
+
+def test_the_fuse_reads_bench_reports_its_figures_into_coldstart(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import coldstart_bench
+    import fuse_reads
+
+    reads = fuse_reads.measure(tmp_path / "work", mib=8, random_reads=200, rounds=1)
+    assert reads["passthrough_read_requests"] == 0  # passthrough reads never reached the daemon
+    assert reads["python_cpu_us_per_read"] is not None  # the Python-served ones did
+    figures = coldstart_bench.summarize([{"lazy_ready_s": 1.0}], label="x", image_bytes=1, link="tbf", rtt_ms=0.0, rtt_measured_ms=None,
+                                        chunks=1, rate=1e8, reads=reads)
+    for key in ("fuse_random_iops", "disk_random_iops", "fuse_seq_mb_s", "disk_seq_mb_s"):
+        assert figures[key] == reads[key] and figures[key] > 0
+    assert "passthrough vs disk" in coldstart_bench.table(figures)
