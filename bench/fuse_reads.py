@@ -9,6 +9,7 @@ reads at random offsets, dropping the page cache before every measurement; the s
 READ request is taken over the Python-served reads. Rounds rotate the order of the three; medians.
 
     bench/fuse_reads.py [--mib 512] [--random 20000] [--rounds 5] [--json FILE]
+    bench/fuse_reads.py --open-completion 118 [--mib 256]   # stream a cold file vs complete it at open
 """
 
 from __future__ import annotations
@@ -144,6 +145,105 @@ def serve(work: Path, size: int) -> None:
             cache.close()
 
     asyncio.run(run())
+
+
+# ---- completing a file at open: does it pay? ------------------------------------------------
+
+def open_completion(work: Path, mib: int, link_bytes_per_s: float) -> dict[str, float]:
+    """A cold large file read sequentially once: streamed through FUSE as it arrives (what peerpull
+    does) vs fetched whole and materialised at open, then read in passthrough (what stargz does at
+    open). The origin is a link of `link_bytes_per_s` (one frame at a time, the rate enforced)."""
+    return asyncio.run(_open_completion(work, mib * MIB, link_bytes_per_s))
+
+
+async def _open_completion(work: Path, size: int, rate: float) -> dict[str, float]:
+    import zstandard
+
+    from peerpull.config import LogConfig
+    from peerpull.logs import configure_logging
+
+    configure_logging(LogConfig(level="warning", format="json"))
+
+    from converter.format import toc as fmt
+    from peer.cache import ChunkCache
+    from peer.chunk import ChunkRef
+    from peer.fetcher import ChunkFetcher
+    from peer.metrics import PeerMetrics
+    from snapshotter.fs.file_reader import FileReader
+    from snapshotter.fs.fusefs import LayerFS
+    from snapshotter.fs.mount import KernelMount
+    from snapshotter.fs.objects import ObjectStore
+    from snapshotter.fs.passthrough import Passthrough
+
+    data = content(size)
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    frames: dict[str, bytes] = {}
+    chunks, offset = [], 0
+    for at in range(0, size, MIB):
+        piece = data[at:at + MIB]
+        frame = cctx.compress(piece)
+        chunk = fmt.Chunk(at, len(piece), offset, len(frame), hashlib.sha256(piece).digest())
+        frames[chunk.digest_hex] = frame
+        chunks.append(chunk)
+        offset += len(frame)
+    toc = fmt.Toc(MIB, [fmt.TocEntry(path=".", type=fmt.DIR, mode=0o755),
+                        fmt.TocEntry(path="data", type=fmt.FILE, mode=0o644, size=size, chunks=chunks)])
+
+    class Link:
+        """The origin behind a link of `rate` bytes/s: frames go over it one after another."""
+
+        def __init__(self) -> None:
+            self.lock = asyncio.Lock()
+
+        async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
+            async with self.lock:
+                frame = frames[ref.digest]
+                await asyncio.sleep(len(frame) / rate)
+                return frame
+
+    def read_timed(path: Path) -> tuple[float, float]:
+        started = time.monotonic()
+        first = 0.0
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(MIB):
+                first = first or time.monotonic() - started
+        return first, time.monotonic() - started
+
+    out: dict[str, float] = {}
+    for way in ("stream", "complete_at_open"):
+        root = work / way
+        root.mkdir(parents=True)
+        cache = ChunkCache(str(root / "cache"), 4 * size + (1 << 30))
+        fetcher = ChunkFetcher(cache, Link(), PeerMetrics())
+        passthrough = Passthrough(ObjectStore(root / "objects", 2 * size + (64 << 20)), cache.known, fetcher, MIB)
+        fs = LayerFS(FileReader(fetcher, 64 << 20, "sequential", 8), passthrough=passthrough)
+        layer = fs.add_layer(LAYER, 1, "bench/fuse-reads", toc)
+        node = layer.tree.root.children[b"data"]  # type: ignore[index]
+        point = root / "mnt"
+        point.mkdir()
+        mount = KernelMount(fs, point, 512, 1024)
+        mount.open()
+        serving = asyncio.ensure_future(mount.serve())
+        path = point / LAYER_DIR / "data"
+        try:
+            await asyncio.to_thread(os.stat, path)
+            started = time.monotonic()
+            if way == "complete_at_open":  # what an OPEN would wait for before its answer
+                await passthrough.materialise(layer.source, node.ino, size, node.chunks)
+            waited = time.monotonic() - started
+            first, total = await asyncio.to_thread(read_timed, path)
+            out[f"{way}_first_mib_s"] = round(waited + first, 2)
+            out[f"{way}_whole_file_s"] = round(waited + total, 2)
+        finally:
+            await mount.stop(serving)
+            mount.close()
+            await passthrough.close()
+            await fetcher.cancel_fetches()
+            fetcher.close()
+            cache.close()
+    out["link_mb_s"] = round(rate / 1e6, 1)
+    out["file_bytes"] = size
+    return out
 
 
 # ---- the reader ------------------------------------------------------------------------------
@@ -283,11 +383,20 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=512, help="size of the file (default 512)")
     parser.add_argument("--random", type=int, default=20000, help="4 KiB random reads per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every read path; medians (default 5)")
+    parser.add_argument("--open-completion", metavar="MB_S", type=float,
+                        help="instead: a cold file streamed through FUSE vs completed at open, over a link of MB_S")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("fuse_reads needs root (FUSE mounts, dropping the page cache)")
     work = Path(tempfile.mkdtemp(prefix="peerpull-fusereads-", dir="/var/tmp"))
+    if args.open_completion:
+        try:
+            result = open_completion(work, args.mib, args.open_completion * 1e6)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(result))
+        return
     figures = measure(work, args.mib, args.random, args.rounds)
     print(table(figures))
     if args.json:
