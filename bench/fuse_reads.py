@@ -118,13 +118,18 @@ def serve(work: Path, size: int) -> None:
         if not sessions["passthrough"].passthrough:
             raise SystemExit("this kernel does not offer FUSE passthrough (6.9+)")
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result(None))
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_signal_handler(signal.SIGTERM, finish)
 
         def command() -> None:
             line = sys.stdin.readline()
             if not line:
-                done.done() or done.set_result(None)
+                finish()
                 return
             print(json.dumps({mode: s.reads for mode, s in sessions.items()}), flush=True)
 
@@ -205,7 +210,7 @@ async def _open_completion(work: Path, size: int, rate: float) -> dict[str, floa
         started = time.monotonic()
         first = 0.0
         with open(path, "rb", buffering=0) as f:
-            while block := f.read(MIB):
+            while f.read(MIB):
                 first = first or time.monotonic() - started
         return first, time.monotonic() - started
 
@@ -296,7 +301,8 @@ class Server:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("stats\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        counts: dict[str, int] = json.loads(self.proc.stdout.readline())
+        return counts
 
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

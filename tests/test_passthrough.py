@@ -29,7 +29,8 @@ from peer.cache import ChunkCache
 from peer.chunk import ChunkRef
 from peer.fetcher import ChunkFetcher
 from peer.metrics import PeerMetrics
-from snapshotter.fs.file_reader import FileReader, LayerSource
+from peerpull.testbed.daemon import EmbeddedDaemon
+from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.kernel.session import KernelSession
 from snapshotter.fs.mount import KernelMount, mounted_at
@@ -304,7 +305,12 @@ def test_adopted_state_is_reused_without_registering_again(tmp_path: Path) -> No
     (tmp_path / "backing").write_bytes(b"x")
     old = OpenFiles(lambda fd: 41, closed.append)
     assert old.open(8, lambda: Backing("", tmp_path / "backing")) == 41
-    new = OpenFiles(lambda fd: registered.append(fd) or 99, closed.append)
+
+    def register(fd: int) -> int:
+        registered.append(fd)
+        return 99
+
+    new = OpenFiles(register, closed.append)
     new.adopt_state(old.export_state())
     assert new.open(8, lambda: pytest.fail("the inode's first open decided already")) == 41
     assert registered == [] and new.handles() == {8: (2, 41)}
@@ -344,3 +350,14 @@ def test_the_fuse_reads_bench_reports_its_figures_into_coldstart(tmp_path: Path)
     for key in ("fuse_random_iops", "disk_random_iops", "fuse_seq_mb_s", "disk_seq_mb_s"):
         assert figures[key] == reads[key] and figures[key] > 0
     assert "passthrough vs disk" in coldstart_bench.table(figures)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "pyfuse3"])
+def test_the_daemon_says_at_start_whether_opens_get_passthrough(tmp_path: Path, backend: str) -> None:
+    env = {"PEERPULL_SNAPSHOTTER_FUSE_BACKEND": backend}
+    with EmbeddedDaemon(tmp_path / "d", extra_env=env) as daemon:
+        (said,) = daemon.events("fuse_passthrough")
+    if backend == "kernel":
+        assert said["enabled"] is True and said["store"] == str(tmp_path / "d" / "snapshotter" / "objects")
+    else:
+        assert said["enabled"] is False and "pyfuse3" in said["reason"]
