@@ -70,20 +70,25 @@ class Passthrough:
         self._known = known
         self._chunks = chunks
         self.min_bytes = min_bytes
-        self._keys: dict[int, str] = {}  # inode → object key (the chunk list of an inode never changes)
+        # inode → (its chunk list, object key): the list itself is checked, so an inode number that a
+        # later layer reuses (a slot given again) never maps to the old file's object
+        self._keys: dict[int, tuple[list[fmt.Chunk], str]] = {}
         self._writing: set[str] = set()
         self._tasks = TaskSet("passthrough")
         self.materialised = 0  # objects written by this process (tests, the benchmark)
         self.connections: weakref.WeakSet[OpenFiles] = weakref.WeakSet()  # whose backing ids point into the store
 
     def candidate(self, size: int, chunks: list[fmt.Chunk]) -> bool:
-        """Large enough to gain, and its chunks are its bytes in order (a backing file is exactly those)."""
-        return size >= self.min_bytes and size > 0 and _contiguous(chunks, size)
+        """Large enough to gain, fits the store, and its chunks are its bytes in order (a backing
+        file is exactly those)."""
+        return self.min_bytes <= size <= self.store.limit_bytes and size > 0 and _contiguous(chunks, size)
 
     def _key(self, ino: int, size: int, chunks: list[fmt.Chunk]) -> str:
-        key = self._keys.get(ino)
-        if key is None:
-            key = self._keys[ino] = object_key(size, (c.digest_hex for c in chunks))
+        known = self._keys.get(ino)
+        if known is not None and known[0] is chunks:
+            return known[1]
+        key = object_key(size, (c.digest_hex for c in chunks))
+        self._keys[ino] = (chunks, key)
         return key
 
     def complete(self, source: _Source, chunks: list[fmt.Chunk]) -> bool:
@@ -153,7 +158,7 @@ class Passthrough:
         else forget the inodes of the object about to go (a later open decides anew)."""
         if any(files.holds(key) for files in self.connections):
             raise FailedPreconditionError(f"object {key} backs a file open in passthrough")
-        for ino in [ino for ino, k in self._keys.items() if k == key]:
+        for ino in [ino for ino, (_, k) in self._keys.items() if k == key]:
             del self._keys[ino]
 
     async def close(self) -> None:
@@ -201,9 +206,18 @@ class OpenFiles:
         `backing` is asked only at the inode's first open: that one decides until the last close."""
         opened = self.files.get(ino)
         if opened is None:
-            opened = self.files[ino] = self._first_open(ino, backing() if self._register is not None else None)
+            opened = self.files[ino] = self._first_open(ino, self._ask(ino, backing))
         opened.opens += 1
         return opened.backing_id
+
+    def _ask(self, ino: int, backing: Callable[[], Backing | None]) -> Backing | None:
+        if self._register is None:
+            return None
+        try:
+            return backing()
+        except Exception as exc:  # noqa: BLE001 - the open still works, through READ
+            log.warning("fuse_backing_unavailable", inode=ino, error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def _first_open(self, ino: int, backing: Backing | None) -> OpenFile:
         if backing is None or self._register is None:
