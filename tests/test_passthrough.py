@@ -361,3 +361,28 @@ def test_the_daemon_says_at_start_whether_opens_get_passthrough(tmp_path: Path, 
         assert said["enabled"] is True and said["store"] == str(tmp_path / "d" / "snapshotter" / "objects")
     else:
         assert said["enabled"] is False and "pyfuse3" in said["reason"]
+
+
+async def test_an_inode_number_reused_by_another_layer_never_gets_the_old_object(tmp_path: Path) -> None:
+    toc, frames = build_layer()
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    fetcher = ChunkFetcher(cache, LocalOrigin(frames), PeerMetrics())
+    try:
+        fs, passthrough = new_fs(tmp_path, fetcher, cache, toc)
+        layer = next(iter(fs._by_slot.values()))
+        big = layer.tree.root.children[b"big"]  # type: ignore[index]
+        path = await passthrough.materialise(layer.source, big.ino, big.size, big.chunks)
+        assert fs.backing_file(big.ino) == Backing(path.name, path)
+        # the layer goes; another one gets its slot, and with it the same inode number for another file
+        fs.remove_layer(LAYER)
+        lazy = next(e for e in toc.entries if e.path == "lazy")
+        renamed = fmt.TocEntry(path="big", type=fmt.FILE, mode=0o644, size=lazy.size, chunks=lazy.chunks)
+        other = fmt.Toc(MIB, [renamed if e.path == "big" else e for e in toc.entries])
+        fs.add_layer("sha256:" + "6e" * 32, 3, "example/repo", other)
+        reused = next(iter(fs._by_slot.values())).tree.root.children[b"big"]  # type: ignore[index]
+        assert reused.ino == big.ino and reused.size != big.size
+        assert fs.backing_file(reused.ino) is None  # not the old file's object; this one is not cached
+    finally:
+        await fetcher.cancel_fetches()
+        fetcher.close()
+        cache.close()
