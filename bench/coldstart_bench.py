@@ -13,7 +13,8 @@ after the page cache is dropped. Rows, each round:
   lazy peer       the same, with one peer node that warmed the image beforehand
   read all        a container that reads every file of the image once (normal, lazy)
 Once: the image's chunk count, the link's measured rate, the largest file read through FUSE vs
-from disk, and the physical limit (working-set bytes ÷ link rate; the import on a local disk).
+from disk, reads of a fully cached file through passthrough and Python vs disk (bench/fuse_reads.py,
+row "fuse-reads"), and the physical limit (working-set bytes ÷ link rate; the import on a local disk).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fuse_reads  # noqa: E402
 from realistic_image import build_large_image, build_realistic_image  # noqa: E402
 from shaped_link import ShapedLink, sh  # noqa: E402
 
@@ -73,7 +75,7 @@ READ_ALL = ("import os, stat\n"
             "        except OSError:\n"
             "            pass\n"
             "print(n, 'files', b, 'bytes', flush=True)\n")
-ROWS = ("second", "peer", "read-all", "fuse")
+ROWS = ("second", "peer", "read-all", "fuse", "fuse-reads")
 
 # the keys bench/coldstart --json always writes (tests/test_bench.py checks them)
 JSON_KEYS = (
@@ -90,6 +92,7 @@ JSON_KEYS = (
     "lazy_peak_rss_mb", "read_all_lazy_peak_rss_mb", "working_set_bytes", "working_set_transfer_s",
     "local_import_s", "physical_limit_s", "fuse_read_mb_per_s", "disk_read_mb_per_s", "read_file", "read_file_bytes",
     "output", "ranges", "rounds", "lazy_tier_samples",
+    "fuse_random_iops", "disk_random_iops", "fuse_seq_mb_s", "disk_seq_mb_s",
 )
 
 
@@ -461,16 +464,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if "fuse" not in skip:
                 print("FUSE vs disk read …", flush=True)
                 fuse, disk, file_name, file_size = await fuse_vs_disk(seekable, registry, work)
+            reads: dict[str, Any] = {}
+            if "fuse-reads" not in skip:
+                print("FUSE reads of a cached file: passthrough, Python, disk …", flush=True)
+                reads = await asyncio.to_thread(fuse_reads.measure, work / "fuse-reads", 512, 20000, 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     return summarize(rounds, label=label, image_bytes=image_bytes, link=shaping, rtt_ms=args.rtt_ms, rtt_measured_ms=rtt,
-                     chunks=chunks, rate=rate, fuse=(fuse, disk, file_name, file_size))
+                     chunks=chunks, rate=rate, fuse=(fuse, disk, file_name, file_size), reads=reads)
 
 
 def summarize(rounds: list[dict[str, Any]], *, label: str, image_bytes: int, link: str, rtt_ms: float,
               rtt_measured_ms: float | None, chunks: int, rate: float,
-              fuse: tuple[float, float, str, int] = (0.0, 0.0, "", 0)) -> dict[str, Any]:
+              fuse: tuple[float, float, str, int] = (0.0, 0.0, "", 0),
+              reads: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON figures: the rounds' medians and ranges, the once-per-run figures and the
     physical limit; every key of JSON_KEYS (None for rows left out)."""
     f = combine(rounds)
@@ -485,6 +493,7 @@ def summarize(rounds: list[dict[str, Any]], *, label: str, image_bytes: int, lin
               "physical_limit_s": round(max(transfer, local), 2) if transfer is not None and local is not None else None,
               "fuse_read_mb_per_s": round(fuse[0], 1), "disk_read_mb_per_s": round(fuse[1], 1),
               "read_file": fuse[2], "read_file_bytes": fuse[3]})
+    f.update(reads or {})  # bench/fuse_reads.py's figures
     for key in JSON_KEYS:
         f.setdefault(key, None)  # rows left out with --skip
     return f
@@ -545,6 +554,12 @@ def table(f: dict[str, Any]) -> str:
         lines.append(f"* sequential read of {f['read_file']} ({f['read_file_bytes'] / 1e6:.0f} MB), fully cached, page "
                      f"cache dropped: FUSE {f['fuse_read_mb_per_s']:.0f} MB/s vs disk {f['disk_read_mb_per_s']:.0f} MB/s "
                      f"({_x(f['fuse_read_mb_per_s'], f['disk_read_mb_per_s'])})")
+    if f.get("fuse_random_iops"):
+        lines.append(f"* fully cached {f['fuse_reads_file_bytes'] >> 20} MiB file, page cache dropped, passthrough vs "
+                     f"disk: sequential {f['fuse_seq_mb_s']:.0f} vs {f['disk_seq_mb_s']:.0f} MB/s ({f['fuse_seq_ratio']:.2f}×), "
+                     f"4 KiB random {f['fuse_random_iops']} vs {f['disk_random_iops']} reads/s ({f['fuse_random_ratio']:.2f}×); "
+                     f"served by Python {f['python_seq_ratio']:.2f}× / {f['python_random_ratio']:.2f}×, "
+                     f"{f['python_cpu_us_per_read']} µs daemon CPU per READ")
     return "\n".join(lines)
 
 

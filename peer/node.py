@@ -93,6 +93,7 @@ class PeerNode:
         self._registry_config = registry
         self.metrics = PeerMetrics()
         self.fetcher: ChunkFetcher | None = None
+        self.cache: ChunkCache | None = None  # once run() has opened it (the snapshotter asks what it holds)
         self.streamer: Streamer | None = None  # streams of frames for the snapshotter (peer/stream.py)
         self.membership: Membership | None = None
         self.policy = OriginPolicy(peer.trusted_registries)
@@ -129,6 +130,7 @@ class PeerNode:
             cache = await asyncio.to_thread(open_cache, self.config)
             stack.callback(cache.close)
             cache.start_index()
+            self.cache = cache
             self._client = await stack.enter_async_context(RegistryClient(self._registry_config))
             self.metrics.watch_registry_faults(self._client.faults)
             session = await stack.enter_async_context(aiohttp.ClientSession())

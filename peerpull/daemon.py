@@ -22,6 +22,8 @@ from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import open_mount, unmount_stale
+from snapshotter.fs.objects import ObjectStore, store_root
+from snapshotter.fs.passthrough import Passthrough, announce
 from snapshotter.fs.request_timeout import check_request_timeout
 from snapshotter.service.grpc_service import SnapshotService, serve
 from snapshotter.service.image_fetch import ImageFetch
@@ -61,6 +63,7 @@ class NodeDaemon:
                      "give a socket path in a writable directory (--socket PATH, snapshotter.socket)")
         unmount_stale(self.layout.fuse)
         self.layout.fuse.mkdir(exist_ok=True)
+        objects = ObjectStore(store_root(sc.root, sc.object_store_dir), sc.object_store_bytes)  # refuses overlayfs
         # the stack unwinds (reverse order of creation) before the group waits for its tasks
         async with asyncio.TaskGroup() as group, AsyncExitStack() as stack:
             store = SnapshotStore(self.layout.root / "metadata.db")
@@ -74,7 +77,10 @@ class NodeDaemon:
             reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel,
                                 sc.prefetch_sequential_bytes, self.peer.streamer)
             stack.push_async_callback(reader.close)
-            self.fs = LayerFS(reader, on_read=self.peer.metrics.fuse_reads.inc)
+            assert self.peer.cache is not None
+            passthrough = Passthrough(objects, self.peer.cache.known, self.peer.fetcher, sc.passthrough_min_bytes)
+            stack.push_async_callback(passthrough.close)
+            self.fs = LayerFS(reader, on_read=self.peer.metrics.fuse_reads.inc, passthrough=passthrough)
             # profile + background streaming of each pulled image; stopped before the reader and the
             # fetcher close (the stack unwinds in reverse)
             self.image_fetch = ImageFetch(self.peer.streamer, sc)  # its profile source: _profiles below
@@ -88,6 +94,7 @@ class NodeDaemon:
                 self.peer.status.images = ImageLocality(store, self.fs).report
             fuse = open_mount(self.fs, self.layout.fuse, sc.fuse_backend, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
             stack.callback(fuse.close)
+            self.fs.passthrough = announce(fuse, passthrough)
             # in the TaskGroup: if the FUSE loop ends or crashes, the group cancels the rest and the
             # daemon exits with its error
             fuse_task = group.create_task(fuse.serve(), name="fuse-loop")

@@ -21,6 +21,9 @@ class SnapshotterConfig:
     # <root>/objects. Must be a plain filesystem: on overlayfs or FUSE the kernel refuses backing files
     object_store_dir: str = ""
     object_store_bytes: int = setting(8 << 30, lo=64 << 20, hi=1 << 50)  # least recently used go first; open ones stay
+    # files at least this large, once complete in the cache, are copied into the object store and
+    # read through FUSE passthrough at disk speed (kernel backend only); smaller ones gain nothing
+    passthrough_min_bytes: int = setting(1 << 20, lo=0, hi=1 << 50)
     # the fd holder that keeps the FUSE connection across a daemon crash (docs/snapshotter.md, "Live restart")
     fd_holder_socket: str = "/run/peerpull/fd-holder.sock"
     # startup profiles (docs/snapshotter.md): record the chunks a container of an image reads first,

@@ -20,7 +20,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -29,6 +29,9 @@ from converter.format.errors import PeerpullError
 from snapshotter.fs.file_reader import FileReader, LayerSource
 from snapshotter.fs.guard import ENOATTR, FsError, fuse_handler
 from snapshotter.fs.layer_tree import Inode, LayerTree
+
+if TYPE_CHECKING:
+    from snapshotter.fs.passthrough import Backing, Passthrough
 
 log = structlog.get_logger(__name__)
 
@@ -81,9 +84,11 @@ class StatFs:
 class LayerFS:
     """The layers and the read-only operations on them (each guarded: it raises only FsError)."""
 
-    def __init__(self, reader: FileReader, on_read: Callable[[], None] | None = None) -> None:
+    def __init__(self, reader: FileReader, on_read: Callable[[], None] | None = None,
+                 passthrough: Passthrough | None = None) -> None:
         self._reader = reader
         self._on_read = on_read  # counts read requests (per-read CPU in bench/coldstart)
+        self.passthrough = passthrough  # complete files for FUSE passthrough (kernel transport only)
         self._by_name: dict[bytes, MountedLayer] = {}
         self._by_slot: dict[int, MountedLayer] = {}
         self._started_ns = time.time_ns()
@@ -243,9 +248,13 @@ class LayerFS:
             raise FsError(errno.EINVAL)
         return inode
 
-    def backing_path(self, inode: int) -> Path | None:
-        """A complete, verified local copy of the file (FUSE passthrough may serve it); none yet."""
-        return None
+    def backing_file(self, inode: int) -> Backing | None:
+        """A complete, verified local copy of the file, for an OPEN the transport may answer with
+        FUSE passthrough (None: served through READ)."""
+        if self.passthrough is None:
+            return None
+        layer, node = self._node(inode)
+        return self.passthrough.backing(layer.source, node.ino, node.size, node.chunks)
 
     @fuse_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -253,10 +262,14 @@ class LayerFS:
         if self._on_read is not None:
             self._on_read()
         try:
-            return await self._reader.read(layer.source, node.ino, node.chunks, node.size, off, size)
+            data = await self._reader.read(layer.source, node.ino, node.chunks, node.size, off, size)
         except PeerpullError as exc:
             log.error("fuse_read_failed", layer=layer.digest, inode=fh, offset=off, size=size, error=str(exc))
             raise FsError(errno.EIO) from None
+        if self.passthrough is not None and off + len(data) >= node.size:
+            # a reader got to the end: once the file is complete, its next open is native
+            self.passthrough.read_reached_end(layer.source, node.ino, node.size, node.chunks)
+        return data
 
     @fuse_handler
     def release(self, fh: int) -> None:

@@ -79,7 +79,7 @@ class ObjectStore:
         check_plain_filesystem(root)
         self.root = root
         self.limit_bytes = limit_bytes
-        self._before_evict = before_evict
+        self.before_evict = before_evict  # the owner of backing ids (passthrough.py) sets it
         self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
         self._writes: SingleFlight[Path] = SingleFlight()
@@ -146,9 +146,9 @@ class ObjectStore:
                 break
             if self._pins.get(key):
                 continue
-            if self._before_evict is not None:
+            if self.before_evict is not None:
                 try:
-                    self._before_evict(key)
+                    self.before_evict(key)
                 except Exception as exc:  # keep the file rather than evict it under a live backing id
                     log.warning("object_evict_hook_failed", key=key, error=f"{type(exc).__name__}: {exc}")
                     continue

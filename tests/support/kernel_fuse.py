@@ -19,6 +19,7 @@ from peer.fetcher import ChunkFetcher
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.mount import KernelMount, mounted_at
+from snapshotter.fs.passthrough import Backing
 from tests.support.failing_fuse import LAYER, layer_toc
 
 BOUND_S = 60.0  # a guard against a hang, not a timing assertion
@@ -41,8 +42,8 @@ class Scripted(LayerFS):
             await self.gate.wait()
         return b"hello"[off:off + size]
 
-    def backing_path(self, inode: int) -> Path | None:
-        return self.backing
+    def backing_file(self, inode: int) -> Backing | None:
+        return Backing("", self.backing) if self.backing is not None else None
 
 
 @contextlib.asynccontextmanager

@@ -10,17 +10,16 @@ with their passthrough backing ids.
 from __future__ import annotations
 
 import errno
-import os
 import stat
 from collections.abc import Callable
 
 import structlog
 
-from converter.format.errors import PeerpullError
 from snapshotter.fs.fusefs import Attr, LayerFS
 from snapshotter.fs.guard import FsError
 from snapshotter.fs.kernel import abi
 from snapshotter.fs.kernel.abi import Op
+from snapshotter.fs.passthrough import OpenFiles
 
 log = structlog.get_logger(__name__)
 
@@ -69,10 +68,11 @@ class Requests:
     def __init__(self, fs: LayerFS, open_backing: Callable[[int], int] | None,
                  close_backing: Callable[[int], None]) -> None:
         self.fs = fs
-        self._open_backing = open_backing
-        self._close_backing = close_backing
         self.lookups: dict[int, int] = {}
-        self.opens: dict[int, list[int]] = {}  # inode → [opens not yet released, backing id or 0]
+        # the open files per inode and their backing ids (passthrough.py)
+        self.files = OpenFiles(open_backing, close_backing, fs.passthrough.store if fs.passthrough else None)
+        if fs.passthrough is not None:
+            fs.passthrough.connections.add(self.files)
         self.table: dict[int, Handler] = {
             Op.LOOKUP: self.lookup, Op.FORGET: self.forget, Op.BATCH_FORGET: self.batch_forget,
             Op.GETATTR: self.getattr, Op.READLINK: self.readlink, Op.OPEN: self.open, Op.RELEASE: self.release,
@@ -171,46 +171,13 @@ class Requests:
     def open(self, nodeid: int, body: memoryview) -> Reply:
         flags, _ = abi.OPEN_IN.unpack_from(body)
         fh = self.fs.open(nodeid, flags)
-        opened = self.opens.get(nodeid)
-        if opened is None:
-            # the first open decides how the inode is served until its last close: the kernel refuses
-            # one inode open in passthrough and cached mode at once
-            opened = self.opens[nodeid] = [0, self._backing_for(nodeid)]
-        opened[0] += 1
-        if opened[1]:
-            return [abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, opened[1])]
+        # the inode's first open decides how it is served until its last close (passthrough.py)
+        backing_id = self.files.open(nodeid, lambda: self.fs.backing_file(nodeid))
+        if backing_id:
+            return [abi.OPEN_OUT.pack(fh, abi.FOPEN_PASSTHROUGH, backing_id)]
         return [abi.OPEN_OUT.pack(fh, abi.FOPEN_KEEP_CACHE, 0)]
-
-    def _backing_for(self, nodeid: int) -> int:
-        """A backing id for the inode's complete local file (0: serve it through READ)."""
-        if self._open_backing is None:
-            return 0
-        path = self.fs.backing_path(nodeid)
-        if path is None:
-            return 0
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            log.warning("fuse_backing_unavailable", inode=nodeid, path=str(path), error=exc.strerror)
-            return 0
-        try:
-            return self._open_backing(fd)
-        except PeerpullError as exc:
-            log.warning("fuse_backing_unavailable", inode=nodeid, path=str(path), error=str(exc))
-            return 0
-        finally:
-            os.close(fd)  # the kernel keeps its own reference
 
     def release(self, nodeid: int, body: memoryview) -> Reply:
         self.fs.release(abi.RELEASE_IN.unpack_from(body)[0])
-        opened = self.opens.get(nodeid)
-        if opened is not None:
-            opened[0] -= 1
-            if opened[0] <= 0:
-                del self.opens[nodeid]
-                if opened[1]:
-                    try:
-                        self._close_backing(opened[1])
-                    except PeerpullError as exc:
-                        log.warning("fuse_backing_close_failed", backing_id=opened[1], error=str(exc))
+        self.files.release(nodeid)
         return []

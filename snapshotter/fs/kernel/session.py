@@ -34,6 +34,7 @@ from snapshotter.fs.kernel.abi import InitFlag, Op
 from snapshotter.fs.kernel.handshake import STATE_KEYS, negotiate
 from snapshotter.fs.kernel.handshake import SessionError as SessionError
 from snapshotter.fs.kernel.requests import Requests
+from snapshotter.fs.passthrough import OpenFiles
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +79,8 @@ class KernelSession:
         to the connection and stay valid, and must be reused while their inode is open."""
         session = cls(fs, fd, state, max_tasks)
         session._requests.lookups = dict(lookups or {})
-        session._requests.opens = {ino: [count, backing] for ino, (count, backing) in (handles or {}).items()}
+        session._requests.files.adopt_state(
+            {"files": [[ino, count, backing, ""] for ino, (count, backing) in (handles or {}).items()]})
         log.info("fuse_session_resumed", protocol=f"{state['major']}.{state['minor']}", flags=hex(state["flags"]),
                  passthrough=session.passthrough, resend=session.resend, inodes=len(session._requests.lookups))
         return session
@@ -93,7 +95,12 @@ class KernelSession:
 
     def handles(self) -> dict[int, tuple[int, int]]:
         """Open files per inode: (opens not yet released, backing id or 0 when served through READ)."""
-        return {ino: (count, backing) for ino, (count, backing) in self._requests.opens.items()}
+        return self._requests.files.handles()
+
+    @property
+    def open_files(self) -> OpenFiles:
+        """The open files and backing ids (with their store objects: `export_state()` for a successor)."""
+        return self._requests.files
 
     # ---- passthrough and resend ---------------------------------------------------------------
 
