@@ -202,6 +202,26 @@ async def test_a_file_read_to_its_end_is_native_at_its_next_open(tmp_path: Path)
         assert n.session.reads == before
 
 
+def read_tail_then_head(path: Path, tail: int) -> bytes:
+    """The end of the file first (as parallel readahead can answer it), then the rest from the start."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        end = os.pread(f.fileno(), tail, size - tail)
+        return os.pread(f.fileno(), size - tail, 0) + end
+
+
+async def test_a_file_whose_end_was_read_before_its_start_is_native_once_complete(tmp_path: Path) -> None:
+    """The READ at the end is answered while the file is not complete: the reads that complete it
+    later still make the next open native."""
+    async with node(tmp_path) as n:
+        assert await in_thread(read_tail_then_head, n.path("lazy"), 4096) == FILES["lazy"]
+        await until(lambda: n.passthrough.materialised == 1)
+        await released(n)
+        before = n.session.reads
+        assert await in_thread(read_file, n.path("lazy")) == FILES["lazy"]
+        assert n.session.reads == before
+
+
 async def test_eviction_with_the_file_open_keeps_it_and_new_opens_never_fail(tmp_path: Path) -> None:
     async with node(tmp_path) as n:
         await n.cache("big")

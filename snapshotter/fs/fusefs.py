@@ -266,9 +266,8 @@ class LayerFS:
         except PeerpullError as exc:
             log.error("fuse_read_failed", layer=layer.digest, inode=fh, offset=off, size=size, error=str(exc))
             raise FsError(errno.EIO) from None
-        if self.passthrough is not None and off + len(data) >= node.size:
-            # a reader got to the end: once the file is complete, its next open is native
-            self.passthrough.read_reached_end(layer.source, node.ino, node.size, node.chunks)
+        if self.passthrough is not None:
+            self.passthrough.read_done(layer.source, node.ino, node.size, node.chunks, off + len(data) >= node.size)
         return data
 
     @fuse_handler

@@ -39,6 +39,7 @@ from snapshotter.fs.objects import ObjectStore, object_key
 log = structlog.get_logger(__name__)
 
 MATERIALISE_WINDOW = 4  # chunks read from the cache ahead of the copy into the store
+MAX_ENDED = 4096  # inodes remembered as read to their end before complete (bounded: a scan of huge trees)
 
 
 class ChunkGetter(Protocol):
@@ -74,6 +75,7 @@ class Passthrough:
         # later layer reuses (a slot given again) never maps to the old file's object
         self._keys: dict[int, tuple[list[fmt.Chunk], str]] = {}
         self._writing: set[str] = set()
+        self._ended: set[int] = set()  # inodes read to their end while not yet complete
         self._tasks = TaskSet("passthrough")
         self.materialised = 0  # objects written by this process (tests, the benchmark)
         self.connections: weakref.WeakSet[OpenFiles] = weakref.WeakSet()  # whose backing ids point into the store
@@ -107,10 +109,20 @@ class Passthrough:
         self.materialise_later(source, ino, size, chunks, "open")
         return None
 
-    def read_reached_end(self, source: _Source, ino: int, size: int, chunks: list[fmt.Chunk]) -> None:
-        """A read ended at the file's end: once the file is complete, its next open is native."""
-        if self.candidate(size, chunks) and self.store.path(self._key(ino, size, chunks)) is None:
+    def read_done(self, source: _Source, ino: int, size: int, chunks: list[fmt.Chunk], at_end: bool) -> None:
+        """A read was answered. Once a reader got to the file's end and the file is complete, its next
+        open is native. The kernel's readahead sends READs in parallel, so the last one can be answered
+        while earlier chunks are still on the wire: the end is remembered and later reads check again."""
+        if not at_end and ino not in self._ended:
+            return
+        if not self.candidate(size, chunks) or self.store.path(self._key(ino, size, chunks)) is not None:
+            self._ended.discard(ino)
+            return
+        if self.complete(source, chunks):
+            self._ended.discard(ino)
             self.materialise_later(source, ino, size, chunks, "end_of_file")
+        elif len(self._ended) < MAX_ENDED:
+            self._ended.add(ino)
 
     def materialise_later(self, source: _Source, ino: int, size: int, chunks: list[fmt.Chunk], why: str) -> None:
         key = self._key(ino, size, chunks)
