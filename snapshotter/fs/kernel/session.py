@@ -52,6 +52,7 @@ class KernelSession:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._interrupted: set[int] = set()
         self._reading = False
+        self._draining = False  # drain(): read nothing more, the kernel queues it for a successor
         self._ended: asyncio.Future[str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0  # requests read (tests and the benchmark count them)
@@ -94,6 +95,34 @@ class KernelSession:
     def handles(self) -> dict[int, tuple[int, int]]:
         """Open files per inode: (opens not yet released, backing id or 0 when served through READ)."""
         return {ino: (count, backing) for ino, (count, backing) in self._requests.opens.items()}
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything `from_state` needs to serve this connection in another process: plain data
+        (msgpack-able; tuples come back as lists, which `resume` accepts)."""
+        return {"init": self.init_state(), "lookups": self.lookups(),
+                "handles": {ino: [count, backing] for ino, (count, backing) in self.handles().items()}}
+
+    @classmethod
+    def from_state(cls, fs: LayerFS, fd: int, state: dict[str, Any], max_tasks: int = 512) -> KernelSession:
+        """Resume the connection `fd` from a predecessor's `export_state()` (SessionError if it is not one)."""
+        try:
+            init = {k: int(state["init"][k]) for k in STATE_KEYS}
+            lookups = {int(ino): int(n) for ino, n in dict(state.get("lookups") or {}).items()}
+            handles = {int(ino): (int(h[0]), int(h[1])) for ino, h in dict(state.get("handles") or {}).items()}
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SessionError(f"a predecessor's FUSE session state is incomplete ({exc!r})") from None
+        return cls.resume(fs, fd, init, max_tasks, lookups, handles)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Read no more requests (the kernel keeps them queued for whoever serves the fd next) and
+        wait up to `timeout_s` for those in flight to be answered; how many were still in flight.
+        Those stay unanswered when the session stops: a successor's `notify_resend` re-queues them."""
+        self._draining = True
+        self._pause_reading()
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks and timeout_s > 0:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        return sum(1 for t in self._tasks.values() if not t.done())
 
     # ---- passthrough and resend ---------------------------------------------------------------
 
@@ -147,7 +176,9 @@ class KernelSession:
             self._ended.set_result("stopped")
 
     def _resume_reading(self) -> None:
-        if not self._reading and self._loop is not None and self._ended is not None and not self._ended.done():
+        if self._reading or self._draining:
+            return
+        if self._loop is not None and self._ended is not None and not self._ended.done():
             self._loop.add_reader(self.fd, self._readable)
             self._reading = True
 
