@@ -19,8 +19,11 @@ import hashlib
 import mmap
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ from tests.support.lazy_stack import fuse_missing
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = {f"data/small/s{i:02d}.txt": random.Random(i).randbytes(random.Random(i).choice([90, 3000, 20_000, 70_000]))
          for i in range(40)}
@@ -74,39 +78,60 @@ CONTAINER_LOOP = ("n=0; while :; do /bin/busybox md5sum -c /check.md5 >/dev/null
 
 
 class SlowRelay(FaultProxy):
-    """The registry, except that the first blob Range request after `arm()` waits SLOW_ORIGIN_S."""
+    """The registry, except that the first blob Range request after `POST /_arm` waits
+    SLOW_ORIGIN_S (`GET /_delayed` says whether it came). It runs in a process of its own: a page
+    fault of this process's mmap reader holds the GIL, and the relay must go on meanwhile."""
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
         self._armed = False
-        self.delayed = threading.Event()  # set once the armed request arrived
-
-    def arm(self) -> None:
-        self.delayed.clear()
-        self._armed = True
+        self._delayed = False
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/_arm":
+            self._armed, self._delayed = True, False
+            return web.Response(text="armed")
+        if request.path == "/_delayed":
+            return web.Response(text="yes" if self._delayed else "no")
         if self._armed and "/blobs/" in request.path and request.headers.get("Range"):
-            self._armed = False
-            self.delayed.set()
+            self._armed, self._delayed = False, True
             await asyncio.sleep(SLOW_ORIGIN_S)
         return await super()._handle(request)
 
 
-class RelayThread:
-    """The relay's event loop in a thread of its own: the module's fixtures are synchronous."""
+def relay_main(upstream: str, address_file: str) -> None:
+    async def serve() -> None:
+        relay = await SlowRelay(upstream).start()
+        Path(address_file).write_text(relay.address)
+        await asyncio.Event().wait()
 
-    def __init__(self, upstream: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.relay = SlowRelay(upstream)
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self.loop).result(30)
+    asyncio.run(serve())
+
+
+class RelayProcess:
+    def __init__(self, upstream: str, workdir: Path) -> None:
+        address_file = workdir / "relay.address"
+        code = f"from tests.test_live_restart import relay_main; relay_main({upstream!r}, {str(address_file)!r})"
+        with open(workdir / "relay.log", "ab") as log:  # the dead daemons' cut connections are logged there
+            self._proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=log)
+        wait_until(lambda: address_file.exists() and address_file.read_text() != "", 60, "the relay to listen")
+        self.address = address_file.read_text()
+
+    def _ask(self, method: str, path: str) -> str:
+        request = urllib.request.Request(f"http://{self.address}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return str(resp.read().decode())
+
+    def arm(self) -> None:
+        self._ask("POST", "/_arm")
+
+    def delayed(self) -> bool:
+        return self._ask("GET", "/_delayed") == "yes"
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.relay.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        self._proc.terminate()
+        self._proc.wait(30)
 
 
 @dataclass
@@ -190,7 +215,7 @@ class Reader:
 @dataclass
 class Node:
     registry: EmbeddedRegistry
-    relay: SlowRelay
+    relay: RelayProcess
     daemon: EmbeddedDaemon
     ctrd: ContainerdProcess
     image: str
@@ -237,7 +262,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         converted = peerpull_cmd("convert", "--quiet", "--chunk-size", str(images.CHUNK), f"oci:{layout}:latest",
                                  target, timeout=600)
         assert converted.returncode == 0, converted.stderr[-2000:]
-        relay = RelayThread(registry.url)
+        relay = RelayProcess(registry.url, base)
         env = {"PEERPULL_SNAPSHOTTER_FD_HOLDER": "true", "PEERPULL_SNAPSHOTTER_KEEP_MOUNT_ON_STOP": "true",
                "PEERPULL_SNAPSHOTTER_FUSE_BACKEND": "kernel", "PEERPULL_SNAPSHOTTER_PREFETCH": "none",
                "PEERPULL_SNAPSHOTTER_STREAM": "never", "PEERPULL_SNAPSHOTTER_PROFILE_RECORD": "false",
@@ -246,7 +271,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         try:
             daemon.start(timeout_s=120)
             with ContainerdProcess(base / "containerd", proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
-                image = target.replace(registry.address, relay.relay.address)
+                image = target.replace(registry.address, relay.address)
                 pulled = peerpull_cmd("pull", image, "--address", str(ctrd.socket), "--namespace", NAMESPACE,
                                       "--json", timeout=600)
                 assert pulled.returncode == 0, pulled.stderr[-2000:] + daemon.log_tail()
@@ -257,7 +282,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                 root = Path(f"/proc/{pid}/root")
                 wait_until(lambda: (root / "tmp" / "rounds").exists(), 120, "the container's first round")
                 reader = Reader(root).start()
-                node = Node(registry, relay.relay, daemon, ctrd, image, container, reader)
+                node = Node(registry, relay, daemon, ctrd, image, container, reader)
                 try:
                     node.keeps_reading("the start")
                     yield node
@@ -323,7 +348,7 @@ def test_a_crash_during_a_slow_origin_read_is_resent_to_the_successor(node: Node
     reading = threading.Thread(target=read, daemon=True)
     started = time.monotonic()
     reading.start()
-    assert node.relay.delayed.wait(60), "the read of an unfetched chunk never reached the origin"
+    wait_until(node.relay.delayed, 60, "the read of an unfetched chunk to reach the origin")
     assert "data" not in result, "the read was answered before the daemon died: the crash missed it"
     _kill_and_start(node.daemon)
     reading.join(120)
@@ -337,8 +362,9 @@ def test_a_crash_during_a_slow_origin_read_is_resent_to_the_successor(node: Node
 
 
 def test_new_containers_start_after_the_restarts(node: Node) -> None:
-    out = run_container(node.ctrd, node.image, ["/bin/busybox", "md5sum", "-c", "/check.md5"], snapshotter="peerpull")
-    assert out.count(": OK") == len(SMALL) + 1
+    out = run_container(node.ctrd, node.image, ["/bin/busybox", "md5sum", "-c", "/check.md5"], snapshotter="peerpull",
+                        timeout=120)
+    assert out.count(": OK") == len(SMALL) + 1, out
     node.keeps_reading("a new container")
 
 

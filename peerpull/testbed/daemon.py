@@ -149,7 +149,9 @@ class EmbeddedDaemon:
 
     def close(self) -> None:
         self.stop()
-        if self.fuse_mount.exists() and os.path.ismount(self.fuse_mount):
+        # from the mount table, not stat(): a mount kept for a successor (keep_mount_on_stop) has
+        # nobody serving it now, and a stat would wait for an answer forever
+        if str(self.fuse_mount) in _mount_points():
             subprocess.run(["umount", "-l", str(self.fuse_mount)], capture_output=True)
         try:
             for entry in self._sock_dir.iterdir():
@@ -163,3 +165,10 @@ class EmbeddedDaemon:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _mount_points() -> set[str]:
+    try:
+        return {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines() if len(line.split()) > 1}
+    except OSError:
+        return set()
