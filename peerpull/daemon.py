@@ -7,7 +7,6 @@ across restarts is live_restart.py's policy.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
