@@ -221,6 +221,8 @@ class LiveRestart:
     # ---- SIGHUP -------------------------------------------------------------------------------
 
     def on_sighup(self) -> None:
+        if self.handover_requested:
+            return  # handing over already
         if self._session() is None or self._main is None:
             log.warning("handover_unavailable", reason="not serving yet" if self._fuse is None else
                         "the pyfuse3 transport cannot hand its session over (fuse_backend: kernel can)")

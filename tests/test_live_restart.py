@@ -19,7 +19,9 @@ import hashlib
 import mmap
 import os
 import random
+import shutil
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -33,12 +35,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from peerpull.live_restart import STATE_VERSION, export_state
+from peerpull.live_restart import STATE_VERSION, LiveRestart, export_state
 from peerpull.testbed.daemon import EmbeddedDaemon
 from peerpull.testbed.registry import EmbeddedRegistry
+from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.fd_holder import holder_ping, holder_stop
 from snapshotter.fs.kernel.session import KernelSession
-from snapshotter.fs.mount import mounted_at
+from snapshotter.fs.mount import KernelMount, mounted_at
 from tests.support import images
 from tests.support.cli import peerpull_cmd
 from tests.support.containerd import NAMESPACE, ContainerdProcess, run_container
@@ -411,3 +414,41 @@ async def test_the_session_state_round_trips_through_msgpack(tmp_path: Path) -> 
 
 def images_layer_dir(fs: Scripted) -> str:
     return next(iter(fs.export_state()["layers"].values())).split(":", 1)[1]
+
+
+async def test_a_kernel_without_resend_is_said_once_and_a_stop_without_holder_unmounts(tmp_path: Path) -> None:
+    """The daemon's FUSE part on its own (LiveRestart.mount/started/teardown over a small layer):
+    no resend negotiated → one `fuse_resend_unavailable` naming what a crash costs; a stop with
+    keep_mount_on_stop but no holder cannot keep the connection for anyone, so it unmounts."""
+    import structlog
+
+    if reason := fuse_missing():
+        pytest.skip(reason)
+    point = tmp_path / "mnt"
+    config = SnapshotterConfig(root=str(tmp_path), fd_holder=False, keep_mount_on_stop=True, fuse_backend="kernel")
+    live = LiveRestart(config, point, tmp_path)
+    fuse = live.mount(Scripted(), None)
+    assert isinstance(fuse, KernelMount) and fuse.session is not None
+    fuse.session.resend = False  # as negotiated with a kernel before 6.9
+    serving = asyncio.create_task(fuse.serve())
+    with structlog.testing.capture_logs() as logs:
+        async with asyncio.TaskGroup() as group:
+            await live.started(group, asyncio.current_task())  # type: ignore[arg-type]
+        assert (await in_thread(os.listdir, point)) == [images_layer_dir(Scripted())]
+        await live.teardown(serving)
+    warned = [e for e in logs if e["event"] == "fuse_resend_unavailable"]
+    assert len(warned) == 1 and "planned handover" in warned[0]["consequence"]
+    assert not live.holder_active and mounted_at(point) is None
+
+
+def test_takeover_without_a_running_daemon_is_one_line_and_exit_10(tmp_path: Path) -> None:
+    run = Path(tempfile.mkdtemp(prefix="p1-takeover-", dir="/run" if os.access("/run", os.W_OK) else None))
+    try:
+        result = peerpull_cmd("daemon", "--takeover", "--root", str(tmp_path / "root"), "--socket", str(run / "s.sock"),
+                              "--discovery", "none", "--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0",
+                              env={**os.environ, "PEERPULL_SNAPSHOTTER_HANDOVER_SOCKET": str(run / "handover.sock"),
+                                   "PEERPULL_SNAPSHOTTER_HANDOVER_TIMEOUT_S": "1"}, timeout=120)
+        assert result.returncode == 10, result.stderr[-2000:]
+        assert "no session handed over on" in result.stderr and not (run / "handover.sock").exists()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
