@@ -21,8 +21,8 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -413,7 +413,7 @@ async def test_the_session_state_round_trips_through_msgpack(tmp_path: Path) -> 
 
 
 def images_layer_dir(fs: Scripted) -> str:
-    return next(iter(fs.export_state()["layers"].values())).split(":", 1)[1]
+    return str(next(iter(fs.export_state()["layers"].values()))).split(":", 1)[1]
 
 
 async def test_a_kernel_without_resend_is_said_once_and_a_stop_without_holder_unmounts(tmp_path: Path) -> None:
