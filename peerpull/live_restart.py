@@ -37,7 +37,7 @@ from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.fd_holder import holder_drop, holder_get, holder_ping, holder_put, holder_stop, spawn_holder
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.handover import HandoverError, receive_session, send_session
-from snapshotter.fs.kernel.session import KernelSession, SessionError
+from snapshotter.fs.kernel.session import KernelSession, SessionError, parse_state
 from snapshotter.fs.mount import KernelMount, Transport, mounted_at, open_mount, unmount_stale
 
 log = structlog.get_logger(__name__)
@@ -75,10 +75,10 @@ def adopt_mount(fs: LayerFS, mountpoint: Path, adopted: Adopted, max_tasks: int,
     if state.get("version") != STATE_VERSION:
         raise SessionError(f"the predecessor's state is version {state.get('version')!r}, this daemon reads "
                            f"{STATE_VERSION}: run the same peerpull version on both ends")
-    session = KernelSession.from_state(fs, adopted.fd, dict(state.get("session") or {}), max_tasks)
-    mount = KernelMount(fs, mountpoint, max_tasks, read_ahead_kb)
-    mount.session = session
-    mount._mounted = True  # noqa: SLF001 - KernelMount.adopt without re-parsing the state
+    init, lookups, handles = parse_state(dict(state.get("session") or {}))
+    mount = KernelMount.adopt(fs, mountpoint, adopted.fd, init, max_tasks, read_ahead_kb, lookups, handles)
+    session = mount.session
+    assert session is not None
     missing = fs.adopt_state(dict(state.get("fs") or {}))
     if missing:
         log.warning("handover_layers_missing", layers=missing,

@@ -105,12 +105,7 @@ class KernelSession:
     @classmethod
     def from_state(cls, fs: LayerFS, fd: int, state: dict[str, Any], max_tasks: int = 512) -> KernelSession:
         """Resume the connection `fd` from a predecessor's `export_state()` (SessionError if it is not one)."""
-        try:
-            init = {k: int(state["init"][k]) for k in STATE_KEYS}
-            lookups = {int(ino): int(n) for ino, n in dict(state.get("lookups") or {}).items()}
-            handles = {int(ino): (int(h[0]), int(h[1])) for ino, h in dict(state.get("handles") or {}).items()}
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise SessionError(f"a predecessor's FUSE session state is incomplete ({exc!r})") from None
+        init, lookups, handles = parse_state(state)
         return cls.resume(fs, fd, init, max_tasks, lookups, handles)
 
     async def drain(self, timeout_s: float) -> int:
@@ -379,6 +374,18 @@ class KernelSession:
             self._end("destroy")
         else:
             self._error(unique, errno.EPROTO)  # INIT is answered once, by negotiate()
+
+
+def parse_state(state: dict[str, Any]) -> tuple[dict[str, int], dict[int, int], dict[int, tuple[int, int]]]:
+    """A predecessor's `export_state()` after msgpack: (INIT state, lookups, handles); SessionError
+    if it is not one."""
+    try:
+        init = {k: int(state["init"][k]) for k in STATE_KEYS}
+        lookups = {int(ino): int(n) for ino, n in dict(state.get("lookups") or {}).items()}
+        handles = {int(ino): (int(h[0]), int(h[1])) for ino, h in dict(state.get("handles") or {}).items()}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SessionError(f"a predecessor's FUSE session state is incomplete ({exc!r})") from None
+    return init, lookups, handles
 
 
 def _op_name(opcode: int) -> str:
