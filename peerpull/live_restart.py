@@ -62,10 +62,10 @@ class _Pending:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def export_state(session: KernelSession, fs: LayerFS) -> dict[str, Any]:
+def export_state(session: KernelSession, fs: LayerFS, mountpoint: Path | None = None) -> dict[str, Any]:
     """The state a successor serving `session`'s connection needs (msgpack-able plain data)."""
-    return {"version": STATE_VERSION, "pid": os.getpid(), "session": session.export_state(),
-            "fs": fs.export_state()}
+    return {"version": STATE_VERSION, "pid": os.getpid(), "mount": str(mountpoint) if mountpoint else "",
+            "session": session.export_state(), "fs": fs.export_state()}
 
 
 def adopt_mount(fs: LayerFS, mountpoint: Path, adopted: Adopted, max_tasks: int, read_ahead_kb: int) -> KernelMount:
@@ -135,7 +135,11 @@ class LiveRestart:
         if got is None:
             return None
         fd, state = got
-        why = self._unusable(fd, state)
+        try:
+            why = self._unusable(fd, state)
+        except ConfigError:
+            os.close(fd)
+            raise
         if why is None:
             return Adopted(fd, state, "holder")
         os.close(fd)
@@ -150,6 +154,10 @@ class LiveRestart:
         pid = state.get("pid")
         if isinstance(pid, int) and pid != os.getpid() and _alive_daemon(pid):
             return f"another daemon (pid {pid}) still serves the FUSE mount at {self.mountpoint}"
+        if state.get("mount") != str(self.mountpoint):  # another daemon's holder: not ours to take or drop
+            raise ConfigError(f"the fd holder at {self.holder_socket} keeps the FUSE connection of "
+                              f"{state.get('mount')!r}, not of {self.mountpoint}: give each daemon its own "
+                              "snapshotter.fd_holder_socket")
         if mounted_at(self.mountpoint) != FUSE_TYPE:
             return f"nothing of peerpull is mounted at {self.mountpoint} any more"
         poller = select.poll()
@@ -206,7 +214,7 @@ class LiveRestart:
     def _put(self, session: KernelSession, state: dict[str, Any] | None = None) -> None:
         assert self._fs is not None
         self._holder_handles = session.handles()
-        holder_put(self.holder_socket, session.fd, state or export_state(session, self._fs))
+        holder_put(self.holder_socket, session.fd, state or export_state(session, self._fs, self.mountpoint))
 
     async def _keep_fresh(self, session: KernelSession) -> None:
         """Put the state again when the open files changed (a successor must reuse their backing ids)."""
@@ -264,7 +272,7 @@ class LiveRestart:
             return
         assert isinstance(fuse, KernelMount)
         left = await session.drain(self.config.handover_drain_s)
-        state = export_state(session, self._fs)
+        state = export_state(session, self._fs, self.mountpoint)
         await fuse.stop(serving)
         fuse.detach()
         self._fuse = None
