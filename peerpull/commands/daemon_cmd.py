@@ -24,7 +24,8 @@ peer port in use) end with one line and exit 2.
 
 Snapshots and layer tables of contents persist under the root: after a restart, already pulled
 images run again without the network. Running containers keep reading across a restart (their
-reads stall, never fail; docs/snapshotter.md, "Live restart"):
+reads stall, never fail; docs/snapshotter.md, "Live restart"; with the kernel FUSE transport,
+not with fuse_backend pyfuse3):
   * planned: start the successor with --takeover (it waits for the connection on
     snapshotter.handover_socket), then send SIGHUP to the running daemon: it finishes the FUSE
     requests in flight, releases its socket and port, hands the connection over and exits;
