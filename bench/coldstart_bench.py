@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fuse_reads  # noqa: E402
 from realistic_image import build_large_image, build_realistic_image  # noqa: E402
+from restart_stall import measure as measure_restart  # noqa: E402
 from shaped_link import ShapedLink, sh  # noqa: E402
 
 from converter.registry.client import RegistryClient  # noqa: E402
@@ -75,7 +76,7 @@ READ_ALL = ("import os, stat\n"
             "        except OSError:\n"
             "            pass\n"
             "print(n, 'files', b, 'bytes', flush=True)\n")
-ROWS = ("second", "peer", "read-all", "fuse", "fuse-reads")
+ROWS = ("second", "peer", "read-all", "fuse", "fuse-reads", "restart")
 
 # the keys bench/coldstart --json always writes (tests/test_bench.py checks them)
 JSON_KEYS = (
@@ -93,6 +94,8 @@ JSON_KEYS = (
     "local_import_s", "physical_limit_s", "fuse_read_mb_per_s", "disk_read_mb_per_s", "read_file", "read_file_bytes",
     "output", "ranges", "rounds", "lazy_tier_samples",
     "fuse_random_iops", "disk_random_iops", "fuse_seq_mb_s", "disk_seq_mb_s",
+    # the restart row (bench/restart_stall.py, its own small image): a reader's stall across a live restart
+    "handover_max_stall_s", "crash_max_stall_s", "restart_read_errors",
 )
 
 
@@ -468,17 +471,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if "fuse-reads" not in skip:
                 print("FUSE reads of a cached file: passthrough, Python, disk …", flush=True)
                 reads = await asyncio.to_thread(fuse_reads.measure, work / "fuse-reads", 512, 20000, 3)
+            restart: dict[str, Any] | None = None
+            if "restart" not in skip:
+                print("reader stall across a live restart …", flush=True)
+                restart = await asyncio.to_thread(measure_restart, work / "restart", args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     return summarize(rounds, label=label, image_bytes=image_bytes, link=shaping, rtt_ms=args.rtt_ms, rtt_measured_ms=rtt,
-                     chunks=chunks, rate=rate, fuse=(fuse, disk, file_name, file_size), reads=reads)
+                     chunks=chunks, rate=rate, fuse=(fuse, disk, file_name, file_size), reads=reads,
+                     restart=restart)
 
 
 def summarize(rounds: list[dict[str, Any]], *, label: str, image_bytes: int, link: str, rtt_ms: float,
               rtt_measured_ms: float | None, chunks: int, rate: float,
               fuse: tuple[float, float, str, int] = (0.0, 0.0, "", 0),
-              reads: dict[str, Any] | None = None) -> dict[str, Any]:
+              reads: dict[str, Any] | None = None,
+              restart: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON figures: the rounds' medians and ranges, the once-per-run figures and the
     physical limit; every key of JSON_KEYS (None for rows left out)."""
     f = combine(rounds)
@@ -494,6 +503,9 @@ def summarize(rounds: list[dict[str, Any]], *, label: str, image_bytes: int, lin
               "fuse_read_mb_per_s": round(fuse[0], 1), "disk_read_mb_per_s": round(fuse[1], 1),
               "read_file": fuse[2], "read_file_bytes": fuse[3]})
     f.update(reads or {})  # bench/fuse_reads.py's figures
+    if restart is not None:
+        f.update({k: restart[k] for k in ("handover_max_stall_s", "crash_max_stall_s", "restart_read_errors",
+                                          "quiet_max_read_s", "restart_stalls")})
     for key in JSON_KEYS:
         f.setdefault(key, None)  # rows left out with --skip
     return f
@@ -560,6 +572,12 @@ def table(f: dict[str, Any]) -> str:
                      f"4 KiB random {f['fuse_random_iops']} vs {f['disk_random_iops']} reads/s ({f['fuse_random_ratio']:.2f}×); "
                      f"served by Python {f['python_seq_ratio']:.2f}× / {f['python_random_ratio']:.2f}×, "
                      f"{f['python_cpu_us_per_read']} µs daemon CPU per READ")
+    if f.get("handover_max_stall_s") is not None:
+        quiet = f.get("quiet_max_read_s")
+        lines.append(f"* live restart (own small image, a reader on the mount): longest read across a planned handover "
+                     f"{f['handover_max_stall_s']:.2f} s, across a crash {f['crash_max_stall_s']:.2f} s "
+                     f"(quiet window {quiet:.3f} s: {_x(f['handover_max_stall_s'], quiet)} / "
+                     f"{_x(f['crash_max_stall_s'], quiet)}); read errors {f['restart_read_errors']}")
     return "\n".join(lines)
 
 

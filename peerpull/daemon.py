@@ -1,11 +1,13 @@
 """The node daemon: the peer component, the FUSE mount and the snapshots service in one process
-and one event loop, started and torn down in order (FUSE unmounted, sockets closed, metadata
-flushed), whatever stops it.
+and one event loop, started and torn down in order (sockets closed, FUSE unmounted or kept for a
+successor, metadata flushed), whatever stops it. Where its FUSE connection comes from and goes to
+across restarts is live_restart.py's policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -17,11 +19,11 @@ from converter.registry.config import RegistryConfig
 from peer.config import PeerConfig
 from peer.node import PeerNode
 from peerpull.host_checks import check_host, check_socket_path, writable_dir
+from peerpull.live_restart import Adopted, LiveRestart, install_sighup
 from peerpull.status.images import ImageLocality
 from snapshotter.config import SnapshotterConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
-from snapshotter.fs.mount import open_mount, unmount_stale
 from snapshotter.fs.objects import ObjectStore, store_root
 from snapshotter.fs.passthrough import Passthrough, announce
 from snapshotter.fs.request_timeout import check_request_timeout
@@ -41,9 +43,11 @@ log = structlog.get_logger(__name__)
 class NodeDaemon:
     """Each component gets only its own config section."""
 
-    def __init__(self, snapshotter: SnapshotterConfig, peer: PeerConfig, registry: RegistryConfig) -> None:
+    def __init__(self, snapshotter: SnapshotterConfig, peer: PeerConfig, registry: RegistryConfig,
+                 takeover: bool = False) -> None:
         self.config = snapshotter
         self.layout = Layout(Path(snapshotter.root))
+        self.live = LiveRestart(snapshotter, self.layout.fuse, self.layout.root, takeover)
         self.peer = PeerNode(peer, registry)
         self._prefetch_parallel = peer.prefetch_parallel
         self.fs: LayerFS | None = None
@@ -61,9 +65,23 @@ class NodeDaemon:
         writable_dir(self.layout.root, "snapshotter root", "give a writable directory (--root DIR, snapshotter.root)")
         writable_dir(socket_path.parent, "socket directory",
                      "give a socket path in a writable directory (--socket PATH, snapshotter.socket)")
-        unmount_stale(self.layout.fuse)
-        self.layout.fuse.mkdir(exist_ok=True)
         objects = ObjectStore(store_root(sc.root, sc.object_store_dir), sc.object_store_bytes)  # refuses overlayfs
+        loop = asyncio.get_running_loop()
+        install_sighup(loop, self.live)  # from the start: SIGHUP's default would end the process
+        try:
+            # a predecessor's connection, before anything binds: a handing-over daemon releases its
+            # socket and port first
+            adopted = await self.live.acquire()
+            await self._serve(ready, adopted, objects)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            await self.live.finish()  # a requested handover: sockets and port are released by now
+
+    async def _serve(self, ready: asyncio.Event | None, adopted: Adopted | None, objects: ObjectStore) -> None:
+        sc = self.config
+        socket_path = Path(sc.socket)
+        main = asyncio.current_task()
+        assert main is not None
         # the stack unwinds (reverse order of creation) before the group waits for its tasks
         async with asyncio.TaskGroup() as group, AsyncExitStack() as stack:
             store = SnapshotStore(self.layout.root / "metadata.db")
@@ -92,13 +110,16 @@ class NodeDaemon:
             restored = remote.restore()
             if self.peer.status is not None:  # /v1/status: how local each image is
                 self.peer.status.images = ImageLocality(store, self.fs).report
-            fuse = open_mount(self.fs, self.layout.fuse, sc.fuse_backend, sc.fuse_max_tasks, sc.fuse_read_ahead_kb)
-            stack.callback(fuse.close)
+            try:
+                fuse = self.live.mount(self.fs, adopted)
+            finally:
+                adopted = None  # the mount owns its fd now (or closed it)
             self.fs.passthrough = announce(fuse, passthrough)
             # in the TaskGroup: if the FUSE loop ends or crashes, the group cancels the rest and the
             # daemon exits with its error
             fuse_task = group.create_task(fuse.serve(), name="fuse-loop")
-            stack.push_async_callback(fuse.stop, fuse_task)
+            stack.push_async_callback(self.live.teardown, fuse_task)  # unmount, or keep for a successor
+            await self.live.started(group, main)
             recorder = await self._profiles(stack, reader, remote)
             self.service = SnapshotService(store, self.layout, remote,
                                            on_fallback=lambda reason: self.peer.metrics.errors.labels("lazy", reason).inc(),

@@ -26,6 +26,17 @@ class SnapshotterConfig:
     passthrough_min_bytes: int = setting(1 << 20, lo=0, hi=1 << 50)
     # the fd holder that keeps the FUSE connection across a daemon crash (docs/snapshotter.md, "Live restart")
     fd_holder_socket: str = "/run/peerpull/fd-holder.sock"
+    # keep a copy of the FUSE connection in that holder (started if none answers) so a crashed daemon's
+    # successor serves on; only with the kernel transport (pyfuse3's session cannot be resumed)
+    fd_holder: bool = True
+    # live restart (docs/snapshotter.md): `peerpull daemon --takeover` listens here; SIGHUP to the
+    # running daemon hands it the FUSE connection once it listens (waiting up to handover_timeout_s)
+    handover_socket: str = "/run/peerpull/handover.sock"
+    handover_drain_s: float = setting(5.0, lo=0.0, hi=300)  # in-flight FUSE requests finish before handing over
+    handover_timeout_s: float = setting(30.0, lo=0.5, hi=3600)  # for the other side of a handover to appear
+    # a stop (SIGTERM) leaves the FUSE mount to the fd holder for the next daemon instead of unmounting:
+    # running containers stall until it starts, never fail. False: unmount and end the holder (private set-ups)
+    keep_mount_on_stop: bool = True
     # startup profiles (docs/snapshotter.md): record the chunks a container of an image reads first,
     # until no new chunk for profile_quiet_s, profile_max_s after its start, or profile_max_chunks
     profile_record: bool = True

@@ -104,7 +104,10 @@ def test_default_chart_runs_the_daemon_privileged_with_fuse_and_shared_mounts(de
     assert pod["priorityClassName"] == "system-node-critical" and pod["terminationGracePeriodSeconds"] == 30
     assert "initContainers" not in pod
     (container,) = pod["containers"]
-    assert container["command"] == ["peerpull", "daemon", "--config", "/etc/peerpull/config.toml"]
+    # the fd holder first (fdHolder: started in a host scope, by pid), then the daemon itself
+    assert container["command"][:2] == ["sh", "-c"] and pod["hostPID"] is True
+    assert "peerpull fd-holder --detach --socket /run/peerpull/fd-holder.sock" in container["command"][2]
+    assert container["command"][2].rstrip().endswith("exec peerpull daemon --config /etc/peerpull/config.toml")
     assert container["image"] == "ghcr.io/example/peerpull:0.1.0"  # tag defaults to appVersion
     assert container["securityContext"]["privileged"] is True
     assert container["resources"]["limits"]["memory"] == "2Gi"

@@ -22,15 +22,23 @@ resolves layers from for its containerd are the ones other nodes may ask it to f
 Start-up problems (no root, no /dev/fuse, an unwritable root, socket or cache directory, the
 peer port in use) end with one line and exit 2.
 
-On SIGTERM or Ctrl-C it stops serving, unmounts the FUSE mount and exits. Snapshots and layer
-tables of contents persist under the root: after a restart, already pulled images run again
-without the network. Containers that were running keep their rootfs mounts, but reads of lazily
-served files fail until they are restarted (the FUSE connection ends with the process).
+Snapshots and layer tables of contents persist under the root: after a restart, already pulled
+images run again without the network. Running containers keep reading across a restart (their
+reads stall, never fail; docs/snapshotter.md, "Live restart"; with the kernel FUSE transport,
+not with fuse_backend pyfuse3):
+  * planned: start the successor with --takeover (it waits for the connection on
+    snapshotter.handover_socket), then send SIGHUP to the running daemon: it finishes the FUSE
+    requests in flight, releases its socket and port, hands the connection over and exits;
+  * crash: a small fd holder process (started by the daemon; snapshotter.fd_holder) keeps the
+    connection; the next `peerpull daemon` takes it and the kernel resends the lost requests;
+  * SIGTERM or Ctrl-C: leaves the mount to the holder for the next start (keep_mount_on_stop), or
+    with keep_mount_on_stop false unmounts and ends the holder.
 
 examples:
   peerpull daemon
   peerpull daemon --root /var/lib/peerpull/snapshotter --socket /run/peerpull/snapshotter.sock
   peerpull daemon --discovery static --peer 10.0.0.2:7470 --prefetch layer
+  peerpull daemon --takeover & kill -HUP $OLD_DAEMON_PID   # hand over to a new daemon
 """
 
 
@@ -45,6 +53,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--stream", choices=STREAM_MODES,
                    help="stream the rest of an image in the background: once it is read beyond a threshold "
                         "(auto, default), always, or never")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the FUSE connection of the running daemon: wait on snapshotter.handover_socket "
+                        "(up to handover_timeout_s) until it gets SIGHUP and hands over; exit 10 if none comes")
     add_peer_options(p)
     p.set_defaults(handler=run)
     return p
@@ -52,4 +63,5 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     config = with_peer_flags(args, config)
-    return await run_until_stopped(NodeDaemon(config.snapshotter, config.peer, config.registry).run())
+    return await run_until_stopped(NodeDaemon(config.snapshotter, config.peer, config.registry,
+                                               takeover=args.takeover).run())

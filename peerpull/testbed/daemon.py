@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,12 @@ class EmbeddedDaemon:
         for peer in peers or []:
             cmd += ["--peer", peer]
         self._cmd = ["ip", "netns", "exec", netns, *cmd] if netns else cmd
-        self._env = {**os.environ, **(extra_env or {})}
+        # a private set-up cleans up after itself: no fd holder outliving it, a stop unmounts; its
+        # handover and holder sockets are its own (a caller's extra_env may still turn them on)
+        private = {"PEERPULL_SNAPSHOTTER_FD_HOLDER": "false", "PEERPULL_SNAPSHOTTER_KEEP_MOUNT_ON_STOP": "false",
+                   "PEERPULL_SNAPSHOTTER_HANDOVER_SOCKET": str(self._sock_dir / "handover.sock"),
+                   "PEERPULL_SNAPSHOTTER_FD_HOLDER_SOCKET": str(self._sock_dir / "fd-holder.sock")}
+        self._env = {**os.environ, **private, **(extra_env or {})}
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,6 +118,25 @@ class EmbeddedDaemon:
         except OSError:
             return "(no log)"
 
+    def hand_over(self, timeout_s: float = 120.0) -> None:
+        """A planned live restart: a successor started with `--takeover`, then SIGHUP to this one;
+        returns once the old process exited and the successor is ready (its `daemon_ready`)."""
+        old = self._proc
+        if old is None or old.poll() is not None:
+            raise PeerpullError("no running daemon to hand over from")
+        ready_before = len(self.events("daemon_ready"))
+        self._proc = spawn_logged([*self._cmd, "--takeover"], self.log_path, env=self._env)
+        old.send_signal(signal.SIGHUP)  # it waits for the successor's handover socket
+        deadline = time.monotonic() + timeout_s
+        try:
+            old.wait(timeout_s)
+            while len(self.events("daemon_ready")) <= ready_before:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise PeerpullError(f"the successor did not take over: {self.log_tail()}")
+                time.sleep(0.05)
+        except subprocess.TimeoutExpired:
+            raise PeerpullError(f"the daemon did not hand over within {timeout_s:.0f} s: {self.log_tail()}") from None
+
     def stop(self, kill: bool = False) -> int | None:
         """SIGTERM (or SIGKILL with `kill`); returns the exit status."""
         if self._proc is not None and kill and self._proc.poll() is None:
@@ -124,7 +149,9 @@ class EmbeddedDaemon:
 
     def close(self) -> None:
         self.stop()
-        if self.fuse_mount.exists() and os.path.ismount(self.fuse_mount):
+        # from the mount table, not stat(): a mount kept for a successor (keep_mount_on_stop) has
+        # nobody serving it now, and a stat would wait for an answer forever
+        if str(self.fuse_mount) in _mount_points():
             subprocess.run(["umount", "-l", str(self.fuse_mount)], capture_output=True)
         try:
             for entry in self._sock_dir.iterdir():
@@ -138,3 +165,10 @@ class EmbeddedDaemon:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _mount_points() -> set[str]:
+    try:
+        return {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines() if len(line.split()) > 1}
+    except OSError:
+        return set()

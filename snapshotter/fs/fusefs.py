@@ -20,7 +20,8 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -273,6 +274,36 @@ class LayerFS:
     @fuse_handler
     def release(self, fh: int) -> None:
         return None
+
+
+    # ---- live restart ---------------------------------------------------------------------------
+
+    def add_state_hook(self, name: str, export: Callable[[], Any], adopt: Callable[[Any], None]) -> None:
+        """Let a part carry its own state across a live restart in `extras[name]` (plain data):
+        `export()` when the daemon hands over, `adopt(value)` in the successor (None: nothing came)."""
+        self._state_hooks()[name] = (export, adopt)
+
+    def _state_hooks(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None]]]:
+        return vars(self).setdefault("_hooks", {})  # type: ignore[no-any-return]
+
+    def export_state(self) -> dict[str, Any]:
+        """What a successor needs beyond the session: the layers served (slot → digest: node ids are
+        derived from them, so the successor must serve the same slots) and each hook's `extras`."""
+        return {"layers": {slot: layer.digest for slot, layer in self._by_slot.items()},
+                "extras": {name: export() for name, (export, _) in self._state_hooks().items()}}
+
+    def adopt_state(self, state: dict[str, Any]) -> list[str]:
+        """Take a predecessor's `export_state()` once the layers are back (from the snapshot store);
+        the layers it served that are not (or under another slot) here: their nodes answer ENOENT."""
+        missing = []
+        for slot, digest in dict(state.get("layers") or {}).items():
+            layer = self._by_slot.get(int(slot))
+            if layer is None or layer.digest != digest:
+                missing.append(str(digest))
+        extras = dict(state.get("extras") or {})
+        for name, (_, adopt) in self._state_hooks().items():
+            adopt(extras.get(name))
+        return missing
 
 
 OPERATIONS = ("getattr", "lookup", "access", "readlink", "getxattr", "listxattr", "statfs", "opendir", "readdir",

@@ -202,6 +202,12 @@ def _take_session(conn: socket.socket, deadline: float) -> tuple[int, dict[str, 
         log.warning("handover_refused", pid=pid, uid=uid, reason="not this user or root")
         return None
     try:
+        conn.settimeout(_remaining(min(deadline, time.monotonic() + 5.0)))
+        if not conn.recv(1, socket.MSG_PEEK):
+            return None  # connected and closed without a byte: a probe (is a successor listening?)
+    except (TimeoutError, OSError):
+        pass  # recv_frame says what went wrong
+    try:
         body, fd = recv_frame(conn, min(deadline, time.monotonic() + 5.0))
     except HandoverError as exc:
         _refuse(conn, pid, uid, str(exc))

@@ -14,7 +14,7 @@ import asyncio
 import os
 import subprocess
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 import pyfuse3.asyncio
@@ -187,7 +187,7 @@ class KernelMount:
 
     @classmethod
     def adopt(cls, fs: LayerFS, mountpoint: Path, fd: int, state: dict[str, int], max_tasks: int, read_ahead_kb: int,
-              lookups: dict[int, int] | None = None, handles: dict[int, tuple[int, int]] | None = None) -> KernelMount:
+              lookups: dict[int, int] | None = None, handles: dict[int, tuple[Any, ...]] | None = None) -> KernelMount:
         """The mount a predecessor made, from its connection's fd and session state: served without INIT."""
         mount = cls(fs, mountpoint, max_tasks, read_ahead_kb)
         mount.session = KernelSession.resume(fs, fd, state, max_tasks, lookups, handles)

@@ -53,6 +53,7 @@ class KernelSession:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._interrupted: set[int] = set()
         self._reading = False
+        self._draining = False  # drain(): read nothing more, the kernel queues it for a successor
         self._ended: asyncio.Future[str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0  # requests read (tests and the benchmark count them)
@@ -73,14 +74,16 @@ class KernelSession:
     @classmethod
     def resume(cls, fs: LayerFS, fd: int, state: dict[str, int], max_tasks: int = 512,
                lookups: dict[int, int] | None = None,
-               handles: dict[int, tuple[int, int]] | None = None) -> KernelSession:
+               handles: dict[int, tuple[Any, ...]] | None = None) -> KernelSession:
         """Serve a connection a predecessor negotiated (its `init_state()`): no INIT is sent or awaited.
-        `lookups` and `handles` are the predecessor's `lookups()` and `handles()`: backing ids belong
-        to the connection and stay valid, and must be reused while their inode is open."""
+        `lookups` and `handles` are the predecessor's `lookups()` and `handles()` — (opens, backing id)
+        per inode, plus the store object backing it when it came through `export_state()`: backing ids
+        belong to the connection and stay valid, and must be reused while their inode is open; their
+        objects are pinned again here so the store never evicts a file open in passthrough."""
         session = cls(fs, fd, state, max_tasks)
         session._requests.lookups = dict(lookups or {})
         session._requests.files.adopt_state(
-            {"files": [[ino, count, backing, ""] for ino, (count, backing) in (handles or {}).items()]})
+            {"files": [[ino, h[0], h[1], h[2] if len(h) > 2 else ""] for ino, h in (handles or {}).items()]})
         log.info("fuse_session_resumed", protocol=f"{state['major']}.{state['minor']}", flags=hex(state["flags"]),
                  passthrough=session.passthrough, resend=session.resend, inodes=len(session._requests.lookups))
         return session
@@ -101,6 +104,30 @@ class KernelSession:
     def open_files(self) -> OpenFiles:
         """The open files and backing ids (with their store objects: `export_state()` for a successor)."""
         return self._requests.files
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything `from_state` needs to serve this connection in another process: plain data
+        (msgpack-able; tuples come back as lists, which `resume` accepts)."""
+        return {"init": self.init_state(), "lookups": self.lookups(),
+                "handles": {ino: [opens, backing, key]
+                            for ino, opens, backing, key in self._requests.files.export_state()["files"]}}
+
+    @classmethod
+    def from_state(cls, fs: LayerFS, fd: int, state: dict[str, Any], max_tasks: int = 512) -> KernelSession:
+        """Resume the connection `fd` from a predecessor's `export_state()` (SessionError if it is not one)."""
+        init, lookups, handles = parse_state(state)
+        return cls.resume(fs, fd, init, max_tasks, lookups, handles)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Read no more requests (the kernel keeps them queued for whoever serves the fd next) and
+        wait up to `timeout_s` for those in flight to be answered; how many were still in flight.
+        Those stay unanswered when the session stops: a successor's `notify_resend` re-queues them."""
+        self._draining = True
+        self._pause_reading()
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks and timeout_s > 0:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        return sum(1 for t in self._tasks.values() if not t.done())
 
     # ---- passthrough and resend ---------------------------------------------------------------
 
@@ -154,7 +181,9 @@ class KernelSession:
             self._ended.set_result("stopped")
 
     def _resume_reading(self) -> None:
-        if not self._reading and self._loop is not None and self._ended is not None and not self._ended.done():
+        if self._reading or self._draining:
+            return
+        if self._loop is not None and self._ended is not None and not self._ended.done():
             self._loop.add_reader(self.fd, self._readable)
             self._reading = True
 
@@ -355,6 +384,20 @@ class KernelSession:
             self._end("destroy")
         else:
             self._error(unique, errno.EPROTO)  # INIT is answered once, by negotiate()
+
+
+def parse_state(state: dict[str, Any]) -> tuple[dict[str, int], dict[int, int], dict[int, tuple[Any, ...]]]:
+    """A predecessor's `export_state()` after msgpack: (INIT state, lookups, handles); SessionError
+    if it is not one."""
+    try:
+        init = {k: int(state["init"][k]) for k in STATE_KEYS}
+        lookups = {int(ino): int(n) for ino, n in dict(state.get("lookups") or {}).items()}
+        handles: dict[int, tuple[Any, ...]] = {
+            int(ino): (int(h[0]), int(h[1]), *([str(h[2])] if len(h) > 2 else []))
+            for ino, h in dict(state.get("handles") or {}).items()}
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SessionError(f"a predecessor's FUSE session state is incomplete ({exc!r})") from None
+    return init, lookups, handles
 
 
 def _op_name(opcode: int) -> str:
