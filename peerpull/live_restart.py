@@ -88,7 +88,8 @@ def adopt_mount(fs: LayerFS, mountpoint: Path, adopted: Adopted, max_tasks: int,
         session.notify_resend()  # before the first read: the re-queued requests are read as usual
         resent = True
     log.info("fuse_session_adopted", source=adopted.source, predecessor=state.get("pid"), resent=resent,
-             inodes=len(session.lookups()), open_files=len(session.handles()), mount=str(mountpoint))
+             inodes=len(session.lookups()), open_files=len(session.handles()),
+             passthrough_files=sum(1 for _, backing in session.handles().values() if backing), mount=str(mountpoint))
     return mount
 
 

@@ -364,6 +364,32 @@ def test_a_crash_during_a_slow_origin_read_is_resent_to_the_successor(node: Node
           "(loaded machine)")
 
 
+def test_a_file_open_in_passthrough_survives_a_handover_and_a_crash(node: Node) -> None:
+    """The container reads CACHED whole every round: once complete it is copied to the object store and
+    opened in passthrough. A handle opened then stays readable across a planned handover and a
+    crash, its backing id is carried over (not registered again), and new opens never fail."""
+    wait_until(lambda: any(e.get("bytes") == len(FILES[CACHED]) for e in node.daemon.events("passthrough_materialised")),
+               120, "the cached file to be materialised for passthrough")
+    time.sleep(1.0)  # the container's handles opened before the copy close within a round
+    fd = os.open(node.reader.root / CACHED, os.O_RDONLY)  # answered with a backing id
+    try:
+        time.sleep(3.0)  # the daemon refreshes the fd holder's copy of its open files each second
+        for how in ("handover", "crash"):
+            if how == "handover":
+                node.daemon.hand_over()
+            else:
+                _kill_and_start(node.daemon)
+            adopted = node.daemon.events("fuse_session_adopted")[-1]
+            assert adopted["passthrough_files"] >= 1, adopted
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, len(FILES[CACHED]), 0) == FILES[CACHED], how
+            assert (node.reader.root / CACHED).read_bytes() == FILES[CACHED], f"a new open after the {how}"
+            node.keeps_reading(f"the {how} with a passthrough file open")
+    finally:
+        os.close(fd)
+    assert (node.reader.root / CACHED).read_bytes() == FILES[CACHED]
+
+
 def test_new_containers_start_after_the_restarts(node: Node) -> None:
     # containerd's connection to the snapshotter socket backs off while nobody listens (a crash)
     wait_until(lambda: node.ctrd.ctr("snapshots", "--snapshotter", "peerpull", "ls", check=False).returncode == 0,
