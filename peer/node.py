@@ -34,7 +34,7 @@ from peer.origin import OriginSource
 from peer.policy import OriginPolicy
 from peer.server import PeerServer, ProfileReader
 from peer.stream import Streamer
-from peer.warm import WarmProgress, image_chunks, warm
+from peer.warm import Split, WarmProgress, image_chunks, warm
 
 log = structlog.get_logger(__name__)
 
@@ -111,7 +111,8 @@ class PeerNode:
     async def warm_image(self, image: str, progress: WarmProgress | None = None) -> dict[str, object]:
         assert self.fetcher is not None and self._client is not None
         refs, skipped = await image_chunks(self._client, image)
-        report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress)
+        split = Split(self.membership, self.config.warm_owner_wait_s) if self.config.warm_split and self.membership else None
+        report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress, split)
         report["layers_not_seekable"] = skipped
         log.info("image_warmed", image=image, **report)
         return report
