@@ -236,7 +236,8 @@ async def _layers(image: str, config: RegistryConfig) -> tuple[set[str], int]:
     return {d["digest"] for d in manifest["layers"]}, sum(int(d["size"]) for d in manifest["layers"])
 
 
-def prepare(stack: ExitStack, net: ClusterNet, work: Path, image: str, data_mib: int, cache: Path) -> Setup:
+def prepare(stack: ExitStack, net: ClusterNet, work: Path, image: str, data_mib: int, cache: Path,
+            chunk_size: int | None = None) -> Setup:
     """Registry up in its namespace, the image pushed (skopeo) and converted (peerpull convert)."""
     assert net.registry is not None
     registry = stack.enter_context(EmbeddedRegistry(work / "registry", host=net.registry.address, port=REGISTRY_PORT,
@@ -256,7 +257,8 @@ def prepare(stack: ExitStack, net: ClusterNet, work: Path, image: str, data_mib:
     subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest",
                     f"docker://{address}/{name}:original"], check=True, capture_output=True, timeout=1800)
     seekable = f"{address}/{name}:seekable"
-    peerpull_cli("convert", f"{address}/{name}:original", seekable, "--quiet", registry=address)
+    sizing = ["--chunk-size", str(chunk_size)] if chunk_size else []
+    peerpull_cli("convert", f"{address}/{name}:original", seekable, "--quiet", *sizing, registry=address)
     config = RegistryConfig(insecure_hosts=(address,))
     digests, size = asyncio.run(_layers(seekable, config))
     return Setup(net, registry, seekable, digests, size, expected, config, work)
@@ -379,7 +381,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             net = stack.enter_context(ClusterNet(max(counts), args.rate, args.registry_rate or args.rate))
             print(f"network: {net.nodes} node namespaces + registry on bridge {net.bridge} ({net.prefix}.0/24); "
                   f"node links tbf {args.rate}, registry link tbf {args.registry_rate or args.rate}", flush=True)
-            setup = prepare(stack, net, work, args.image, args.data_mib, Path(args.cache))
+            setup = prepare(stack, net, work, args.image, args.data_mib, Path(args.cache), args.chunk_size)
             print(f"image {setup.image}: {setup.image_bytes / 1e6:.1f} MB of seekable layers", flush=True)
             single: int | None = None
             if not args.warm_only:
@@ -417,6 +419,7 @@ def main() -> int:
     parser.add_argument("--image", choices=("small", "torch"), default="small",
                         help="small: busybox + --data-mib of random files (default); torch: bench/realistic_image.py")
     parser.add_argument("--data-mib", type=int, default=32, help="small image: MiB of data the container reads")
+    parser.add_argument("--chunk-size", type=int, default=0, help="convert --chunk-size (default: convert's own)")
     parser.add_argument("--warm", action="store_true", help="also warm the image across each cluster size")
     parser.add_argument("--warm-only", action="store_true", help="only the warm-ups")
     parser.add_argument("--cache", default="/var/cache/peerpull-bench", help="where the torch image is built/kept")

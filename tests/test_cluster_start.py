@@ -46,7 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("cluster")
     with ExitStack() as stack:
         net = stack.enter_context(ClusterNet(NODES, RATE, RATE))
-        yield cluster_bench.prepare(stack, net, work, "small", 8, work / "cache")
+        yield cluster_bench.prepare(stack, net, work, "small", 8, work / "cache", chunk_size=64 << 10)
 
 
 def test_the_network_is_shaped_both_ways_on_every_link(setup) -> None:
