@@ -306,9 +306,13 @@ def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, 
             "max_served_bytes": max(r["served_bytes"] for r in per_node), "per_node": per_node}
 
 
-def warm(setup: Setup, count: int, link_bytes_per_s: float | None) -> dict[str, Any]:
-    """`peerpull warm` on all nodes at once."""
-    with Cluster(setup.net, count, setup.work / f"warm-{count}", setup.node_env()) as cluster:
+def warm(setup: Setup, count: int, link_bytes_per_s: float | None, registry_bytes_per_s: float | None,
+         split: bool = True) -> dict[str, Any]:
+    """`peerpull warm` on all nodes at once. Two reference times: the issue's estimate (each node
+    takes its share at its link's rate, then the rest from peers) and the floor no warm-up beats:
+    every node receives the whole image over its own link, and the registry sends it once."""
+    env = {**setup.node_env(), "PEERPULL_PEER_WARM_SPLIT": "true" if split else "false"}
+    with Cluster(setup.net, count, setup.work / f"warm-{count}-{split}", env) as cluster:
         before = [Snapshot.of(n) for n in cluster.nodes]
         egress0 = setup.egress()
         nodes = [a for n in cluster.nodes for a in ("--node", n.address)]
@@ -326,13 +330,15 @@ def warm(setup: Setup, count: int, link_bytes_per_s: float | None) -> dict[str, 
     for node, b, a, origin_serves in zip(cluster.nodes, before, after, served_from_origin):
         report = reports[node.address]
         per_node.append({"node": node.index, **b.delta(a), "report": report, "served_from_origin": origin_serves})
-    predicted = None
-    if link_bytes_per_s:
+    predicted = floor = None
+    if link_bytes_per_s and registry_bytes_per_s:
         share = setup.image_bytes / count
         predicted = round(setup.image_bytes / (count * link_bytes_per_s) + share / link_bytes_per_s, 2)
-    return {"mode": "warm", "nodes": count, "warm_s": round(seconds, 2), "image_bytes": setup.image_bytes,
+        floor = round(max(setup.image_bytes / link_bytes_per_s, setup.image_bytes / registry_bytes_per_s), 2)
+    return {"mode": "warm", "nodes": count, "split": split, "warm_s": round(seconds, 2), "image_bytes": setup.image_bytes,
             "egress_bytes": egress, "egress_ratio": round(egress / setup.image_bytes, 3),
-            "predicted_s": predicted, "max_upload_bytes": max(r["link_tx_bytes"] for r in per_node),
+            "predicted_s": predicted, "floor_s": floor, "node_seconds": [p["report"].get("seconds") for p in per_node],
+            "max_upload_bytes": max(r["link_tx_bytes"] for r in per_node),
             "per_node": per_node}
 
 
@@ -360,15 +366,21 @@ def table(records: list[dict[str, Any]], header: str) -> str:
                          f"| {r['max_served_bytes'] / 1e6:.1f} MB | {'all correct' if r['outputs_ok'] else 'WRONG'} |")
     warm_rows = [r for r in records if r["mode"] == "warm"]
     if warm_rows:
-        lines += ["", "| N (warm) | time | predicted image÷(N×link)+share÷link | registry egress ÷ image "
-                  "| max upload per node | chunks from origin per node | from peers per node | fallbacks |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| N (warm) | split | time (CLI, all nodes) | slowest node's fetch | issue's estimate "
+                  "image÷(N×link)+share÷link | floor image÷min(link, registry link) | registry egress ÷ image "
+                  "| max upload per node | chunks from origin per node | from peers per node | fallbacks "
+                  "| peer requests that waited on an owner's registry fetch |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in warm_rows:
             origin = "/".join(str(p["report"].get("tiers", {}).get("origin", 0)) for p in r["per_node"])
             peer = "/".join(str(p["report"].get("tiers", {}).get("peer", 0)) for p in r["per_node"])
             fallbacks = "/".join(str(p["report"].get("fallbacks", 0)) for p in r["per_node"])
-            lines.append(f"| {r['nodes']} | {r['warm_s']} s | {r['predicted_s']} s | {r['egress_ratio']}× "
-                         f"| {r['max_upload_bytes'] / 1e6:.1f} MB | {origin} | {peer} | {fallbacks} |")
+            split = "yes" if r["split"] else "no"
+            waited = sum(p["served_from_origin"] for p in r["per_node"])
+            slowest = max((t for t in r["node_seconds"] if t is not None), default=None)
+            lines.append(f"| {r['nodes']} | {split} | {r['warm_s']} s | {slowest} s | {r['predicted_s']} s | {r['floor_s']} s "
+                         f"| {r['egress_ratio']}× "
+                         f"| {r['max_upload_bytes'] / 1e6:.1f} MB | {origin} | {peer} | {fallbacks} | {waited:.0f} |")
     return "\n".join(lines)
 
 
@@ -394,10 +406,12 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                           f"egress {record['egress_ratio']}×, outputs ok: {record['outputs_ok']}", flush=True)
             if args.warm or args.warm_only:
                 for count in counts:
-                    print(f"warm-up, N={count} …", flush=True)
-                    record = warm(setup, count, tc_rate_bytes(args.rate))
-                    records.append(record)
-                    print(f"  {record['warm_s']} s, egress {record['egress_ratio']}× the image", flush=True)
+                    for split in (True, False) if args.compare else (True,):
+                        print(f"warm-up, N={count}, split={split} …", flush=True)
+                        record = warm(setup, count, tc_rate_bytes(args.rate), tc_rate_bytes(args.registry_rate or args.rate),
+                                      split)
+                        records.append(record)
+                        print(f"  {record['warm_s']} s, egress {record['egress_ratio']}× the image", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return records
@@ -422,6 +436,8 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=0, help="convert --chunk-size (default: convert's own)")
     parser.add_argument("--warm", action="store_true", help="also warm the image across each cluster size")
     parser.add_argument("--warm-only", action="store_true", help="only the warm-ups")
+    parser.add_argument("--compare", action="store_true",
+                        help="warm each size twice: split (default) and the ordinary way (peer.warm_split = false)")
     parser.add_argument("--cache", default="/var/cache/peerpull-bench", help="where the torch image is built/kept")
     parser.add_argument("--json", metavar="FILE", help="write one record per N (and mode) as JSON")
     args = parser.parse_args()

@@ -97,6 +97,7 @@ class PeerNode:
         self.policy = OriginPolicy(peer.trusted_registries)
         self.listener: GuardedListener | None = None
         self._client: RegistryClient | None = None
+        self._peers: PeerClient | None = None  # set by run(): a split warm-up fetches owners' filters with it
         self.profiles: ProfileReader | None = None  # set by the node daemon: startup profiles it keeps
 
     @property
@@ -111,7 +112,8 @@ class PeerNode:
     async def warm_image(self, image: str, progress: WarmProgress | None = None) -> dict[str, object]:
         assert self.fetcher is not None and self._client is not None
         refs, skipped = await image_chunks(self._client, image)
-        split = Split(self.membership, self.config.warm_owner_wait_s) if self.config.warm_split and self.membership else None
+        split = (Split(self.membership, self.config.warm_owner_wait_s, self._peers.summary if self._peers else None)
+                 if self.config.warm_split and self.membership else None)
         report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress, split)
         report["layers_not_seekable"] = skipped
         log.info("image_warmed", image=image, **report)
@@ -133,6 +135,7 @@ class PeerNode:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             peers = PeerClient(session, self.config.token, self.config.peer_timeout_s,
                                self.config.peer_connect_timeout_s, self.config.peer_read_timeout_s)
+            self._peers = peers
             self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)

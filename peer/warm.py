@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from converter.registry.client import RegistryClient
 from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
 from peer.chunk import ChunkRef
+from peer.client import PeerFetchError
 from peer.fetcher import ChunkFetcher
 from peer.ring import owners
 from peer.summary import DigestFilter
@@ -78,6 +79,7 @@ def layer_refs(toc: Toc, repository: str, blob: str) -> list[ChunkRef]:
 
 class RingMember(Protocol):
     node_id: str
+    address: str
     holds: DigestFilter | None
 
 
@@ -95,6 +97,47 @@ class RingView(Protocol):
 class Split:
     ring: RingView
     owner_wait_s: float  # give up waiting for owners when none produced a chunk for this long
+    # a member's holdings filter, fetched now (PeerClient.summary); None: the membership's copies only
+    summary: Callable[[str], Awaitable[bytes]] | None = None
+
+
+def summary_every(members: int) -> float:
+    """Seconds between direct fetches of the filters waited on: the membership refreshes them at
+    most every 1-10 s (it must stay cheap all the time), too late for a warm-up of a few seconds;
+    a warm-up polls them itself while it waits, at most about 512 KB/s of filters per node whatever
+    the cluster's size (128 KiB each)."""
+    return max(0.5, 0.25 * (members - 1))
+
+
+class _Holdings:
+    """Who holds what, for a split warm-up: the filters it fetched itself, else the membership's."""
+
+    def __init__(self, split: Split, members: int) -> None:
+        self._split = split
+        self._fetched: dict[str, DigestFilter] = {}
+        self._every = summary_every(members)
+        self._next = 0.0
+
+    async def refresh(self, owners_waited: set[str], alive: dict[str, RingMember]) -> None:
+        fetch = self._split.summary
+        if fetch is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self._every
+        ids = [node_id for node_id in owners_waited if node_id in alive]
+        results = await asyncio.gather(*(fetch(alive[node_id].address) for node_id in ids), return_exceptions=True)
+        for node_id, result in zip(ids, results):
+            if isinstance(result, bytes):
+                self._fetched[node_id] = DigestFilter(result)
+            elif isinstance(result, PeerFetchError):
+                self._fetched.pop(node_id, None)  # the membership's copy, or wait; it may be leaving
+            elif isinstance(result, BaseException):
+                raise result
+
+    def has(self, member: RingMember, digest: str) -> bool:
+        fetched = self._fetched.get(member.node_id)
+        if fetched is not None and fetched.might_hold(digest):
+            return True
+        return member.holds is not None and member.holds.might_hold(digest)
 
 
 def shares(refs: list[ChunkRef], node_id: str, members: list[str]) -> tuple[list[ChunkRef], dict[str, str]]:
@@ -147,7 +190,7 @@ async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,
             for ref in mine:
                 group.create_task(one(ref, own_slots))
             others = [ref for ref in refs if ref.digest in owner_of]
-            fallbacks = await _from_owners(others, owner_of, split, progress,
+            fallbacks = await _from_owners(others, owner_of, split, _Holdings(split, len(members)), progress,
                                            lambda ref: group.create_task(one(ref, peer_slots)))
             report.update({"share": len(mine), "ring_members": len(members), "fallbacks": fallbacks})
     await fetcher.flush()  # warmed means: in this node's disk cache
@@ -155,8 +198,8 @@ async def warm(fetcher: ChunkFetcher, refs: list[ChunkRef], parallel: int,
             "seconds": round(time.monotonic() - started, 3)}
 
 
-async def _from_owners(refs: list[ChunkRef], owner_of: dict[str, str], split: Split, progress: WarmProgress,
-                       start: Callable[[ChunkRef], object]) -> int:
+async def _from_owners(refs: list[ChunkRef], owner_of: dict[str, str], split: Split, holdings: _Holdings,
+                       progress: WarmProgress, start: Callable[[ChunkRef], object]) -> int:
     """Start each chunk's fetch once its owner holds it (or left the ring, or kept nothing new
     coming for `owner_wait_s`); how many went the ordinary way after the wait."""
     pending = refs
@@ -164,10 +207,11 @@ async def _from_owners(refs: list[ChunkRef], owner_of: dict[str, str], split: Sp
     fallbacks = 0
     while pending:
         alive = {m.node_id: m for m in split.ring.alive()}
+        await holdings.refresh({owner_of[ref.digest] for ref in pending}, alive)
         waiting: list[ChunkRef] = []
         for ref in pending:
             member = alive.get(owner_of[ref.digest])
-            if member is None or (member.holds is not None and member.holds.might_hold(ref.digest)):
+            if member is None or holdings.has(member, ref.digest):
                 start(ref)  # the owner has it (fetched from the peers), or is gone (the ordinary way)
             else:
                 waiting.append(ref)
