@@ -138,6 +138,21 @@ class Node:
         return self.daemon.metrics()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process so far (/proc/PID/stat)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat): other work included."""
+    values = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 @dataclass
 class Snapshot:
     """A node's counters at one moment."""
@@ -145,16 +160,18 @@ class Snapshot:
     metrics: dict[str, float]
     tx: int
     rx: int
+    cpu_s: float
 
     @classmethod
     def of(cls, node: Node) -> Snapshot:
         tx, rx = node.link.counters()
-        return cls(node.metrics(), tx, rx)
+        return cls(node.metrics(), tx, rx, cpu_seconds(node.daemon.pid if node.daemon else None))
 
     def delta(self, later: Snapshot) -> dict[str, Any]:
         wire0, wire1 = (by_tier(s.metrics, "peerpull_chunk_wire_bytes_total") for s in (self, later))
         served = later.metrics.get("peerpull_served_bytes_total", 0.0) - self.metrics.get("peerpull_served_bytes_total", 0.0)
         return {"link_tx_bytes": later.tx - self.tx, "link_rx_bytes": later.rx - self.rx,
+                "daemon_cpu_s": round(later.cpu_s - self.cpu_s, 2),
                 "served_bytes": int(served), "from_origin_bytes": int(wire1["origin"] - wire0["origin"]),
                 "from_peers_bytes": int(wire1["peer"] - wire0["peer"])}
 
@@ -289,7 +306,9 @@ def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, 
     with Cluster(setup.net, count, setup.work / f"cold-{count}", setup.node_env()) as cluster:
         before = [Snapshot.of(n) for n in cluster.nodes]
         egress0 = setup.egress()
+        wall, busy0 = time.monotonic(), machine_busy()
         per_node = asyncio.run(_cold_start(setup, cluster))
+        wall, busy1 = time.monotonic() - wall, machine_busy()
         time.sleep(1.0)  # counters settle (the last frames in flight are counted)
         egress = setup.egress() - egress0
         after = [Snapshot.of(n) for n in cluster.nodes]
@@ -301,7 +320,10 @@ def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, 
             "egress_ratio": round(egress / single, 3) if single else None,
             "p50_ready_s": round(statistics.median(ready), 3) if ready else None,
             "max_ready_s": round(max(ready), 3) if ready else None,
-            "outputs_ok": all(r["output_ok"] for r in per_node),
+            "outputs_ok": all(r["output_ok"] for r in per_node), "wall_s": round(wall, 2),
+            # the daemons' CPU over the run ÷ the machine's: near 1, the nodes were CPU-bound, not link-bound
+            "daemon_cpu_share": round(sum(r["daemon_cpu_s"] for r in per_node) / (wall * (os.cpu_count() or 1)), 2),
+            "machine_busy": round((busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]), 2),  # every process's
             "max_upload_bytes": max(r["link_tx_bytes"] for r in per_node),
             "max_served_bytes": max(r["served_bytes"] for r in per_node), "per_node": per_node}
 
@@ -357,13 +379,14 @@ def table(records: list[dict[str, Any]], header: str) -> str:
     if cold:
         alone = cold[0]["p50_ready_s"]
         lines += ["| N | ready p50 | ready max | p50 ÷ one node alone | registry egress | ÷ one node's need "
-                  "| max upload per node (link) | max served to peers | outputs |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| max upload per node (link) | max served to peers | daemons' CPU ÷ machine | machine busy | outputs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in cold:
             ratio = f"{r['p50_ready_s'] / alone:.2f}×" if alone and r["p50_ready_s"] else "–"
             lines.append(f"| {r['nodes']} | {r['p50_ready_s']} s | {r['max_ready_s']} s | {ratio} "
                          f"| {r['egress_bytes'] / 1e6:.1f} MB | {r['egress_ratio']}× | {r['max_upload_bytes'] / 1e6:.1f} MB "
-                         f"| {r['max_served_bytes'] / 1e6:.1f} MB | {'all correct' if r['outputs_ok'] else 'WRONG'} |")
+                         f"| {r['max_served_bytes'] / 1e6:.1f} MB | {r['daemon_cpu_share']} | {r['machine_busy']} "
+                         f"| {'all correct' if r['outputs_ok'] else 'WRONG'} |")
     warm_rows = [r for r in records if r["mode"] == "warm"]
     if warm_rows:
         lines += ["", "| N (warm) | split | time (CLI, all nodes) | slowest node's fetch | issue's estimate "
