@@ -347,7 +347,8 @@ def warm(setup: Setup, count: int, link_bytes_per_s: float | None, registry_byte
         after = [Snapshot.of(n) for n in cluster.nodes]
         served_from_origin = [n.metrics().get('peerpull_served_chunks_total{source="origin"}', 0.0)
                               for n in cluster.nodes]
-    reports = json.loads(result.stdout)["nodes"]
+    answer = json.loads(result.stdout)
+    reports = answer["nodes"] if count > 1 else {cluster.nodes[0].address: answer}  # one node: its report alone
     per_node = []
     for node, b, a, origin_serves in zip(cluster.nodes, before, after, served_from_origin):
         report = reports[node.address]
@@ -424,6 +425,8 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(f"cold start, N={count} …", flush=True)
                     record = cold_start(setup, count, single)
                     single = record["single_node_bytes"] if single is None else single
+                    if setup.expected_output is None and record["outputs_ok"]:  # torch: what one node alone printed
+                        setup.expected_output = record["per_node"][0]["output"].splitlines()[-1]
                     records.append(record)
                     print(f"  p50 {record['p50_ready_s']} s, max {record['max_ready_s']} s, "
                           f"egress {record['egress_ratio']}×, outputs ok: {record['outputs_ok']}", flush=True)

@@ -106,7 +106,7 @@ def summary_every(members: int) -> float:
     most every 1-10 s (it must stay cheap all the time), too late for a warm-up of a few seconds;
     a warm-up polls them itself while it waits, at most about 512 KB/s of filters per node whatever
     the cluster's size (128 KiB each)."""
-    return max(0.5, 0.25 * (members - 1))
+    return max(0.25, 0.25 * (members - 1))
 
 
 class _Holdings:
