@@ -267,9 +267,12 @@ def prepare(stack: ExitStack, net: ClusterNet, work: Path, image: str, data_mib:
     else:
         from realistic_image import build_realistic_image
 
-        with open(BENCH_LOCK, "w") as lock:  # other helpers may be building it: one build at a time
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (cache / "layout.json").exists():  # built (written last): reading it needs no lock
             layout, _ = build_realistic_image(cache)
+        else:
+            with open(BENCH_LOCK, "w") as lock:  # others may be building it: one build at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                layout, _ = build_realistic_image(cache)
         name = "cluster/torch"
     subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest",
                     f"docker://{address}/{name}:original"], check=True, capture_output=True, timeout=1800)
