@@ -230,8 +230,11 @@ class Setup:
 
     def node_env(self) -> dict[str, str]:
         address = self.registry.address
+        # no profile pushed to the registry: every run is the image's first start anywhere, so a
+        # later N does not start from the profile an earlier run recorded (the baseline would not compare)
         return {**registry_env(self.registry_config), "PEERPULL_PEER_TOKEN": TOKEN,
-                "PEERPULL_PEER_TRUSTED_REGISTRIES": address, "PEERPULL_PEER_HEALTH_INTERVAL_S": "0.3"}
+                "PEERPULL_PEER_TRUSTED_REGISTRIES": address, "PEERPULL_PEER_HEALTH_INTERVAL_S": "0.3",
+                "PEERPULL_SNAPSHOTTER_PROFILE_PUSH": "false"}
 
     def egress(self) -> int:
         return registry_blob_bytes(self.registry.log_path, self.layer_digests)
