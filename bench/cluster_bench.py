@@ -62,7 +62,8 @@ SMALL_CMD = ["/bin/sh", "-c", "cat /data/* | sha256sum"]
 BENCH_LOCK = "/var/cache/peerpull-bench.lock"
 _BLOB_GET = re.compile(r'"GET /v2/(?P<repo>.+?)/blobs/(?P<digest>sha256:[0-9a-f]{64}) HTTP/[0-9.]+" '
                        r'(?P<status>\d{3}) (?P<bytes>\d+)')
-# the keys every --json record has (tests/test_cluster_start.py checks them)
+# the keys every --json record has (tests/test_cluster_start.py checks them); records also carry
+# "mode": "cold" (one per N, N=1 first) or "warm" (one per N and split setting)
 JSON_KEYS = ("nodes", "egress_ratio", "p50_ready_s", "max_ready_s")
 
 
@@ -364,7 +365,11 @@ def warm(setup: Setup, count: int, link_bytes_per_s: float | None, registry_byte
         share = setup.image_bytes / count
         predicted = round(setup.image_bytes / (count * link_bytes_per_s) + share / link_bytes_per_s, 2)
         floor = round(max(setup.image_bytes / link_bytes_per_s, setup.image_bytes / registry_bytes_per_s), 2)
-    return {"mode": "warm", "nodes": count, "split": split, "warm_s": round(seconds, 2), "image_bytes": setup.image_bytes,
+    seconds_by_node = [float(p["report"]["seconds"]) for p in per_node if p["report"].get("seconds") is not None]
+    return {"mode": "warm", "nodes": count, "split": split,
+            # for warm records, "ready" is a node's warm-up done (its own fetch time, from its report)
+            "p50_ready_s": round(statistics.median(seconds_by_node), 3) if seconds_by_node else None,
+            "max_ready_s": round(max(seconds_by_node), 3) if seconds_by_node else None, "warm_s": round(seconds, 2), "image_bytes": setup.image_bytes,
             "egress_bytes": egress, "egress_ratio": round(egress / setup.image_bytes, 3),
             "predicted_s": predicted, "floor_s": floor, "node_seconds": [p["report"].get("seconds") for p in per_node],
             "max_upload_bytes": max(r["link_tx_bytes"] for r in per_node),
