@@ -90,3 +90,14 @@ def test_a_split_warm_up_whose_owner_never_warms_falls_back_after_the_bounded_wa
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_warm_of_several_nodes_ends_with_the_first_error_and_stops_the_others() -> None:
+    # one node is not there, the other never answers: the missing one's error (exit 5) ends the
+    # command at once, without waiting out the silent node's idle deadline
+    with HostileServer() as silent:
+        silent.add("/v1/warm", "silent")
+        missing = f"127.0.0.1:{free_port()}"
+        result = peerpull_measured("warm", "reg.example:5000/a/b:1", "--node", missing, "--node", silent.address,
+                                   "--idle-timeout", "300", timeout=60, env=_env())
+    assert_one_line_error(result, 5, f"cannot reach node {missing}")
