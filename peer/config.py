@@ -54,3 +54,8 @@ class PeerConfig:
     max_connections: int = setting(2048, lo=16, hi=100_000)  # over it, the oldest idle connection is closed
     header_timeout_s: float = setting(10.0, lo=0.1, hi=600)  # a connection must send a whole request by then
     warm_progress_s: float = setting(5.0, lo=0.05, hi=600)  # /v1/warm writes a progress line this often
+    # a warm-up fetches only this node's ring share from the registry and the rest from its owners
+    # once they have it (peer/warm.py); false: every chunk the ordinary way
+    warm_split: bool = True
+    # split warm-up: when no owner produced a chunk waited for in this long, the rest go the ordinary way
+    warm_owner_wait_s: float = setting(30.0, lo=0.5, hi=3600)

@@ -35,7 +35,7 @@ from peer.policy import OriginPolicy
 from peer.server import PeerServer, ProfileReader
 from peer.status import EventRing, NodeStatus
 from peer.stream import Streamer
-from peer.warm import WarmProgress, image_chunks, warm
+from peer.warm import Split, WarmProgress, image_chunks, warm
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +99,7 @@ class PeerNode:
         self.policy = OriginPolicy(peer.trusted_registries)
         self.listener: GuardedListener | None = None
         self._client: RegistryClient | None = None
+        self._peers: PeerClient | None = None  # set by run(): a split warm-up fetches owners' filters with it
         self.profiles: ProfileReader | None = None  # set by the node daemon: startup profiles it keeps
         self.status: NodeStatus | None = None  # what /v1/status answers (peer/status.py), once run() started
 
@@ -114,7 +115,9 @@ class PeerNode:
     async def warm_image(self, image: str, progress: WarmProgress | None = None) -> dict[str, object]:
         assert self.fetcher is not None and self._client is not None
         refs, skipped = await image_chunks(self._client, image)
-        report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress)
+        split = (Split(self.membership, self.config.warm_owner_wait_s, self._peers.summary if self._peers else None)
+                 if self.config.warm_split and self.membership else None)
+        report = await warm(self.fetcher, refs, self.config.prefetch_parallel, progress, split)
         report["layers_not_seekable"] = skipped
         log.info("image_warmed", image=image, **report)
         return report
@@ -136,6 +139,7 @@ class PeerNode:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             peers = PeerClient(session, self.config.token, self.config.peer_timeout_s,
                                self.config.peer_connect_timeout_s, self.config.peer_read_timeout_s)
+            self._peers = peers
             self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)

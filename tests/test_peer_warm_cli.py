@@ -12,7 +12,7 @@ import pytest
 from peerpull.testbed.registry import free_port
 from tests.support.cli import assert_one_line_error, peerpull_cmd, peerpull_measured
 from tests.support.hostile_server import HostileServer
-from tests.support.peer_cluster import TOKEN, NodeProcess, build_cluster_image
+from tests.support.peer_cluster import TOKEN, NodeProcess, build_cluster_image, start_cluster
 from tests.test_convert import peerpull
 
 RSS_LIMIT_MB = 300
@@ -66,3 +66,38 @@ def test_warm_streams_progress_and_prints_the_report(registry, tmp_path: Path) -
         assert_one_line_error(missing, 7, "could not warm")
     finally:
         node.stop()
+
+
+def test_a_split_warm_up_whose_owner_never_warms_falls_back_after_the_bounded_wait(registry, tmp_path: Path) -> None:
+    """Two nodes, only one warmed: the other owns half the chunks but never fetches them, so after
+    peer.warm_owner_wait_s with nothing new the warmed node takes them the ordinary way (the owner,
+    which fetches them for it) and still ends with every chunk."""
+    build_cluster_image(tmp_path / "layout", big_bytes=2 << 20, small_files=20)
+    image = f"{registry.address}/warm/split:1"
+    peerpull("convert", "--quiet", "--chunk-size", "65536", f"oci:{tmp_path / 'layout'}:latest", image)
+    nodes = start_cluster(tmp_path / "nodes", 2, extra_env={"PEERPULL_PEER_TRUSTED_REGISTRIES": registry.address,
+                                                            "PEERPULL_PEER_WARM_OWNER_WAIT_S": "1"})
+    try:
+        result = peerpull_cmd("warm", image, "--node", nodes[0].address, env=_env(PEERPULL_PEER_TOKEN=TOKEN))
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout)
+        others = report["chunks"] - report["share"]
+        assert report["ring_members"] == 2 and 0 < report["share"] < report["chunks"]
+        assert report["fallbacks"] == others  # none of them ever appeared at the owner by itself
+        assert report["tiers"] == {"origin": report["share"], "peer": others}
+        # the owner fetched exactly those for the warmed node, from the registry
+        assert nodes[1].metric("peerpull_served_chunks_total", 'source="origin"') == others
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_warm_of_several_nodes_ends_with_the_first_error_and_stops_the_others() -> None:
+    # one node is not there, the other never answers: the missing one's error (exit 5) ends the
+    # command at once, without waiting out the silent node's idle deadline
+    with HostileServer() as silent:
+        silent.add("/v1/warm", "silent")
+        missing = f"127.0.0.1:{free_port()}"
+        result = peerpull_measured("warm", "reg.example:5000/a/b:1", "--node", missing, "--node", silent.address,
+                                   "--idle-timeout", "300", timeout=60, env=_env())
+    assert_one_line_error(result, 5, f"cannot reach node {missing}")

@@ -21,7 +21,8 @@ NAMESPACE = "peerpull"
 
 class EmbeddedContainerd:
     def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
-                 extra_config: str = "", on_spawn: Callable[[int], None] | None = None) -> None:
+                 extra_config: str = "", on_spawn: Callable[[int], None] | None = None,
+                 netns: str | None = None) -> None:
         self.root = Path(root)
         self.socket = self.root / "containerd.sock"
         self.ttrpc_socket = self.root / "containerd-ttrpc.sock"
@@ -31,6 +32,7 @@ class EmbeddedContainerd:
         self._extra = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
         self._on_spawn = on_spawn  # told the PID at once (peerpull run records it for peerpull clean)
+        self._netns = netns  # a network namespace (its network only: mounts stay visible to the host)
 
     def config_text(self) -> str:
         disabled = [] if self._enable_cri else ['"io.containerd.grpc.v1.cri"']
@@ -57,7 +59,10 @@ class EmbeddedContainerd:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.toml"
         config.write_text(self.config_text())
-        self._proc = spawn_logged(["containerd", "--config", str(config)], self.log_path)
+        cmd = ["containerd", "--config", str(config)]
+        if self._netns:
+            cmd = ["nsenter", f"--net=/run/netns/{self._netns}", "--", *cmd]
+        self._proc = spawn_logged(cmd, self.log_path)
         if self._on_spawn is not None:
             self._on_spawn(self._proc.pid)
         deadline = time.monotonic() + timeout_s

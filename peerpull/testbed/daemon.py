@@ -31,7 +31,7 @@ class EmbeddedDaemon:
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int | None = None, discovery: str = "none",
                  peers: list[str] | None = None, extra_env: dict[str, str] | None = None,
                  netns: str | None = None, global_args: list[str] | None = None,
-                 on_spawn: Callable[[int], None] | None = None) -> None:
+                 on_spawn: Callable[[int], None] | None = None, node_id: str | None = None) -> None:
         self.root = Path(root).absolute()
         self.host = host
         self.port = port or free_port(host)
@@ -44,11 +44,13 @@ class EmbeddedDaemon:
         self._on_spawn = on_spawn
         cmd = [sys.executable, "-m", "peerpull", *(global_args or []), "--log-format", "json", "daemon",
                "--root", str(self.root / "snapshotter"), "--socket", str(self.socket),
-               "--listen", f"{host}:{self.port}", "--advertise", host, "--node-id", f"node-{self.port}",
+               "--listen", f"{host}:{self.port}", "--advertise", host, "--node-id", node_id or f"node-{self.port}",
                "--cache-dir", str(self.root / "cache"), "--discovery", discovery]
         for peer in peers or []:
             cmd += ["--peer", peer]
-        self._cmd = ["ip", "netns", "exec", netns, *cmd] if netns else cmd
+        # nsenter, not `ip netns exec`: that one also gives the child a mount namespace of its own,
+        # and a FUSE mount made there would be invisible to containerd
+        self._cmd = ["nsenter", f"--net=/run/netns/{netns}", "--", *cmd] if netns else cmd
         # a private set-up cleans up after itself: no fd holder outliving it, a stop unmounts; its
         # handover and holder sockets are its own (a caller's extra_env may still turn them on)
         private = {"PEERPULL_SNAPSHOTTER_FD_HOLDER": "false", "PEERPULL_SNAPSHOTTER_KEEP_MOUNT_ON_STOP": "false",
