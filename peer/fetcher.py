@@ -18,6 +18,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,7 +69,8 @@ class Fetched:
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
                  membership: Membership | None = None, peers: PeerClient | None = None,
-                 pending_store_bytes: int = 16 << 20, hedge_after_s: float = 0.5) -> None:
+                 pending_store_bytes: int = 16 << 20, hedge_after_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cache = cache
         self._origin = origin
         self._metrics = metrics
@@ -77,7 +79,7 @@ class ChunkFetcher:
         self._flights: SingleFlight[Fetched] = SingleFlight()
         self._sources: PeerSources[tuple[bytes, bytes]] | None = None
         if membership is not None and peers is not None:
-            self._sources = PeerSources(membership, hedge_after_s, on_failure=self._peer_failed)
+            self._sources = PeerSources(membership, hedge_after_s, clock, on_failure=self._peer_failed)
         self._below: set[str] = set()  # digests a local fetch asks a holder ranked below this node for
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
@@ -149,6 +151,9 @@ class ChunkFetcher:
     async def _remote(self, ref: ChunkRef, use_peers: bool, background: bool) -> Fetched:
         if not use_peers and ref.digest in self._below:  # climb on our own: the holder may be asking us
             return await self._flights.do(f"up:{ref.digest}", lambda: self._fetch_remote(ref, False, background))
+        if not use_peers and self._flights.inflight(f"bg:{ref.digest}"):
+            # a peer's request joins our own stream's fetch of the chunk: asking again would bring it twice
+            return await self._flights.do(f"bg:{ref.digest}", lambda: self._fetch_remote(ref, False, True))
         if background and self._flights.inflight(ref.digest):
             return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers, False))
         key = f"bg:{ref.digest}" if background else ref.digest
