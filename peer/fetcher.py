@@ -77,7 +77,7 @@ class ChunkFetcher:
         self._membership = membership
         self._peers = peers
         self._flights: SingleFlight[Fetched] = SingleFlight()
-        self._sources: PeerSources[tuple[bytes, bytes]] | None = None
+        self._sources: PeerSources[tuple[bytes, bytes, str]] | None = None
         if membership is not None and peers is not None:
             self._sources = PeerSources(membership, hedge_after_s, clock, on_failure=self._peer_failed)
         self._below: set[str] = set()  # digests a local fetch asks a holder ranked below this node for
@@ -199,10 +199,11 @@ class ChunkFetcher:
         self._store_pool.shutdown(wait=True)
         self._background_pool.shutdown(wait=True)
 
-    async def _from_peer(self, member: Member, ref: ChunkRef, background: bool) -> tuple[bytes, bytes]:
+    async def _from_peer(self, member: Member, ref: ChunkRef, background: bool) -> tuple[bytes, bytes, str]:
+        """(frame, verified bytes, the tier the peer had it from)."""
         assert self._peers is not None
-        frame, _tier = await self._peers.fetch_frame(member.address, ref)
-        return frame, await self._verify(ref, frame, background)
+        frame, tier = await self._peers.fetch_frame(member.address, ref)
+        return frame, await self._verify(ref, frame, background), tier
 
     def _peer_failed(self, member: Member, ref: ChunkRef, reason: str, exc: Exception) -> None:
         self._metrics.errors.labels("peer", reason).inc()
@@ -217,14 +218,16 @@ class ChunkFetcher:
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()
         if self._sources is not None and self._membership is not None and not self._origin_has(ref):
-            members = (self._membership.candidates_for(ref.digest) if use_peers
-                       else self._membership.upstream_for(ref.digest))
+            membership = self._membership
+            candidates = (lambda: membership.candidates_for(ref.digest)) if use_peers \
+                else (lambda: membership.upstream_for(ref.digest))
+            members = candidates()
             below = use_peers and any(not self._membership.above(ref.digest, m) for m in members)
             if below:
                 self._below.add(ref.digest)
             try:
-                (frame, data), member = await self._sources.fetch(
-                    ref, members, lambda m, r: self._from_peer(m, r, background))
+                (frame, data, _tier), member = await self._sources.fetch(
+                    ref, members, lambda m, r: self._from_peer(m, r, background), candidates)
             except SourceExhausted:
                 pass
             else:

@@ -83,8 +83,13 @@ class Membership:
 
     def _current(self) -> tuple[int, list[Member], Ring]:
         if self._view is None or self._view[0] != self._round:
+            now = self._clock()
             alive = [m for m in self._members.values() if self._round - m.round_ok <= MISSED_ROUNDS]
-            self._view = (self._round, alive, Ring.of([self.node_id, *(m.node_id for m in alive)]))
+            # a member being skipped is out of the chunk trees too: its children re-attach to the next
+            # member in rank, so a dead or slow node costs one origin fetch per chunk it led, not one
+            # per child (checked again every health round, when skips may have ended)
+            self._view = (self._round, alive,
+                          Ring.of([self.node_id, *(m.node_id for m in alive if m.skip_until <= now)]))
         return self._view
 
     def ring(self) -> Ring:
@@ -101,7 +106,7 @@ class Membership:
 
     def _ancestors(self, digest: str) -> list[Member]:
         _, _, ring = self._current()
-        return [self._members[n] for n in ring.ancestors(digest, self.node_id, self.fanout)]
+        return [self._members[n] for n in ring.ancestors(digest, self.node_id, self.fanout) if n in self._members]
 
     def candidates_for(self, digest: str) -> list[Member]:
         """Peers to ask for `digest`: those that hold it first, then its ancestors in the chunk's tree
@@ -121,6 +126,7 @@ class Membership:
 
     def failed(self, member: Member, reason: str) -> None:
         member.skip_until = self._clock() + self._skip_s
+        self._view = None
         log.warning("peer_skipped", peer=member.node_id, address=member.address, reason=reason,
                     seconds=self._skip_s)
 

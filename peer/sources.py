@@ -2,12 +2,17 @@
 
 The candidates come from the membership (holders, then the chunk's ancestors in its fan-out
 tree). Among holders, which are equally good, the one this node has the fewest requests in
-flight to goes first. If the first source has not answered after the hedge deadline, the next is
-asked as well and whichever answers first wins (the other request is cancelled): one slow peer
-then costs a chunk the deadline, not its whole timeout. The deadline follows what peers take
-here (a multiple of the recent answer time, never below `hedge_after_s`), so a cluster that is
-merely busy does not hedge everything. A source that fails is skipped for `failure_skip_s`; one
-that keeps losing to its hedge is skipped as slow.
+flight to goes first. A source that fails (refused, timed out, bad bytes) is skipped for
+`failure_skip_s` and the next candidate is asked at once; a skipped member also leaves the chunk
+trees (peer/membership.py), so its children re-attach to the next member in rank.
+
+Hedging is relative. In a cold start every answer waits for the bytes queued ahead of it, so an
+absolute deadline would hedge half the requests of a healthy cluster and double the load on
+grandparents. A source is *suspect* when its own recent answer time is SLOW_FACTOR times what
+all sources take here, or when it has been skipped since it was asked; only then, once the
+deadline (a multiple of the recent answer time, never below `hedge_after_s`) has passed, is the
+next source asked too (and for anyone after SLOW_FACTOR deadlines), and whichever answers first wins (the other request is cancelled). A
+source that stays suspect for SLOW_STRIKES late answers or lost hedges is skipped as slow.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from peer.membership import Member, Membership
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-HEDGE_FACTOR = 4.0  # hedge after this many times the recent answer time
+HEDGE_FACTOR = 4.0  # the deadline: this many times the recent answer time
+SLOW_FACTOR = 3.0  # a source whose answers take this many times the others' is suspect
 EWMA_WEIGHT = 0.1
-SLOW_STRIKES = 3  # hedges in a row a source loses before it is skipped as slow
+SLOW_STRIKES = 3  # late answers or lost hedges of a suspect source before it is skipped as slow
 
 Attempt = Callable[[Member, ChunkRef], Awaitable[T]]
 
@@ -49,7 +55,8 @@ class PeerSources(Generic[T]):
         self._on_failure = on_failure
         self._outstanding: dict[str, int] = {}  # node_id → requests this node has in flight to it
         self._strikes: dict[str, int] = {}
-        self._answer_s = 0.0  # moving average of answer times
+        self._answer_s = 0.0  # moving average of answer times, every source
+        self._member_s: dict[str, float] = {}  # the same per source
         self.hedges = 0  # second requests sent (a counter for benchmarks and metrics)
 
     def hedge_after(self) -> float:
@@ -58,32 +65,53 @@ class PeerSources(Generic[T]):
     def outstanding(self, node_id: str) -> int:
         return self._outstanding.get(node_id, 0)
 
+    def suspect(self, member: Member) -> bool:
+        """Skipped since, or answering SLOW_FACTOR times slower than the sources here on average."""
+        if member.skip_until > self._clock():
+            return True
+        own = self._member_s.get(member.node_id)
+        return own is not None and own > max(self._floor, SLOW_FACTOR * self._answer_s)
+
     def order(self, digest: str, members: list[Member]) -> list[Member]:
         """Holders of `digest` least loaded first (a stable sort), ancestors after them in tree order."""
         holders = [m for m in members if m.holds is not None and m.holds.might_hold(digest)]
         rest = [m for m in members if not (m.holds is not None and m.holds.might_hold(digest))]
         return [*sorted(holders, key=lambda m: self.outstanding(m.node_id)), *rest]
 
-    async def fetch(self, ref: ChunkRef, members: list[Member], attempt: Attempt[T]) -> tuple[T, Member]:
-        """The answer and the member that gave it; SourceExhausted when every member failed."""
+    async def fetch(self, ref: ChunkRef, members: list[Member], attempt: Attempt[T],
+                    more: Callable[[], list[Member]] | None = None) -> tuple[T, Member]:
+        """The answer and the member that gave it; SourceExhausted when every member failed, or when
+        every member still asked has been skipped since (dead or slow: the caller goes on without
+        it). `more()` gives the candidates as they are now, asked when the deadline passes with
+        nobody left to hedge to (a skipped parent's place in the tree goes to the next member)."""
         queue = self.order(ref.digest, members)
+        asked: set[str] = set()
         running: dict[asyncio.Task[T], Member] = {}  # in the order they were asked
+        waited = 0  # deadlines passed without an answer
         try:
             while queue or running:
                 if not running:
-                    self._start(queue.pop(0), ref, attempt, running)
-                deadline = self.hedge_after() if queue else None
-                done, _ = await asyncio.wait(running, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # the deadline passed: ask the next source too
-                    self.hedges += 1
-                    self._start(queue.pop(0), ref, attempt, running)
+                    self._start(queue.pop(0), ref, attempt, running, asked)
+                done, _ = await asyncio.wait(running, timeout=self.hedge_after(), return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    waited += 1
+                    if waited < SLOW_FACTOR and not all(self.suspect(m) for m in running.values()):
+                        continue  # a healthy source is busy: hedging would only add load
+                    if not queue and more is not None:
+                        queue = [m for m in self.order(ref.digest, more()) if m.node_id not in asked]
+                    if queue:
+                        self.hedges += 1
+                        self._start(queue.pop(0), ref, attempt, running, asked)
+                    elif all(m.skip_until > self._clock() for m in running.values()):
+                        break  # everyone still asked is skipped now: waiting on would wait for its timeout
                     continue
                 for task in done:
                     asked_before = list(running.values())[:list(running).index(task)]
                     member = running.pop(task)
                     exc = task.exception()
                     if exc is None:
-                        self._won(member, asked_before)
+                        for loser in asked_before:  # asked first and overtaken by the hedge
+                            self._strike(loser)
                         return task.result(), member
                     self._failed(member, ref, exc)
             raise SourceExhausted(ref.digest)
@@ -93,7 +121,9 @@ class PeerSources(Generic[T]):
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    def _start(self, member: Member, ref: ChunkRef, attempt: Attempt[T], running: dict[asyncio.Task[T], Member]) -> None:
+    def _start(self, member: Member, ref: ChunkRef, attempt: Attempt[T], running: dict[asyncio.Task[T], Member],
+               asked: set[str]) -> None:
+        asked.add(member.node_id)
         self._outstanding[member.node_id] = self.outstanding(member.node_id) + 1
         running[asyncio.ensure_future(self._timed(member, ref, attempt))] = member
 
@@ -105,16 +135,21 @@ class PeerSources(Generic[T]):
             self._outstanding[member.node_id] -= 1
             if not self._outstanding[member.node_id]:
                 del self._outstanding[member.node_id]
-        self._answer_s += EWMA_WEIGHT * ((self._clock() - started) - self._answer_s)
+        took = self._clock() - started
+        own = self._member_s.get(member.node_id, took)
+        self._member_s[member.node_id] = own + 2 * EWMA_WEIGHT * (took - own)  # quicker: one source's few answers
+        self._answer_s += EWMA_WEIGHT * (took - self._answer_s)
+        if took > self.hedge_after() and self.suspect(member):
+            self._strike(member)
+        else:  # in a row: one timely answer clears them
+            self._strikes.pop(member.node_id, None)
         return result
 
-    def _won(self, member: Member, overtaken: list[Member]) -> None:
-        self._strikes.pop(member.node_id, None)
-        for loser in overtaken:  # asked first and overtaken by the hedge
-            strikes = self._strikes[loser.node_id] = self._strikes.get(loser.node_id, 0) + 1
-            if strikes >= SLOW_STRIKES:
-                self._strikes.pop(loser.node_id, None)
-                self._membership.failed(loser, "slow")
+    def _strike(self, member: Member) -> None:
+        strikes = self._strikes[member.node_id] = self._strikes.get(member.node_id, 0) + 1
+        if strikes >= SLOW_STRIKES:
+            self._strikes.pop(member.node_id, None)
+            self._membership.failed(member, "slow")
 
     def _failed(self, member: Member, ref: ChunkRef, exc: BaseException) -> None:
         if not isinstance(exc, (PeerFetchError, FormatError)):

@@ -36,14 +36,30 @@ class Net:
         return link
 
     async def transfer(self, src: str, dst: str, nbytes: int) -> None:
-        """Carry `nbytes` from `src` to `dst`; returns when the last byte has arrived."""
-        now = asyncio.get_running_loop().time()
+        """Carry `nbytes` from `src` to `dst`; returns when the last byte has arrived. Cancelled
+        (the asker gave up: the real client closes the connection), the bytes not yet sent are
+        handed back to both links, so a hedged request does not leave a phantom queue behind."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         up, down = self.links[src], self.links[dst]
-        up.up_free = max(now, up.up_free) + nbytes / up.up_bps
-        down.down_free = max(now, down.down_free) + nbytes / down.down_bps
+        up_start = max(now, up.up_free)
+        down_start = max(now, down.down_free)
+        up.up_free = up_start + nbytes / up.up_bps
+        down.down_free = down_start + nbytes / down.down_bps
         up.uploaded += nbytes
         down.downloaded += nbytes
-        await asyncio.sleep(max(up.up_free, down.down_free) + self.latency_s - now)
+        up_end, down_end = up.up_free, down.down_free
+        try:
+            await asyncio.sleep(max(up_end, down_end) + self.latency_s - now)
+        except asyncio.CancelledError:
+            now = loop.time()
+            unsent_up = max(0.0, up_end - max(now, up_start))
+            unsent_down = max(0.0, down_end - max(now, down_start))
+            up.up_free = max(now, up.up_free - unsent_up)
+            down.down_free = max(now, down.down_free - unsent_down)
+            up.uploaded -= int(unsent_up * up.up_bps)
+            down.downloaded -= int(unsent_down * down.down_bps)
+            raise
 
     async def hop(self) -> None:
         """A small message (a request) crossing the network."""
