@@ -56,6 +56,7 @@ class PeerSources(Generic[T]):
         self._outstanding: dict[str, int] = {}  # node_id → requests this node has in flight to it
         self._strikes: dict[str, int] = {}
         self._answer_s = 0.0  # moving average of answer times, every source
+        self._answers = 0
         self._member_s: dict[str, float] = {}  # the same per source
         self.hedges = 0  # second requests sent (a counter for benchmarks and metrics)
 
@@ -82,8 +83,9 @@ class PeerSources(Generic[T]):
                     more: Callable[[], list[Member]] | None = None) -> tuple[T, Member]:
         """The answer and the member that gave it; SourceExhausted when every member failed, or when
         every member still asked has been skipped since (dead or slow: the caller goes on without
-        it). `more()` gives the candidates as they are now, asked when the deadline passes with
-        nobody left to hedge to (a skipped parent's place in the tree goes to the next member)."""
+        it). `more()` gives the candidates as they are now, asked when every source asked failed or
+        the deadline passes with nobody left to hedge to (a skipped parent's place in the tree goes
+        to the next member in rank)."""
         queue = self.order(ref.digest, members)
         asked: set[str] = set()
         running: dict[asyncio.Task[T], Member] = {}  # in the order they were asked
@@ -114,6 +116,8 @@ class PeerSources(Generic[T]):
                             self._strike(loser)
                         return task.result(), member
                     self._failed(member, ref, exc)
+                if not queue and not running and more is not None:  # the tree without the failed ones
+                    queue = [m for m in self.order(ref.digest, more()) if m.node_id not in asked]
             raise SourceExhausted(ref.digest)
         finally:
             for task in running:
@@ -138,7 +142,8 @@ class PeerSources(Generic[T]):
         took = self._clock() - started
         own = self._member_s.get(member.node_id, took)
         self._member_s[member.node_id] = own + 2 * EWMA_WEIGHT * (took - own)  # quicker: one source's few answers
-        self._answer_s += EWMA_WEIGHT * (took - self._answer_s)
+        self._answer_s = took if not self._answers else self._answer_s + EWMA_WEIGHT * (took - self._answer_s)
+        self._answers += 1
         if took > self.hedge_after() and self.suspect(member):
             self._strike(member)
         else:  # in a row: one timely answer clears them
