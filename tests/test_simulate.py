@@ -210,3 +210,82 @@ def test_holders_least_loaded_first() -> None:
     a.holds = b.holds = Holds()  # type: ignore[assignment]
     sources._outstanding["a"] = 3
     assert [m.node_id for m in sources.order(DIGESTS[0], [c, a, b])] == ["b", "a", "c"]
+
+
+def _layout_with_one_layer(root: Path) -> tuple[Path, str, list[int]]:
+    """An OCI layout holding one converted peerpull layer (a tar of a few files)."""
+    import hashlib
+    import io
+    import json
+    import os
+    import tarfile
+
+    from converter.conversion.layer_writer import write_seekable_layer
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        for i in range(6):
+            data = os.urandom(300_000 + 1000 * i)
+            info = tarfile.TarInfo(f"app/file{i}.bin")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    out = io.BytesIO()
+    result = write_seekable_layer(io.BytesIO(tar.getvalue()), out, chunk_size=256 << 10)
+    (blobs / result.digest.removeprefix("sha256:")).write_bytes(out.getvalue())
+
+    def put(doc: dict) -> str:
+        raw = json.dumps(doc).encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        (blobs / digest).write_bytes(raw)
+        return f"sha256:{digest}"
+
+    manifest = put({"schemaVersion": 2, "layers": [{"digest": result.digest, "size": result.size}]})
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{"digest": manifest}]}))
+    assert result.toc is not None
+    offsets = sorted({c.blob_offset for e in result.toc.entries for c in e.chunks})
+    return root, result.digest, offsets
+
+
+def test_a_real_toc_and_profile_feed_the_simulation(tmp_path: Path) -> None:
+    import json
+
+    from sim.feed import from_layout
+
+    layout, layer, offsets = _layout_with_one_layer(tmp_path / "layout")
+    whole = from_layout(layout)
+    assert [r.blob_offset for r in whole.refs] == offsets and "no profile" in whole.source
+    profile = tmp_path / "profile.json"
+    reads = [[0, offsets[3]], [0, offsets[0]], [0, offsets[3]], [0, 12345]]  # a repeat and a bogus offset
+    profile.write_text(json.dumps({"version": 1, "manifest_digest": "sha256:" + "0" * 64, "layers": [layer],
+                                   "reads": reads}))
+    feed = from_layout(layout, profile)
+    assert [r.blob_offset for r in feed.refs] == [offsets[3], offsets[0]]  # first-read order, distinct
+    outcome = clock.run(run_scenario(feed, PeerConfig(), Shape(), Scenario(5)))
+    assert outcome.complete and outcome.egress_bytes == feed.bytes
+
+
+def test_bench_simulate_writes_its_records_and_calibration(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "simulate"
+    real = tmp_path / "cluster.json"
+    real.write_text(json.dumps([{"nodes": 2, "egress_ratio": 1.02, "p50_ready_s": 9.5, "max_ready_s": 11.0}]))
+    out = tmp_path / "sim.json"
+    run = subprocess.run([str(bench), "--nodes", "3,12", "--working-set-mib", "2", "--json", str(out),
+                          "--calibrate", "--calibrate-json", str(real)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "synthetic TOC and profile" in run.stdout  # says which feed it used
+    calibration = next(line for line in run.stdout.splitlines() if line.startswith("  2 "))
+    assert "1.020" in calibration and "9.500" in calibration and "11.000" in calibration
+    records = json.loads(out.read_text())
+    assert [r["nodes"] for r in records] == [3, 12]
+    for key in ("egress_ratio", "p50_s", "p99_s", "single_node_s", "max_upload_ratio"):
+        assert all(isinstance(r[key], float) for r in records)
+    assert records[0]["churn_events"] == 0 and records[1]["churn_events"] == 2  # 5 %: none of 3, one each of 12
+    assert records[0]["churn_egress_ratio"] == records[0]["egress_ratio"] and records[1]["churn_egress_ratio"] >= 1.0
+    assert "faults_egress_ratio" in records[1] and "faults_egress_ratio" not in records[0]  # from N=10
+    bad = subprocess.run([str(bench), "--nodes", "ten"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--nodes" in bad.stderr
