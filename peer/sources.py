@@ -6,13 +6,17 @@ flight to goes first. A source that fails (refused, timed out, bad bytes) is ski
 `failure_skip_s` and the next candidate is asked at once; a skipped member also leaves the chunk
 trees (peer/membership.py), so its children re-attach to the next member in rank.
 
-Hedging is relative. In a cold start every answer waits for the bytes queued ahead of it, so an
-absolute deadline would hedge half the requests of a healthy cluster and double the load on
-grandparents. A source is *suspect* when its own recent answer time is SLOW_FACTOR times what
-all sources take here, or when it has been skipped since it was asked; only then, once the
-deadline (a multiple of the recent answer time, never below `hedge_after_s`) has passed, is the
-next source asked too (and for anyone after SLOW_FACTOR deadlines), and whichever answers first wins (the other request is cancelled). A
-source that stays suspect for SLOW_STRIKES late answers or lost hedges is skipped as slow.
+Hedging is relative. In a cold start every answer waits for the bytes queued ahead of it (a
+stream keeps 32 MiB in flight), so an absolute deadline would hedge half the requests of a healthy
+cluster and double the load on grandparents. A waiting fetch looks at its sources every *tick*
+(the recent answer time, at least `hedge_after_s`). A source is *suspect* when it has been skipped
+since it was asked, when its own answers take SLOW_FACTOR times what all sources take here, or
+when it delivers SLOW_FACTOR² times fewer bytes per busy second than they do (under saturation,
+answer times differ little and rates a lot). A suspect source is hedged at the first tick (the
+next source is asked too, the first answer wins, the other request is cancelled), a healthy one
+only after HEDGE_FACTOR ticks. A suspect source nobody can stand in for (a slow node ranked first
+for a chunk) is skipped as slow after two ticks, so the tree re-forms without it; one that keeps
+answering late or losing its hedges is skipped as slow after SLOW_STRIKES.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from peer.membership import Member, Membership
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-HEDGE_FACTOR = 4.0  # the deadline: this many times the recent answer time
+HEDGE_FACTOR = 4.0  # a healthy source is hedged after this many ticks (the recent answer time)
 SLOW_FACTOR = 3.0  # a source whose answers take this many times the others' is suspect
 EWMA_WEIGHT = 0.1
 SLOW_STRIKES = 3  # late answers or lost hedges of a suspect source before it is skipped as slow
@@ -58,20 +62,44 @@ class PeerSources(Generic[T]):
         self._answer_s = 0.0  # moving average of answer times, every source
         self._answers = 0
         self._member_s: dict[str, float] = {}  # the same per source
+        # per source: bytes it answered and the time requests to it were outstanding (its rate to us)
+        self._delivered: dict[str, int] = {}
+        self._busy_s: dict[str, float] = {}
+        self._busy_since: dict[str, float] = {}
         self.hedges = 0  # second requests sent (a counter for benchmarks and metrics)
 
     def hedge_after(self) -> float:
-        return max(self._floor, HEDGE_FACTOR * self._answer_s)
+        """How late an answer is late: HEDGE_FACTOR ticks."""
+        return HEDGE_FACTOR * self.tick()
+
+    def tick(self) -> float:
+        """How often a waiting fetch looks again at its sources: the recent answer time, at least
+        `hedge_after_s`. A suspect source is hedged at the first tick, a healthy one after HEDGE_FACTOR."""
+        return max(self._floor, self._answer_s)
 
     def outstanding(self, node_id: str) -> int:
         return self._outstanding.get(node_id, 0)
 
     def suspect(self, member: Member) -> bool:
-        """Skipped since, or answering SLOW_FACTOR times slower than the sources here on average."""
-        if member.skip_until > self._clock():
+        """Skipped since, answering SLOW_FACTOR times slower than the sources here on average, or
+        delivering SLOW_FACTOR² times fewer bytes per busy second than they do (under a saturated
+        cold start answer times differ little, rates a lot)."""
+        now = self._clock()
+        if member.skip_until > now:
             return True
         own = self._member_s.get(member.node_id)
-        return own is not None and own > max(self._floor, SLOW_FACTOR * self._answer_s)
+        if own is not None and own > max(self._floor, SLOW_FACTOR * self._answer_s):
+            return True
+        busy = self._busy(member.node_id, now)
+        if busy < SLOW_FACTOR * self._floor:
+            return False
+        total_busy = sum(self._busy(n, now) for n in self._busy_s.keys() | self._busy_since.keys())
+        overall = sum(self._delivered.values()) / total_busy if total_busy else 0.0
+        return self._delivered.get(member.node_id, 0) / busy < overall / SLOW_FACTOR ** 2
+
+    def _busy(self, node_id: str, now: float) -> float:
+        since = self._busy_since.get(node_id)
+        return self._busy_s.get(node_id, 0.0) + (now - since if since is not None else 0.0)
 
     def order(self, digest: str, members: list[Member]) -> list[Member]:
         """Holders of `digest` least loaded first (a stable sort), ancestors after them in tree order."""
@@ -94,12 +122,20 @@ class PeerSources(Generic[T]):
             while queue or running:
                 if not running:
                     self._start(queue.pop(0), ref, attempt, running, asked)
-                done, _ = await asyncio.wait(running, timeout=self.hedge_after(), return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(running, timeout=self.tick(), return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     waited += 1
-                    if waited < SLOW_FACTOR and not all(self.suspect(m) for m in running.values()):
+                    suspect = all(self.suspect(m) for m in running.values())
+                    if not suspect and waited < HEDGE_FACTOR:
                         continue  # a healthy source is busy: hedging would only add load
                     if not queue and more is not None:
+                        queue = [m for m in self.order(ref.digest, more()) if m.node_id not in asked]
+                    if not queue and suspect and waited >= 2 and more is not None:
+                        # suspect, and nobody can stand in: skip them as slow, so the tree re-forms
+                        # without them (the next member in rank, or the origin at the top)
+                        for member in running.values():
+                            if member.skip_until <= self._clock():
+                                self._membership.failed(member, "slow")
                         queue = [m for m in self.order(ref.digest, more()) if m.node_id not in asked]
                     if queue:
                         self.hedges += 1
@@ -128,6 +164,8 @@ class PeerSources(Generic[T]):
     def _start(self, member: Member, ref: ChunkRef, attempt: Attempt[T], running: dict[asyncio.Task[T], Member],
                asked: set[str]) -> None:
         asked.add(member.node_id)
+        if not self.outstanding(member.node_id):
+            self._busy_since[member.node_id] = self._clock()
         self._outstanding[member.node_id] = self.outstanding(member.node_id) + 1
         running[asyncio.ensure_future(self._timed(member, ref, attempt))] = member
 
@@ -139,6 +177,9 @@ class PeerSources(Generic[T]):
             self._outstanding[member.node_id] -= 1
             if not self._outstanding[member.node_id]:
                 del self._outstanding[member.node_id]
+                since = self._busy_since.pop(member.node_id, self._clock())
+                self._busy_s[member.node_id] = self._busy_s.get(member.node_id, 0.0) + self._clock() - since
+        self._delivered[member.node_id] = self._delivered.get(member.node_id, 0) + ref.compressed_length
         took = self._clock() - started
         own = self._member_s.get(member.node_id, took)
         self._member_s[member.node_id] = own + 2 * EWMA_WEIGHT * (took - own)  # quicker: one source's few answers
