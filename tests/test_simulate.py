@@ -289,3 +289,30 @@ def test_bench_simulate_writes_its_records_and_calibration(tmp_path: Path) -> No
     assert "faults_egress_ratio" in records[1] and "faults_egress_ratio" not in records[0]  # from N=10
     bad = subprocess.run([str(bench), "--nodes", "ten"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--nodes" in bad.stderr
+
+
+def test_a_source_with_a_low_byte_rate_is_suspect_even_when_everyone_is_slow() -> None:
+    """Under a saturated start every answer takes seconds; what sets a slow uplink apart is bytes
+    per busy second. `b` answers each request in 2 s, in parallel; `a` one request at a time,
+    2 s each: after a while `a` delivers far fewer bytes per second and is hedged at once."""
+    sources, _, (a, b, c), now = _sources()
+    serial = asyncio.Lock()
+
+    async def attempt(member: Member, ref: ChunkRef) -> str:
+        if member is a:
+            async with serial:
+                await asyncio.sleep(2.0)
+        else:
+            await asyncio.sleep(2.0)
+        return member.node_id
+
+    async def main() -> tuple[list[str], list[str]]:
+        # warm-up: 12 at once to a (as first source) and 12 at once to b
+        first = await asyncio.gather(*(sources.fetch(_ref(d), [b], attempt) for d in DIGESTS[:12]),
+                                     *(sources.fetch(_ref(d), [a, c], attempt) for d in DIGESTS[12:24]))
+        then = await asyncio.gather(*(sources.fetch(_ref(d), [a, c], attempt) for d in DIGESTS[24:30]))
+        return [m for m, _ in first], [m for m, _ in then]
+
+    first, then = clock.run(main(), now)
+    assert sources.suspect(a) and not sources.suspect(b)
+    assert then.count("c") > then.count("a")  # most hedged to c rather than queued behind a
