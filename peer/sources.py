@@ -91,7 +91,7 @@ class PeerSources(Generic[T]):
         if own is not None and own > max(self._floor, SLOW_FACTOR * self._answer_s):
             return True
         busy = self._busy(member.node_id, now)
-        if busy < SLOW_FACTOR * self._floor:
+        if busy < 2 * self.tick():  # a few answers' worth of evidence first
             return False
         total_busy = sum(self._busy(n, now) for n in self._busy_s.keys() | self._busy_since.keys())
         overall = sum(self._delivered.values()) / total_busy if total_busy else 0.0
