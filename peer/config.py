@@ -34,6 +34,10 @@ class PeerConfig:
     peer_connect_timeout_s: float = setting(2.0, lo=0.05, hi=120)
     peer_read_timeout_s: float = setting(5.0, lo=1.0, hi=600)  # idle: no byte from the peer (it sends heartbeats)
     failure_skip_s: float = setting(30.0, lo=0.0, hi=3600)  # a peer that failed is not asked again for this long
+    # a chunk's fan-out tree (peer/ring.py): each node serves it to this many others; 0: one owner serves all
+    fanout: int = setting(4, lo=0, hi=1024)
+    # a second peer is asked when the first has not answered by max(this, 4 × the recent answer time)
+    hedge_after_s: float = setting(0.5, lo=0.001, hi=600)
     origin_max_inflight: int = setting(8, lo=1, hi=1024)  # concurrent Range requests per registry
     # adjacent chunks merged into one Range request up to this size
     coalesce_max_bytes: int = setting(8 << 20, lo=64 << 10, hi=256 << 20)

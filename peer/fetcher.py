@@ -1,10 +1,15 @@
-"""The chunk fetcher: local cache → the chunk's owner among the peers → origin registry.
+"""The chunk fetcher: local cache → peers (holders, then up the chunk's fan-out tree) → origin registry.
 
 A chunk is decompressed and checked against its sha256 exactly once, when it enters the node
 (from a peer or the origin), before it is cached, served or returned. Later hits trust the cache
 (see peer/cache.py for its cheap disk check); `fetch_frame` and `ensure` serve peers and warm-ups
 without decompressing at all. Concurrent requests for one digest share one fetch, whoever asked
 (a local reader, a prefetch, or another node).
+
+A fetch on another node's behalf asks only this node's ancestors in the chunk's tree (peer/ring.py:
+ranked above it, so requests climb and never come back), then the origin. A local fetch may ask a
+holder ranked below this node; while it does, a peer's request for that chunk does not join it
+(the holder might be asking us) but climbs on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,9 +31,10 @@ from peer.cache import ChunkCache
 from peer.cache_writer import CacheWriter
 from peer.chunk import ChunkRef
 from peer.client import PeerClient, PeerFetchError
-from peer.membership import Membership
+from peer.membership import Member, Membership
 from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
+from peer.sources import PeerSources, SourceExhausted
 
 log = structlog.get_logger(__name__)
 STORE_BATCH_BYTES = 8 << 20  # frames written to the disk cache in one transaction, at most
@@ -62,13 +69,18 @@ class Fetched:
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, origin: FrameSource, metrics: PeerMetrics,
                  membership: Membership | None = None, peers: PeerClient | None = None,
-                 pending_store_bytes: int = 16 << 20) -> None:
+                 pending_store_bytes: int = 16 << 20, hedge_after_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cache = cache
         self._origin = origin
         self._metrics = metrics
         self._membership = membership
         self._peers = peers
         self._flights: SingleFlight[Fetched] = SingleFlight()
+        self._sources: PeerSources[tuple[bytes, bytes, str]] | None = None
+        if membership is not None and peers is not None:
+            self._sources = PeerSources(membership, hedge_after_s, clock, on_failure=self._peer_failed)
+        self._below: set[str] = set()  # digests a local fetch asks a holder ranked below this node for
         # background fetches verify on their own thread: they must not queue ahead of on-demand reads
         # in the default executor
         self._background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_VERIFIERS, initializer=_lower_priority,
@@ -137,6 +149,11 @@ class ChunkFetcher:
         return self._flights.inflight(digest) or self._flights.inflight(f"bg:{digest}")
 
     async def _remote(self, ref: ChunkRef, use_peers: bool, background: bool) -> Fetched:
+        if not use_peers and ref.digest in self._below:  # climb on our own: the holder may be asking us
+            return await self._flights.do(f"up:{ref.digest}", lambda: self._fetch_remote(ref, False, background))
+        if not use_peers and self._flights.inflight(f"bg:{ref.digest}"):
+            # a peer's request joins our own stream's fetch of the chunk: asking again would bring it twice
+            return await self._flights.do(f"bg:{ref.digest}", lambda: self._fetch_remote(ref, False, True))
         if background and self._flights.inflight(ref.digest):
             return await self._flights.do(ref.digest, lambda: self._fetch_remote(ref, use_peers, False))
         key = f"bg:{ref.digest}" if background else ref.digest
@@ -182,23 +199,43 @@ class ChunkFetcher:
         self._store_pool.shutdown(wait=True)
         self._background_pool.shutdown(wait=True)
 
+    async def _from_peer(self, member: Member, ref: ChunkRef, background: bool) -> tuple[bytes, bytes, str]:
+        """(frame, verified bytes, the tier the peer had it from)."""
+        assert self._peers is not None
+        frame, tier = await self._peers.fetch_frame(member.address, ref)
+        return frame, await self._verify(ref, frame, background), tier
+
+    def _peer_failed(self, member: Member, ref: ChunkRef, reason: str, exc: Exception) -> None:
+        self._metrics.errors.labels("peer", reason).inc()
+        log.warning("chunk_fetch_failed", tier="peer", peer=member.node_id, digest=ref.digest,
+                    reason=reason, error=str(exc))
+
+    def _origin_has(self, ref: ChunkRef) -> bool:
+        """A stream's Range run already brings the frame from the origin: no peer is asked for it."""
+        busy = getattr(self._origin, "busy", None)
+        return bool(busy is not None and busy(ref))
+
     async def _fetch_remote(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> Fetched:
         started = time.monotonic()
-        if use_peers and self._membership is not None and self._peers is not None:
-            for member in self._membership.candidates_for(ref.digest):  # holders first, then the owner
-                try:
-                    frame, remote_tier = await self._peers.fetch_frame(member.address, ref)
-                    data = await self._verify(ref, frame, background)
-                except (PeerFetchError, FormatError) as exc:
-                    reason = exc.reason if isinstance(exc, PeerFetchError) else "bad_bytes"
-                    self._metrics.errors.labels("peer", reason).inc()
-                    log.warning("chunk_fetch_failed", tier="peer", peer=member.node_id, digest=ref.digest,
-                                reason=reason, error=str(exc))
-                    self._membership.failed(member, reason)
-                    continue
-                log.debug("chunk_fetched", tier="peer", peer=member.node_id, remote_tier=remote_tier,
-                          digest=ref.digest, bytes=len(data))
+        if self._sources is not None and self._membership is not None and not self._origin_has(ref):
+            membership = self._membership
+            candidates = (lambda: membership.candidates_for(ref.digest)) if use_peers \
+                else (lambda: membership.upstream_for(ref.digest))
+            members = candidates()
+            below = use_peers and any(not self._membership.above(ref.digest, m) for m in members)
+            if below:
+                self._below.add(ref.digest)
+            try:
+                (frame, data, _tier), member = await self._sources.fetch(
+                    ref, members, lambda m, r: self._from_peer(m, r, background), candidates)
+            except SourceExhausted:
+                pass
+            else:
+                log.debug("chunk_fetched", tier="peer", peer=member.node_id, digest=ref.digest, bytes=len(data))
                 return self._count(Fetched(frame, data, "peer"), started)
+            finally:
+                if below:
+                    self._below.discard(ref.digest)
         if self._cache.known(ref.digest):  # a stream's run brought it in since this read missed the cache
             loaded = await self._cache_load(ref)
             if loaded is not None:

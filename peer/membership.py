@@ -9,18 +9,23 @@ can neither grow it nor send a malformed one). A chunk is asked first from membe
 says they hold it, even when this node owns it on the ring: a warm peer serves what it has, and
 in a cold cluster (empty filters) the ring order is unchanged, so the origin still sees each
 chunk about once.
+
+Beyond the holders, a chunk is asked up its fan-out tree (peer/ring.py): the parent first, then
+the parent's parent. `upstream_for` is what a fetch on another node's behalf may ask: only members
+ranked above this node, so requests between nodes climb and never cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from peer.client import PeerClient, PeerFetchError
-from peer.ring import ranked
+from peer.ring import Ring
 from peer.summary import DigestFilter
 from peer.tasks import TaskSet
 
@@ -30,9 +35,11 @@ MISSED_ROUNDS = 3  # health checks a member may miss in a row before it is gone
 # while a cluster warms, every filter changes all the time, and N nodes fetching N-1 filters of
 # 128 KiB every interval would cost more than it saves
 SUMMARY_EVERY = (10, 1.0, 10.0)
+PEERS_ASKED = 2  # sources asked for one chunk before the origin (snapshotter/fs/request_timeout.py)
+DEFAULT_FANOUT = 4
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a node of a 1,000-node cluster holds 999 of them
 class Member:
     node_id: str
     address: str
@@ -45,8 +52,12 @@ class Member:
 
 
 class Membership:
-    def __init__(self, node_id: str, client: PeerClient, health_interval_s: float, failure_skip_s: float) -> None:
+    def __init__(self, node_id: str, client: PeerClient, health_interval_s: float, failure_skip_s: float,
+                 fanout: int = DEFAULT_FANOUT, clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = node_id
+        self.fanout = fanout
+        self._clock = clock  # a seam: the simulation (bench/sim) runs many nodes on a virtual clock
+        self._view: tuple[int, list[Member], Ring] | None = None  # (round, alive, ring): rebuilt on a change
         self._client = client
         self._interval = health_interval_s
         self._skip_s = failure_skip_s
@@ -72,66 +83,98 @@ class Membership:
         """Members that missed fewer than three complete health-check rounds. Counted in rounds, not
         seconds: a round slowed by busy peers, or a late wake-up of a busy event loop, must not
         make every member look dead for a moment and send every chunk to the origin."""
-        return [m for m in self._members.values() if self._round - m.round_ok <= MISSED_ROUNDS]
+        return self._current()[1]
+
+    def _current(self) -> tuple[int, list[Member], Ring]:
+        if self._view is None or self._view[0] != self._round:
+            now = self._clock()
+            alive = [m for m in self._members.values() if self._round - m.round_ok <= MISSED_ROUNDS]
+            # a member being skipped is out of the chunk trees too: its children re-attach to the next
+            # member in rank, so a dead or slow node costs one origin fetch per chunk it led, not one
+            # per child (checked again every health round, when skips may have ended)
+            self._view = (self._round, alive,
+                          Ring.of([self.node_id, *(m.node_id for m in alive if m.skip_until <= now)]))
+        return self._view
+
+    def ring(self) -> Ring:
+        return self._current()[2]
 
     def ring_members(self) -> list[str]:
         return [self.node_id, *(m.node_id for m in self.alive())]
 
+    def upstream_for(self, digest: str) -> list[Member]:
+        """Members to ask for `digest` on another node's behalf: this node's ancestors in the chunk's
+        tree that are not being skipped, nearest first; empty at the top (it goes to the origin)."""
+        now = self._clock()
+        return [m for m in self._ancestors(digest) if m.skip_until <= now][:PEERS_ASKED]
+
+    def _ancestors(self, digest: str) -> list[Member]:
+        _, _, ring = self._current()
+        return [self._members[n] for n in ring.ancestors(digest, self.node_id, self.fanout) if n in self._members]
+
     def candidates_for(self, digest: str) -> list[Member]:
-        """Peers to ask for `digest`: those that hold it first, then the owners ranked above this
-        node; empty when no live peer holds it and this node is the owner (it goes to the origin)."""
-        alive = {m.node_id: m for m in self.alive()}
-        order = ranked(digest, [self.node_id, *alive])
-        now = time.monotonic()
-        holders: list[Member] = []
-        owners: list[Member] = []
-        above = True
-        for node_id in order:
-            if node_id == self.node_id:
-                above = False  # we rank above the rest: only holders come before the origin now
-                continue
-            member = alive[node_id]
-            if member.skip_until > now:
-                continue
-            if member.holds is not None and member.holds.might_hold(digest):
-                holders.append(member)
-            elif above:
-                owners.append(member)
-        return [*holders, *owners][:2]
+        """Peers to ask for `digest`: those that hold it first, then its ancestors in the chunk's tree
+        (the owner alone when `fanout` is 0); empty when no live peer holds it and this node ranks
+        first (it goes to the origin)."""
+        now = self._clock()
+        _, alive, _ = self._current()
+        holders = [m for m in alive if m.holds is not None and m.skip_until <= now and m.holds.might_hold(digest)]
+        chosen = {m.node_id for m in holders}
+        above = [m for m in self._ancestors(digest) if m.skip_until <= now and m.node_id not in chosen]
+        return [*holders, *above][:PEERS_ASKED]
+
+    def above(self, digest: str, member: Member) -> bool:
+        """Whether `member` ranks above this node for `digest` (asking it can never come back here)."""
+        ring = self.ring()
+        return member.node_id in ring.members and ring.position(digest, member.node_id) < ring.position(digest, self.node_id)
 
     def failed(self, member: Member, reason: str) -> None:
-        member.skip_until = time.monotonic() + self._skip_s
+        member.skip_until = self._clock() + self._skip_s
+        self._view = None
         log.warning("peer_skipped", peer=member.node_id, address=member.address, reason=reason,
                     seconds=self._skip_s)
 
     async def check_once(self) -> None:
         addresses = set(self._candidates)
-        self._round += 1
+        self.begin_round()
         results = await asyncio.gather(*(self._client.health(a) for a in addresses), return_exceptions=True)
-        now = time.monotonic()
         for address, result in zip(addresses, results):
             if isinstance(result, PeerFetchError) or not isinstance(result, dict):
                 continue
-            node_id = str(result["node_id"])  # the client checked it is a string
-            if node_id == self.node_id:
-                continue  # ourselves, found through discovery
-            member = self._members.get(node_id)
-            if member is None:
-                log.info("peer_joined", peer=node_id, address=address)
-                member = self._members[node_id] = Member(node_id, address, now)
-            else:
-                member.address, member.last_ok = address, now
-            member.round_ok = self._round
-            generation = result.get("summary")
-            if (isinstance(generation, int) and not isinstance(generation, bool) and generation != member.generation
-                    and node_id not in self._refreshing and now - member.summary_at >= self._summary_every):
-                self._refreshing.add(node_id)
-                member.summary_at = now
-                self._summaries.spawn(self._refresh_summary(member, generation), f"summary {node_id}")
+            self.heard(address, result)
+        self.end_round()
+
+    def heard(self, address: str, result: dict[str, object]) -> None:
+        """A health answer of this round (the simulation calls it directly: no HTTP)."""
+        now = self._clock()
+        node_id = str(result["node_id"])  # the client checked it is a string
+        if node_id == self.node_id:
+            return  # ourselves, found through discovery
+        member = self._members.get(node_id)
+        if member is None:
+            log.info("peer_joined", peer=node_id, address=address)
+            member = self._members[node_id] = Member(node_id, address, now)
+            self._view = None
+        else:
+            member.address, member.last_ok = address, now
+        member.round_ok = self._round
+        generation = result.get("summary")
+        if (isinstance(generation, int) and not isinstance(generation, bool) and generation != member.generation
+                and node_id not in self._refreshing and now - member.summary_at >= self._summary_every):
+            self._refreshing.add(node_id)
+            member.summary_at = now
+            self._summaries.spawn(self._refresh_summary(member, generation), f"summary {node_id}")
+
+    def begin_round(self) -> None:
+        self._round += 1
+
+    def end_round(self) -> None:
+        """Members that missed too many rounds are gone."""
         for node_id, member in list(self._members.items()):
             if self._round - member.round_ok >= MISSED_ROUNDS:
                 log.info("peer_left", peer=node_id, address=member.address)
                 del self._members[node_id]
+                self._view = None
         alone = not self._members
         if alone and not self._was_alone:
             log.warning("member_list_shrunk_to_self", node=self.node_id)

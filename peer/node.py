@@ -140,11 +140,12 @@ class PeerNode:
             peers = PeerClient(session, self.config.token, self.config.peer_timeout_s,
                                self.config.peer_connect_timeout_s, self.config.peer_read_timeout_s)
             self._peers = peers
-            self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s)
+            self.membership = Membership(self.node_id, peers, self.config.health_interval_s, self.config.failure_skip_s,
+                                         fanout=self.config.fanout)
             origin = OriginSource(self._client, self.config)
             stack.push_async_callback(origin.close)
             self.fetcher = ChunkFetcher(cache, origin, self.metrics, self.membership, peers,
-                                        self.config.cache_write_pending_bytes)
+                                        self.config.cache_write_pending_bytes, self.config.hedge_after_s)
             self.streamer = Streamer(self.fetcher, origin, cache, self.config, self.membership)
             stack.callback(self.fetcher.close)
             stack.push_async_callback(self.fetcher.cancel_fetches)
