@@ -42,7 +42,8 @@ WarmHandler = Callable[[str, WarmProgress], Awaitable[dict[str, object]]]
 ProfileReader = Callable[[str], Awaitable[bytes | None]]  # manifest digest → a stored startup profile
 MAX_PROFILE_ANSWER = 4 << 20  # a startup profile above this is not served (snapshotter/service/profiles.py)
 OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
-HIT_GROUP = 16  # cache hits loaded per worker hop
+HIT_GROUP = 64  # cache hits loaded per worker hop (one SQLite query) and written in one piece ...
+HIT_GROUP_BYTES = 1 << 20  # ... up to this many bytes of frames: small frames batch, big ones go alone
 HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's idle timeout (>= 1 s)
 
 
@@ -61,6 +62,24 @@ def _is_loopback(remote: str | None) -> bool:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
+
+
+def _hit_groups(maybe: list[tuple[int, ChunkRef]]) -> list[list[tuple[int, ChunkRef]]]:
+    """Consecutive groups of at most HIT_GROUP chunks and HIT_GROUP_BYTES of frames (a frame above
+    that goes alone)."""
+    groups: list[list[tuple[int, ChunkRef]]] = []
+    part: list[tuple[int, ChunkRef]] = []
+    size = 0
+    for item in maybe:
+        length = item[1].compressed_length
+        if part and (len(part) == HIT_GROUP or size + length > HIT_GROUP_BYTES):
+            groups.append(part)
+            part, size = [], 0
+        part.append(item)
+        size += length
+    if part:
+        groups.append(part)
+    return groups
 
 
 class PeerServer:
@@ -161,19 +180,30 @@ class PeerServer:
         budget = ByteBudget(self._config.serve_connection_bytes)
         write_lock = asyncio.Lock()
 
-        async def emit(index: int, tier: str, frame: bytes) -> None:
+        async def emit_many(items: list[tuple[int, str, bytes]]) -> None:
+            """Items written in one piece: one chunked-encoding frame and one socket write for a group
+            of small frames, not one per frame (the per-write cost is what bounded chunks/s)."""
+            data = b"".join([msgpack.packb(item, use_bin_type=True) for item in items])
             async with write_lock:
                 try:  # a client that stops reading must not hold its share of the byte budget for ever
                     async with asyncio.timeout(self._config.header_timeout_s):
-                        await response.write(msgpack.packb([index, tier, frame], use_bin_type=True))
+                        await response.write(data)
                 except TimeoutError:
                     self._metrics.refused.labels("slow_reader").inc()
                     if request.transport is not None:
                         request.transport.abort()
                     raise ConnectionResetError("the client stopped reading") from None
-            if tier:
-                self._metrics.served.labels(tier).inc()
-                self._metrics.served_bytes.inc(len(frame))
+            served: dict[str, int] = {}
+            for _, tier, _frame in items:
+                if tier:
+                    served[tier] = served.get(tier, 0) + 1
+            for tier, count in served.items():
+                self._metrics.served.labels(tier).inc(count)
+            if served:
+                self._metrics.served_bytes.inc(sum(len(frame) for _, tier, frame in items if tier))
+
+        async def emit(index: int, tier: str, frame: bytes) -> None:
+            await emit_many([(index, tier, frame)])
 
         async def heartbeat(misses: list[asyncio.Task[None]]) -> None:
             waiting = set(misses)
@@ -190,18 +220,21 @@ class PeerServer:
                 for index, ref in wanted:
                     if not self._cache.might_have(ref.digest):
                         misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
-                for start in range(0, len(maybe), HIT_GROUP):
-                    part = maybe[start:start + HIT_GROUP]
+                for part in _hit_groups(maybe):
                     size = sum(r.compressed_length for _, r in part)
                     async with self._held(budget, size):
                         loaded = await asyncio.get_running_loop().run_in_executor(
                             self._cache_pool, self._cache.load_frames, [r for _, r in part])
+                        hits: list[tuple[int, str, bytes]] = []
                         for (index, ref), hit in zip(part, loaded):
                             if hit is None:
                                 misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
                             else:  # as stored: the asker verifies it
-                                await emit(index, "cache", hit)
+                                hits.append((index, "cache", hit))
                         del loaded
+                        if hits:
+                            await emit_many(hits)
+                        del hits
                 if misses:
                     group.create_task(heartbeat(misses))
         except* ConnectionError:  # the asker went away (or died) mid-answer: nothing more to do for it
