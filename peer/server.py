@@ -73,7 +73,7 @@ def item_head(index: int, tier: str, size: int) -> bytes:
         bin_head = b"\xc5" + size.to_bytes(2, "big")
     else:
         bin_head = b"\xc6" + size.to_bytes(4, "big")
-    return b"\x93" + msgpack.packb(index) + msgpack.packb(tier) + bin_head
+    return b"\x93" + bytes(msgpack.packb(index)) + bytes(msgpack.packb(tier)) + bin_head
 
 
 async def _write_items(request: web.Request, response: web.StreamResponse,
