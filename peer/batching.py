@@ -42,9 +42,15 @@ class BatchQueue(Generic[K, R, T]):
     the position of the caller's own one.
     """
 
-    def __init__(self, send: Callable[[K, Batch[R, T]], Awaitable[None]], select: Select[R]) -> None:
+    def __init__(self, send: Callable[[K, Batch[R, T]], Awaitable[None]], select: Select[R],
+                 send_others: bool = False) -> None:
         self._send = send
         self._select = select
+        # with send_others, a waiter that gets a slot after its own request left in someone else's
+        # batch (still in flight) sends the oldest queued batch instead of handing the slot on: with
+        # thousands queued behind a few slots, each slot then carries a batch, where otherwise it
+        # passed through every stale waiter first, one event-loop turn each, before the next batch
+        self._send_others = send_others
         # per key, requests waiting to be sent, oldest first (a dict: O(1) membership and removal)
         self._queues: dict[K, dict[asyncio.Future[T], R]] = {}
 
@@ -69,6 +75,8 @@ class BatchQueue(Generic[K, R, T]):
                     # request has a waiter, and the last of them always sends its own)
                     if future in queue:
                         await self._run(key, self._take(key, queue, future))
+                    elif self._send_others and queue and not future.done():
+                        await self._run(key, self._take(key, queue, None))
                 return await future
             except _Requeue:
                 continue
@@ -81,9 +89,9 @@ class BatchQueue(Generic[K, R, T]):
                 if not queue and self._queues.get(key) is queue:
                     del self._queues[key]
 
-    def _take(self, key: K, queue: dict[asyncio.Future[T], R], own: asyncio.Future[T]) -> Batch[R, T]:
+    def _take(self, key: K, queue: dict[asyncio.Future[T], R], own: asyncio.Future[T] | None) -> Batch[R, T]:
         futures = list(queue)
-        chosen = self._select(list(queue.values()), futures.index(own))
+        chosen = self._select(list(queue.values()), 0 if own is None else futures.index(own))
         return [(queue.pop(futures[i]), futures[i]) for i in chosen]
 
     async def _run(self, key: K, batch: Batch[R, T]) -> None:

@@ -27,6 +27,7 @@ HOP_HEADER = "X-Peerpull-Hop"
 CHUNKS_CONTENT_TYPE = "application/x-peerpull-chunks"
 ITEM_OVERHEAD = 32  # msgpack framing of one [index, tier, frame] item
 HEARTBEAT = (-1, "", b"")  # an item the server sends while it waits for the origin: keeps idle timeouts quiet
+_HEARTBEAT_ITEM = list(HEARTBEAT)  # as msgpack decodes it
 MAX_HEARTBEATS_BYTES = 64 << 10  # what heartbeats may add to an answer's size bound
 
 
@@ -63,12 +64,15 @@ class PeerClient:
         self._headers = {**auth_headers(token), HOP_HEADER: "1", "Content-Type": "application/msgpack"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s),
                                               sock_read=min(read_timeout_s, timeout_s))
-        self._queue: BatchQueue[str, ChunkRef, tuple[bytes, str]] = BatchQueue(self._send, oldest(MAX_BATCH))
+        self._queue: BatchQueue[str, ChunkRef, tuple[bytes, str]] = BatchQueue(
+            self._send, oldest(MAX_BATCH), send_others=True)
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     async def fetch_frame(self, address: str, ref: ChunkRef) -> tuple[bytes, str]:
         """(compressed frame, tier that produced it at the peer). Not verified here: the caller does."""
-        slots = self._slots.setdefault(address, asyncio.Semaphore(INFLIGHT_PER_PEER))
+        slots = self._slots.get(address)
+        if slots is None:
+            slots = self._slots[address] = asyncio.Semaphore(INFLIGHT_PER_PEER)
         return await self._queue.submit(address, ref, lambda: slots)
 
     async def _send(self, address: str, batch: Batch[ChunkRef, tuple[bytes, str]]) -> None:
@@ -126,7 +130,7 @@ class PeerClient:
     @staticmethod
     def _deliver(address: str, item: object, pending: dict[int, ChunkRef], waiters: _Waiters,
                  limits: list[int]) -> None:
-        if item == list(HEARTBEAT):
+        if item == _HEARTBEAT_ITEM:
             return
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int) and item[0] in pending
                 and isinstance(item[1], str) and isinstance(item[2], bytes) and len(item[2]) <= limits[item[0]]):

@@ -55,6 +55,9 @@ class PeerConfig:
     serve_connection_bytes: int = setting(32 << 20, lo=1 << 20, hi=1 << 30)
     # 64 MiB: 16 MiB for each of four peers at once is above a 10 Gbit link × 5 ms RTT (6 MB)
     serve_total_bytes: int = setting(64 << 20, lo=4 << 20, hi=16 << 30)
+    # cache hits a peer asks for that are stored in files of their own (frames of 32 KiB and more) go
+    # from the file to the socket with sendfile, not through this process's memory
+    serve_sendfile: bool = True
     max_connections: int = setting(2048, lo=16, hi=100_000)  # over it, the oldest idle connection is closed
     header_timeout_s: float = setting(10.0, lo=0.1, hi=600)  # a connection must send a whole request by then
     warm_progress_s: float = setting(5.0, lo=0.05, hi=600)  # /v1/warm writes a progress line this often

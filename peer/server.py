@@ -28,7 +28,7 @@ from converter.format.digest import is_digest
 from converter.format.errors import FormatError, PeerpullError
 from converter.registry.reference import ImageReference
 from peer.budget import ByteBudget
-from peer.cache import ChunkCache
+from peer.cache import ChunkCache, FrameFile
 from peer.chunk import MAX_HINT_BYTES, ChunkRef
 from peer.client import CHUNKS_CONTENT_TYPE, HEARTBEAT, MAX_BATCH, PROTOCOL_HEADER, PROTOCOL_VERSION
 from peer.config import PeerConfig
@@ -43,7 +43,8 @@ ProfileReader = Callable[[str], Awaitable[bytes | None]]  # manifest digest → 
 StatusReader = Callable[[], Awaitable[dict[str, object]]]  # peer/status.py: what /v1/status answers
 MAX_PROFILE_ANSWER = 4 << 20  # a startup profile above this is not served (snapshotter/service/profiles.py)
 OPEN_PATHS = ("/v1/health", "/metrics")  # served without the token: probes and scrapers have none
-HIT_GROUP = 16  # cache hits loaded per worker hop
+HIT_GROUP = 64  # cache hits loaded per worker hop (one SQLite query) and written in one piece ...
+HIT_GROUP_BYTES = 1 << 20  # ... up to this many bytes of frames: small frames batch, big ones go alone
 HEARTBEAT_S = 0.25  # while misses wait for the origin: well inside the asker's idle timeout (>= 1 s)
 
 
@@ -62,6 +63,63 @@ def _is_loopback(remote: str | None) -> bool:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
+
+
+def item_head(index: int, tier: str, size: int) -> bytes:
+    """The msgpack bytes of an answer item [index, tier, frame] that come before the frame's own
+    bytes: a frame sent from its file follows this head on the wire."""
+    if size < 1 << 8:
+        bin_head = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        bin_head = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        bin_head = b"\xc6" + size.to_bytes(4, "big")
+    return b"\x93" + bytes(msgpack.packb(index)) + bytes(msgpack.packb(tier)) + bin_head
+
+
+async def _write_items(request: web.Request, response: web.StreamResponse,
+                       items: list[tuple[int, str, bytes | FrameFile]]) -> None:
+    """Answer items on the chunked response: frames in memory packed into one write, a frame in a
+    file as its item head (through aiohttp, which also sends the headers first) and then a chunk of
+    its own written straight to the socket from the file."""
+    pending: list[bytes] = []
+    for index, tier, frame in items:
+        if not isinstance(frame, FrameFile):
+            pending.append(msgpack.packb([index, tier, frame], use_bin_type=True))
+            continue
+        pending.append(item_head(index, tier, len(frame)))
+        await response.write(b"".join(pending))
+        pending = []
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        try:
+            transport.write(b"%x\r\n" % len(frame))
+            await asyncio.get_running_loop().sendfile(transport, frame.file, 0, len(frame))
+            transport.write(b"\r\n")
+        except BaseException:
+            transport.abort()  # a chunk cut short: this answer cannot go on
+            raise
+    if pending:
+        await response.write(b"".join(pending))
+
+
+def _hit_groups(maybe: list[tuple[int, ChunkRef]]) -> list[list[tuple[int, ChunkRef]]]:
+    """Consecutive groups of at most HIT_GROUP chunks and HIT_GROUP_BYTES of frames (a frame above
+    that goes alone)."""
+    groups: list[list[tuple[int, ChunkRef]]] = []
+    part: list[tuple[int, ChunkRef]] = []
+    size = 0
+    for item in maybe:
+        length = item[1].compressed_length
+        if part and (len(part) == HIT_GROUP or size + length > HIT_GROUP_BYTES):
+            groups.append(part)
+            part, size = [], 0
+        part.append(item)
+        size += length
+    if part:
+        groups.append(part)
+    return groups
 
 
 class PeerServer:
@@ -164,19 +222,30 @@ class PeerServer:
         budget = ByteBudget(self._config.serve_connection_bytes)
         write_lock = asyncio.Lock()
 
-        async def emit(index: int, tier: str, frame: bytes) -> None:
+        async def emit_many(items: list[tuple[int, str, bytes | FrameFile]]) -> None:
+            """Items written in one piece: one chunked-encoding frame and one socket write for a group
+            of small frames, not one per frame (the per-write cost is what bounded chunks/s); a frame
+            in a file of its own goes from the file to the socket with sendfile."""
             async with write_lock:
                 try:  # a client that stops reading must not hold its share of the byte budget for ever
                     async with asyncio.timeout(self._config.header_timeout_s):
-                        await response.write(msgpack.packb([index, tier, frame], use_bin_type=True))
+                        await _write_items(request, response, items)
                 except TimeoutError:
                     self._metrics.refused.labels("slow_reader").inc()
                     if request.transport is not None:
                         request.transport.abort()
                     raise ConnectionResetError("the client stopped reading") from None
-            if tier:
-                self._metrics.served.labels(tier).inc()
-                self._metrics.served_bytes.inc(len(frame))
+            served: dict[str, int] = {}
+            for _, tier, _frame in items:
+                if tier:
+                    served[tier] = served.get(tier, 0) + 1
+            for tier, count in served.items():
+                self._metrics.served.labels(tier).inc(count)
+            if served:
+                self._metrics.served_bytes.inc(sum(len(frame) for _, tier, frame in items if tier))
+
+        async def emit(index: int, tier: str, frame: bytes) -> None:
+            await emit_many([(index, tier, frame)])
 
         async def heartbeat(misses: list[asyncio.Task[None]]) -> None:
             waiting = set(misses)
@@ -193,17 +262,25 @@ class PeerServer:
                 for index, ref in wanted:
                     if not self._cache.might_have(ref.digest):
                         misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
-                for start in range(0, len(maybe), HIT_GROUP):
-                    part = maybe[start:start + HIT_GROUP]
+                for part in _hit_groups(maybe):
                     size = sum(r.compressed_length for _, r in part)
                     async with self._held(budget, size):
                         loaded = await asyncio.get_running_loop().run_in_executor(
-                            self._cache_pool, self._cache.load_frames, [r for _, r in part])
-                        for (index, ref), hit in zip(part, loaded):
-                            if hit is None:
-                                misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
-                            else:  # as stored: the asker verifies it
-                                await emit(index, "cache", hit)
+                            self._cache_pool, self._cache.load_frames, [r for _, r in part], self._config.serve_sendfile)
+                        try:
+                            hits: list[tuple[int, str, bytes | FrameFile]] = []
+                            for (index, ref), hit in zip(part, loaded):
+                                if hit is None:
+                                    misses.append(group.create_task(self._serve_miss(index, ref, budget, emit)))
+                                else:  # as stored: the asker verifies it
+                                    hits.append((index, "cache", hit))
+                            if hits:
+                                await emit_many(hits)
+                            del hits
+                        finally:
+                            for hit in loaded:
+                                if isinstance(hit, FrameFile):
+                                    hit.close()
                         del loaded
                 if misses:
                     group.create_task(heartbeat(misses))
