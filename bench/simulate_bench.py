@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import structlog  # noqa: E402
-
-from peer.config import PeerConfig  # noqa: E402
 from sim import clock  # noqa: E402
 from sim.cluster import Outcome, Scenario, Shape, run_scenario  # noqa: E402
 from sim.feed import Feed, from_layout, synthetic  # noqa: E402
+
+from peer.config import PeerConfig  # noqa: E402
 
 EXIT_USAGE = 2
 

@@ -25,12 +25,12 @@ from typing import Protocol
 
 import structlog
 
-from converter.format.errors import FormatError, PeerpullError
+from converter.format.errors import PeerpullError
 from converter.format.layer_reader import decompress_chunk
 from peer.cache import ChunkCache
 from peer.cache_writer import CacheWriter
 from peer.chunk import ChunkRef
-from peer.client import PeerClient, PeerFetchError
+from peer.client import PeerClient
 from peer.membership import Member, Membership
 from peer.metrics import PeerMetrics
 from peer.singleflight import SingleFlight
@@ -219,8 +219,10 @@ class ChunkFetcher:
         started = time.monotonic()
         if self._sources is not None and self._membership is not None and not self._origin_has(ref):
             membership = self._membership
-            candidates = (lambda: membership.candidates_for(ref.digest)) if use_peers \
-                else (lambda: membership.upstream_for(ref.digest))
+
+            def candidates() -> list[Member]:
+                return membership.candidates_for(ref.digest) if use_peers else membership.upstream_for(ref.digest)
+
             members = candidates()
             below = use_peers and any(not self._membership.above(ref.digest, m) for m in members)
             if below:
