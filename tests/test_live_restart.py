@@ -15,6 +15,7 @@ of one read across each restart (the stall) is printed, never asserted on.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import mmap
 import os
@@ -82,8 +83,8 @@ CONTAINER_LOOP = ("n=0; while :; do /bin/busybox md5sum -c /check.md5 >/dev/null
 
 class SlowRelay(FaultProxy):
     """The registry, except that the first blob Range request after `POST /_arm` waits
-    SLOW_ORIGIN_S (`GET /_delayed` says whether it came). It runs in a process of its own: a page
-    fault of this process's mmap reader holds the GIL, and the relay must go on meanwhile."""
+    SLOW_ORIGIN_S (`GET /_delayed` says whether it came). It runs in a process of its own, so that
+    nothing of this process's (the readers, the GIL) can hold it up."""
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
@@ -137,6 +138,37 @@ class RelayProcess:
         self._proc.wait(30)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class MappedFile:
+    """A read-only mapping whose page faults are taken with the GIL released (the copy is a ctypes
+    call): a fault that waits for a killed daemon's successor must not stop this process from
+    starting that successor, as slicing an `mmap.mmap` (GIL held) would."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self.addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if self.addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = ctypes.create_string_buffer(length)
+        ctypes.memmove(buf, self.addr + offset, length)
+        return buf.raw
+
+    def drop(self, offset: int, length: int) -> None:
+        if _libc.madvise(self.addr + offset, length, mmap.MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), "madvise failed")
+
+    def close(self) -> None:
+        _libc.munmap(self.addr, self.size)
+
+
 @dataclass
 class Reader:
     """Reads through the container's root in a loop, every byte compared with the image."""
@@ -164,7 +196,7 @@ class Reader:
     def _run(self) -> None:
         rnd = random.Random(5)
         mapped_fd = os.open(self.root / MAPPED, os.O_RDONLY)
-        mapped = mmap.mmap(mapped_fd, 0, prot=mmap.PROT_READ)
+        mapped = MappedFile(mapped_fd, len(FILES[MAPPED]))
         lazy_fd = os.open(self.root / LAZY, os.O_RDONLY)  # one handle open across every restart
         try:
             while not self.stop.is_set():
@@ -201,12 +233,12 @@ class Reader:
         finally:
             os.close(fd)
 
-    def _read_mapped(self, rnd: random.Random, mapped: mmap.mmap, fd: int) -> None:
+    def _read_mapped(self, rnd: random.Random, mapped: MappedFile, fd: int) -> None:
         page = rnd.randrange(0, len(FILES[MAPPED]) // 4096 - 16)
         lo, hi = page * 4096, page * 4096 + 16 * 4096
-        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # unmapped, then out of the page cache:
+        mapped.drop(lo, hi - lo)  # unmapped, then out of the page cache:
         os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)  # the page faults reach the daemon
-        self._check(MAPPED, lo, mapped[lo:hi])
+        self._check(MAPPED, lo, mapped.read(lo, hi - lo))
 
     def _check(self, name: str, offset: int, got: bytes) -> None:
         want = FILES[name][offset:offset + len(got)]
