@@ -28,7 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from converter.format import toc as fmt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,10 +51,30 @@ def content(size: int) -> bytes:
 
 # ---- the server ------------------------------------------------------------------------------
 
-def serve(work: Path, size: int) -> None:
+def one_file_layer(size: int) -> tuple[fmt.Toc, dict[str, bytes]]:
+    """A layer of one file `data` of `size` bytes in 1 MiB chunks: its TOC and its frames by digest."""
     import zstandard
 
     from converter.format import toc as fmt
+
+    data = content(size)
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    frames: dict[str, bytes] = {}
+    chunks, offset = [], 0
+    for at in range(0, size, MIB):
+        piece = data[at:at + MIB]
+        frame = cctx.compress(piece)
+        chunk = fmt.Chunk(at, len(piece), offset, len(frame), hashlib.sha256(piece).digest())
+        frames[chunk.digest_hex] = frame
+        chunks.append(chunk)
+        offset += len(frame)
+    toc = fmt.Toc(MIB, [fmt.TocEntry(path=".", type=fmt.DIR, mode=0o755),
+                        fmt.TocEntry(path="data", type=fmt.FILE, mode=0o644, size=size, chunks=chunks)])
+    return toc, frames
+
+
+def serve(work: Path, size: int) -> None:
+
     from peer.cache import ChunkCache
     from peer.chunk import ChunkRef
     from peer.fetcher import ChunkFetcher
@@ -75,20 +98,7 @@ def serve(work: Path, size: int) -> None:
         async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
             return self.frames[ref.digest]
 
-    data = content(size)
-    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
-    frames: dict[str, bytes] = {}
-    chunks, offset = [], 0
-    for at in range(0, size, MIB):
-        piece = data[at:at + MIB]
-        frame = cctx.compress(piece)
-        chunk = fmt.Chunk(at, len(piece), offset, len(frame), hashlib.sha256(piece).digest())
-        frames[chunk.digest_hex] = frame
-        chunks.append(chunk)
-        offset += len(frame)
-    del data
-    toc = fmt.Toc(MIB, [fmt.TocEntry(path=".", type=fmt.DIR, mode=0o755),
-                        fmt.TocEntry(path="data", type=fmt.FILE, mode=0o644, size=size, chunks=chunks)])
+    toc, frames = one_file_layer(size)
 
     async def run() -> None:
         cache = ChunkCache(str(work / "cache"), 4 * size + (1 << 30))
@@ -105,7 +115,7 @@ def serve(work: Path, size: int) -> None:
             mounts[mode] = KernelMount(fs, point, 512, 1024)
             mounts[mode].open()
         # every chunk into the disk cache (verified), then the file into the store
-        for c in chunks:
+        for c in toc.entries[1].chunks:
             await fetcher.get(layer.source.ref(c))
         await fetcher.flush()
         frames.clear()  # from here on every byte comes from the cache or the store
@@ -162,14 +172,12 @@ def open_completion(work: Path, mib: int, link_bytes_per_s: float) -> dict[str, 
 
 
 async def _open_completion(work: Path, size: int, rate: float) -> dict[str, float]:
-    import zstandard
 
     from peerpull.config import LogConfig
     from peerpull.logs import configure_logging
 
     configure_logging(LogConfig(level="warning", format="json"))
 
-    from converter.format import toc as fmt
     from peer.cache import ChunkCache
     from peer.chunk import ChunkRef
     from peer.fetcher import ChunkFetcher
@@ -180,19 +188,7 @@ async def _open_completion(work: Path, size: int, rate: float) -> dict[str, floa
     from snapshotter.fs.objects import ObjectStore
     from snapshotter.fs.passthrough import Passthrough
 
-    data = content(size)
-    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
-    frames: dict[str, bytes] = {}
-    chunks, offset = [], 0
-    for at in range(0, size, MIB):
-        piece = data[at:at + MIB]
-        frame = cctx.compress(piece)
-        chunk = fmt.Chunk(at, len(piece), offset, len(frame), hashlib.sha256(piece).digest())
-        frames[chunk.digest_hex] = frame
-        chunks.append(chunk)
-        offset += len(frame)
-    toc = fmt.Toc(MIB, [fmt.TocEntry(path=".", type=fmt.DIR, mode=0o755),
-                        fmt.TocEntry(path="data", type=fmt.FILE, mode=0o644, size=size, chunks=chunks)])
+    toc, frames = one_file_layer(size)
 
     class Link:
         """The origin behind a link of `rate` bytes/s: frames go over it one after another."""
