@@ -207,6 +207,7 @@ class LiveRestart:
                         consequence="a crash of this daemon ends the FUSE connection of running containers")
             return
         self.holder_active = True
+        session.open_files.on_change = lambda: self._put_now(session)
         group.create_task(self._keep_fresh(session), name="fd-holder-refresh")
 
     def _session(self) -> KernelSession | None:
@@ -216,6 +217,14 @@ class LiveRestart:
         assert self._fs is not None
         self._holder_handles = session.handles()
         holder_put(self.holder_socket, session.fd, state or export_state(session, self._fs, self.mountpoint))
+
+    def _put_now(self, session: KernelSession) -> None:
+        """A backing id was registered or closed: the holder learns it before the OPEN is answered
+        (rare: once per file materialised for passthrough), the rest of the table follows each second."""
+        try:
+            self._put(session)
+        except HandoverError as exc:
+            log.warning("fd_holder_refresh_failed", error=str(exc))
 
     async def _keep_fresh(self, session: KernelSession) -> None:
         """Put the state again when the open files changed (a successor must reuse their backing ids)."""

@@ -11,6 +11,7 @@ import base64
 import os
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -674,7 +675,8 @@ def test_cli_prints_the_module_snippets(tmp_path: Path) -> None:
     from peerpull.containerd_snippets import Wiring
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["peerpull", "containerd-config", *args], capture_output=True, text=True, timeout=60,
+        return subprocess.run([sys.executable, "-m", "peerpull", "containerd-config", *args], capture_output=True,
+                              text=True, timeout=60,
                               check=False)
 
     done = cli("--containerd", "2", "--runtime-class", "lazy", "--no-systemd-cgroup")

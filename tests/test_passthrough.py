@@ -337,7 +337,32 @@ def test_adopted_state_is_reused_without_registering_again(tmp_path: Path) -> No
     new.release(8)
     assert closed == []  # one open is left
     new.release(8)
-    assert closed == [41] and new.handles() == {}
+    # closed, but the id stays registered: the kernel may still hold a file of the inode
+    assert closed == [] and new.handles() == {} and new.export_state()["files"] == [[8, 0, 41, ""]]
+    new.drop("")  # its object is about to be evicted
+    assert closed == [41] and new.export_state()["files"] == []
+
+
+def test_a_backing_id_is_kept_across_opens_and_the_holder_learns_each_change(tmp_path: Path) -> None:
+    """An inode keeps one backing id from its first passthrough open until its object is evicted;
+    each registration and each close is reported (the fd holder must know every id before an OPEN
+    is answered with it)."""
+    (tmp_path / "backing").write_bytes(b"x")
+    ids = iter([41, 42])
+    closed: list[int] = []
+    changes: list[list[list[object]]] = []
+    files = OpenFiles(lambda fd: next(ids), closed.append)
+    files.on_change = lambda: changes.append(files.export_state()["files"])
+    backing = lambda: Backing("", tmp_path / "backing")  # noqa: E731
+    assert files.open(8, backing) == 41
+    assert changes == [[[8, 1, 41, ""]]]  # known before the open is answered
+    files.release(8)
+    assert files.open(8, lambda: pytest.fail("the kept id answers")) == 41  # no second id
+    files.release(8)
+    assert files.holds("") is False and len(changes) == 1
+    files.drop("")
+    assert closed == [41] and changes[-1] == []
+    assert files.open(8, backing) == 42  # after eviction a new id: none of the old one is left
 
 
 def test_a_store_on_overlayfs_stops_the_daemon_with_one_line(tmp_path: Path) -> None:

@@ -156,7 +156,9 @@ async def test_registry_errors_and_timeouts_are_retried(registry, image: str, tm
 def test_a_peer_killed_before_serving_falls_through_to_the_origin(registry, image: str, tmp_path: Path) -> None:
     from tests.support.peer_cluster import start_cluster
 
-    env = {"PEERPULL_PEER_HEALTH_INTERVAL_S": "5"}  # the survivor keeps believing in the dead node for a while
+    # the survivor keeps believing in the dead node for a while; an ordinary (not split) warm-up asks
+    # the dead owner for its chunks, which is the fall-through under test
+    env = {"PEERPULL_PEER_HEALTH_INTERVAL_S": "5", "PEERPULL_PEER_WARM_SPLIT": "false"}
     nodes = start_cluster(tmp_path / "nodes", 2, extra_env=env)
     try:
         nodes[1].stop(kill=True)

@@ -297,19 +297,22 @@ def container_flags(opts: RunOptions) -> list[str]:
 
 async def _probe_ports(ports: list[int], t0: float, out: dict[str, float | None]) -> None:
     """When each host port first accepts a connection (what -p can say without a CNI)."""
-    pending = set(ports)
     for port in ports:
         out[str(port)] = None
-    while pending:
-        for port in list(pending):
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
-            except (OSError, TimeoutError):
-                continue
-            writer.close()
-            out[str(port)] = round(time.monotonic() - t0, 3)
-            pending.discard(port)
+    while await _probe_round(ports, t0, out):
         await asyncio.sleep(0.1)
+
+
+async def _probe_round(ports: list[int], t0: float, out: dict[str, float | None]) -> bool:
+    """Try each port not yet seen once; whether some are still not answering."""
+    for port in [p for p in ports if out.get(str(p)) is None]:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1.0)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        out[str(port)] = round(time.monotonic() - t0, 3)
+    return any(out.get(str(p)) is None for p in ports)
 
 
 async def _sample_tiers(url: str, before: dict[str, float], t0: float, every_s: float,
@@ -361,6 +364,8 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
         if opts.benchmark_mode == "readiness":
             ready_at = await _wait_ready(opts.readiness_endpoint, deadline)
             result.ready_s = round(ready_at - t0, 3)
+            if prober is not None:  # one last look before the kill: ready may come between two probes
+                await _probe_round(opts.ports, t0, result.ports_reachable_s)
             await ctr.run("tasks", "kill", "--signal", "SIGKILL", container_id, timeout=30)
         result.exit_code = await asyncio.wait_for(proc.wait(), max(1.0, deadline - time.monotonic()))
         if opts.benchmark_mode == "completion":
@@ -493,6 +498,8 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             after = _metrics(metrics_url)
             b0, b1 = by_tier(before, "peerpull_chunk_bytes_total"), by_tier(after, "peerpull_chunk_bytes_total")
             result.bytes_by_tier = {t: b1[t] - b0[t] for t in b1}
+            if sampler is not None:  # the timeline ends where the totals do (the sampler may have slept through the end)
+                result.tier_samples.append({"t": round(time.monotonic() - t0, 3), **result.bytes_by_tier})
             result.bytes_by_tier["download"] = float(report.downloaded_bytes)
             w0, w1 = by_tier(before, "peerpull_chunk_wire_bytes_total"), by_tier(after, "peerpull_chunk_wire_bytes_total")
             result.registry_wire_bytes = w1["origin"] - w0["origin"] + report.downloaded_bytes

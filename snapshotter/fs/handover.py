@@ -65,13 +65,19 @@ def listen(sock_path: Path) -> socket.socket:
         if _listening(sock_path):
             raise HandoverError(f"another process listens on {sock_path}; refusing to take its socket")
         sock_path.unlink()
+    # bound and listening under a temporary name, then renamed into place: the path never names a
+    # socket that refuses connections (a peer that sees it may connect at once), nor one of mode != 0600
+    staging = sock_path.with_name(f".{sock_path.name}.{os.getpid()}.new")
+    staging.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        listener.bind(str(sock_path))
-        os.chmod(sock_path, 0o600)
+        listener.bind(str(staging))
+        os.chmod(staging, 0o600)
         listener.listen(8)
+        os.rename(staging, sock_path)
     except BaseException:
         listener.close()
+        staging.unlink(missing_ok=True)
         raise
     return listener
 

@@ -170,6 +170,8 @@ class Passthrough:
         else forget the inodes of the object about to go (a later open decides anew)."""
         if any(files.holds(key) for files in self.connections):
             raise FailedPreconditionError(f"object {key} backs a file open in passthrough")
+        for files in self.connections:
+            files.drop(key)
         for ino in [ino for ino, (_, k) in self._keys.items() if k == key]:
             del self._keys[ino]
 
@@ -208,6 +210,10 @@ class OpenFiles:
         self._unregister = unregister
         self.store = store
         self.files: dict[int, OpenFile] = {}
+        # called when a backing id is registered or closed: the fd holder must know every id before
+        # an OPEN is answered with it, or a successor after a crash would register a second id
+        # for an inode the kernel still holds open (every later open of it: EIO)
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -217,10 +223,28 @@ class OpenFiles:
         """One more open of `ino`; the backing id to answer it with (0: serve it through READ).
         `backing` is asked only at the inode's first open: that one decides until the last close."""
         opened = self.files.get(ino)
+        registered = opened is None
         if opened is None:
             opened = self.files[ino] = self._first_open(ino, self._ask(ino, backing))
+        elif opened.opens == 0 and opened.key:  # a kept id opened again: its object pinned again
+            self._pin_again(ino, opened)
         opened.opens += 1
+        if registered and opened.backing_id:
+            self._changed()
         return opened.backing_id
+
+    def _pin_again(self, ino: int, opened: OpenFile) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.pin(opened.key)
+        except PeerpullError:  # evicted meanwhile: the kernel's reference keeps the file readable
+            log.warning("object_pin_lost", key=opened.key, inode=ino, reason="evicted while its id was kept")
+            opened.key = ""
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _ask(self, ino: int, backing: Callable[[], Backing | None]) -> Backing | None:
         if self._register is None:
@@ -256,28 +280,39 @@ class OpenFiles:
         return OpenFile(0, backing_id, backing.key)
 
     def release(self, ino: int) -> None:
-        """One open of `ino` ended; the last one closes its backing id and unpins its object."""
+        """One open of `ino` ended. After the last one its object is unpinned (evictable), but its
+        backing id stays registered for later opens: the id of an inode never changes while the
+        kernel may still hold a file of it, and is closed only before its object is evicted."""
         opened = self.files.get(ino)
-        if opened is None:
+        if opened is None or opened.opens <= 0:
             return
         opened.opens -= 1
         if opened.opens > 0:
             return
-        del self.files[ino]
-        if opened.backing_id:
-            try:
-                self._unregister(opened.backing_id)
-            except PeerpullError as exc:
-                log.warning("fuse_backing_close_failed", backing_id=opened.backing_id, error=str(exc))
+        if not opened.backing_id:
+            del self.files[ino]
+            return
         self._unpin(opened.key)
 
     def holds(self, key: str) -> bool:
-        """A backing id of this connection points at the object `key`."""
-        return any(f.key == key and f.backing_id for f in self.files.values())
+        """A file open in passthrough is backed by the object `key`."""
+        return any(f.key == key and f.backing_id and f.opens > 0 for f in self.files.values())
+
+    def drop(self, key: str) -> None:
+        """Close the kept backing ids of the object `key` (about to be evicted; none is open)."""
+        gone = [ino for ino, f in self.files.items() if f.key == key and f.backing_id and f.opens == 0]
+        for ino in gone:
+            backing_id = self.files.pop(ino).backing_id
+            try:
+                self._unregister(backing_id)
+            except PeerpullError as exc:
+                log.warning("fuse_backing_close_failed", backing_id=backing_id, error=str(exc))
+        if gone:
+            self._changed()
 
     def handles(self) -> dict[int, tuple[int, int]]:
-        """Per inode: (opens not yet released, backing id or 0)."""
-        return {ino: (f.opens, f.backing_id) for ino, f in self.files.items()}
+        """Per open inode: (opens not yet released, backing id or 0)."""
+        return {ino: (f.opens, f.backing_id) for ino, f in self.files.items() if f.opens > 0}
 
     def _unpin(self, key: str) -> None:
         if key and self.store is not None:
@@ -296,10 +331,10 @@ class OpenFiles:
         """Take over a predecessor's table: its backing ids stay valid on the connection and are
         reused by later opens; their objects are pinned again in this process's store."""
         for ino, opens, backing_id, key in state.get("files", []):
-            if int(opens) <= 0:
+            if int(opens) <= 0 and not int(backing_id):
                 continue
-            self.files[int(ino)] = OpenFile(int(opens), int(backing_id), str(key))
-            if key and self.store is not None:
+            self.files[int(ino)] = OpenFile(max(int(opens), 0), int(backing_id), str(key))
+            if key and int(opens) > 0 and self.store is not None:
                 try:
                     self.store.pin(str(key))
                 except PeerpullError:  # gone from the store: the kernel still holds the open file
