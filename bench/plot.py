@@ -9,23 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peerpull.run_plot import phases
+
 # (label, key prefix) of the timeline's rows, top to bottom
 MODES = (("normal", "normal"), ("lazy, cold", "lazy"), ("lazy, warm peer", "lazy_peer"),
          ("normal, 2nd start", "normal_second"), ("lazy, 2nd start", "lazy_second"))
 
 
 def _phases(figures: dict[str, Any], prefix: str) -> list[tuple[float, float, str]]:
-    """(start, end, phase) segments of one mode from its pull/start/first log/ready times."""
+    """(start, end, phase) segments of one mode, cut as `peerpull run --plot` cuts one run's."""
     # a second start's `_start_s` is its time to ready (the row's figure): its container start has its own key
     started = figures.get(f"{prefix}_container_start_s", figures.get(f"{prefix}_start_s"))
-    marks = [("pull", figures.get(f"{prefix}_pull_s")), ("container start", started),
-             ("until first log", figures.get(f"{prefix}_first_log_s")), ("until ready", figures.get(f"{prefix}_ready_s"))]
-    out, t = [], 0.0
-    for phase, end in marks:
-        if isinstance(end, (int, float)) and end >= t:
-            out.append((t, float(end), phase))
-            t = float(end)
-    return out
+    return phases({"pull_s": figures.get(f"{prefix}_pull_s"), "start_s": started,
+                   "first_log_s": figures.get(f"{prefix}_first_log_s"), "ready_s": figures.get(f"{prefix}_ready_s")})
 
 
 def plot_figures(figures: dict[str, Any], path: Path) -> Path:
