@@ -42,3 +42,11 @@ def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
         load_config(str(tmp_path / "missing.toml"), environ={})
     with pytest.raises(ConfigError, match="log.level"):
         load_config(environ={"PEERPULL_LOG_LEVEL": "loud", "PEERPULL_CONFIG": ""}, path=None)
+
+
+def test_environment_typos_are_refused_but_the_tools_own_variables_are_not() -> None:
+    with pytest.raises(ConfigError, match="did you mean PEERPULL_PEER_TOKEN"):
+        load_config(environ={"PEERPULL_PEER_TOKN": "x"}, path=None)
+    tools = {"PEERPULL_PYTHON": "/usr/bin/python3", "PEERPULL_VENV": ".venv", "PEERPULL_TEST_RUNDIR": "/run/x",
+             "PEERPULL_CONTAINERD_VERSIONS": "1"}
+    assert load_config(environ=tools, path=None).convert.jobs == load_config(environ={}, path=None).convert.jobs
