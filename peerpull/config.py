@@ -30,7 +30,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 ENV_PREFIX = "PEERPULL_"
 # environment variables of ours that are not config keys
-_OTHER_ENV = frozenset({"PEERPULL_CONFIG", "PEERPULL_VENV"})
+# not settings: the config file, and the test/setup scripts' own (the containerd release runs)
+_OTHER_ENV = frozenset({"PEERPULL_CONFIG", "PEERPULL_VENV", "PEERPULL_CONTAINERD_VERSIONS", "PEERPULL_CONTAINERD_CACHE"})
 _PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
 
 
