@@ -279,16 +279,24 @@ def _k3s_filled(template: str, root: Path, hosts: Path) -> str:
     return "\n".join(line for line in filled.splitlines() if not line.startswith("version = "))
 
 
-def test_k3s_template_loads_and_pulls_lazily(release: str, registry: EmbeddedRegistry, tmp_path: Path) -> None:
-    template = containerd_snippets.k3s_template(Wiring(containerd=_series(release), socket="@SOCKET@"))
+@pytest.mark.parametrize("runtime_class", ["", "lazy"])
+def test_k3s_template_loads_and_pulls_lazily(release: str, runtime_class: str, registry: EmbeddedRegistry,
+                                             tmp_path: Path) -> None:
+    template = containerd_snippets.k3s_template(Wiring(containerd=_series(release), socket="@SOCKET@",
+                                                       runtime_class=runtime_class))
     node = _start(release, tmp_path, registry, wiring_text=_k3s_filled(template, tmp_path, _hosts(tmp_path, registry)))
     try:
         _doctor(node)
         image = _make_image(registry, tmp_path)
         before = node.registry.blob_bytes(image.repo)
-        node.cri_pull(image)
+        node.cri_pull(image, runtime_handler=runtime_class)
         _assert_lazy(node, image, before)
         assert node.read_in_container(CRI_NAMESPACE, image, "peerpull") == image.content
+        if runtime_class:  # k3s's own pods: the default snapshotter
+            system = _make_image(registry, tmp_path)
+            before = node.registry.blob_bytes(system.repo)
+            node.cri_pull(system)
+            assert node.registry.blob_bytes(system.repo) - before > BIG
     finally:
         _stop(node)
 
