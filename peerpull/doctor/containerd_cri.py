@@ -53,7 +53,7 @@ class CriWiring:
             images, where = table(data, "plugins", CRI_V3_IMAGES), f'[plugins."{CRI_V3_IMAGES}"]'
             containerd = table(data, "plugins", CRI_V3_RUNTIME, "containerd")
             runtime_table = f'plugins."{CRI_V3_RUNTIME}".containerd.runtimes'
-            ids = {CRI_V3_IMAGES, CRI_V3_RUNTIME}
+            ids = {CRI_V3_IMAGES, CRI_V3_RUNTIME, CRI_V2}  # 2.x still serves CRI's gRPC from the latter
         else:
             plugin_id = CRI_V2 if version == 2 else CRI_V1
             images = containerd = table(data, "plugins", plugin_id, "containerd")
