@@ -29,11 +29,11 @@ DEFAULT_CONFIG_PATH = "/etc/peerpull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 ENV_PREFIX = "PEERPULL_"
-# environment variables of ours that are not config keys
 # names the project's own scripts, benches and tests read; they are not config keys, so they must not
 # trip the typo check (exporting PEERPULL_PYTHON for a bench used to stop the daemon from starting)
 _OTHER_ENV = frozenset({
     "PEERPULL_CONFIG", "PEERPULL_VENV", "PEERPULL_PYTHON", "PEERPULL_TEST_RUNDIR", "PEERPULL_CONTAINERD_VERSIONS",
+    "PEERPULL_CONTAINERD_CACHE",
 })
 _PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
 

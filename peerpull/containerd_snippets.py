@@ -20,10 +20,17 @@ the chart renders exactly the same text (charts/peerpull/templates/containerd-co
 With a runtime class (containerd >= 1.7, which added a snapshotter per CRI runtime), the default
 snapshotter stays overlayfs: only pods that ask for the runtime class use peerpull, and system
 pods, including the peerpull daemon itself, never depend on the snapshotter they serve.
+containerd 2.x picks the snapshotter of an image pull from the images plugin's
+`runtime_platforms.<handler>`, not from the runtime's `snapshotter` (which only serves container
+creation): both are written, or the pods' images are unpacked to overlayfs, downloaded whole.
+containerd 1.x's CRI replaces its default `runtimes` table with any the file declares, and then
+refuses to start without the `runc` runtime its `default_runtime_name` names: a complete file
+(`config_file`, or `default_runtime`) declares `runc` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from converter.format.errors import ConfigError
@@ -44,6 +51,8 @@ class Wiring:
     runtime_class: str = ""           # a CRI runtime handler using the snapshotter; "": the default snapshotter
     platform: str = "linux/amd64"     # containerd 2.x transfer service unpack platform
     systemd_cgroup: bool = True       # runc option of the runtime handler (the kubelet's cgroup driver)
+    # with runtime_class: also declare the `runc` runtime (for a file that has none of its own)
+    default_runtime: bool = False
 
     def __post_init__(self) -> None:
         if self.containerd not in VERSIONS:
@@ -63,16 +72,32 @@ def _proxy(w: Wiring) -> list[str]:
     return lines
 
 
-def _runtime(w: Wiring, table: str) -> list[str]:
-    return [
+def _runtime(w: Wiring, table: str, images: str) -> list[str]:
+    cgroup = f"  SystemdCgroup = {'true' if w.systemd_cgroup else 'false'}"
+    lines = []
+    if w.default_runtime:
+        lines += ["",
+                  "# the default runtime, declared as a runtimes table replaces containerd's built-in one",
+                  f"[{table}.containerd.runtimes.runc]",
+                  '  runtime_type = "io.containerd.runc.v2"',
+                  f"[{table}.containerd.runtimes.runc.options]",
+                  cgroup]
+    lines += [
         "",
         "# a runtime handler for the RuntimeClass: only its pods use the snapshotter",
         f"[{table}.containerd.runtimes.{w.runtime_class}]",
         '  runtime_type = "io.containerd.runc.v2"',
         f'  snapshotter = "{w.name}"',
         f"[{table}.containerd.runtimes.{w.runtime_class}.options]",
-        f"  SystemdCgroup = {'true' if w.systemd_cgroup else 'false'}",
+        cgroup,
     ]
+    if w.containerd == "2":
+        lines += ["",
+                  "# containerd 2.x unpacks a pull for this handler with the snapshotter named here",
+                  f"[{images}.runtime_platforms.{w.runtime_class}]",
+                  f'  platform = "{w.platform}"',
+                  f'  snapshotter = "{w.name}"']
+    return lines
 
 
 def _cri(w: Wiring) -> list[str]:
@@ -85,7 +110,7 @@ def _cri(w: Wiring) -> list[str]:
               "  disable_snapshot_annotations = false"]
     if w.runtime_class:
         table = 'plugins."io.containerd.cri.v1.runtime"' if w.containerd == "2" else 'plugins."io.containerd.grpc.v1.cri"'
-        lines += _runtime(w, table)
+        lines += _runtime(w, table, images)
     if w.containerd == "2" and not w.runtime_class:
         lines += ["",
                   "# pulls through the transfer service unpack into the snapshotter as well",
@@ -103,7 +128,7 @@ def snippet(w: Wiring, cri: bool = True) -> str:
 
 def config_file(w: Wiring) -> str:
     """A complete config.toml with only peerpull's settings (a node without a config yet)."""
-    return f"version = {config_version(w.containerd)}\n\n" + snippet(w)
+    return f"version = {config_version(w.containerd)}\n\n" + snippet(dataclasses.replace(w, default_runtime=True))
 
 
 def k3s_template_name(containerd: str) -> str:

@@ -660,6 +660,12 @@ def test_chart_renders_the_same_containerd_config_as_the_cli(version: str, flavo
     if runtime_class:
         assert "snapshotter" not in images and runtimes[runtime_class]["snapshotter"] == "peerpull"
         assert "io.containerd.transfer.v1.local" not in plugins
+        if version == "2":  # 2.x takes a pull's snapshotter from here, not from the runtime: else never lazy
+            assert images["runtime_platforms"][runtime_class] == {"platform": "linux/amd64", "snapshotter": "peerpull"}
+        if flavor == "containerd":  # the complete file keeps the default runtime (1.x's CRI does not load without)
+            assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
+            assert "runc" not in tomllib.loads(text).get("plugins", {}).get(  # the appended snippet adds none
+                "io.containerd.grpc.v1.cri", {}).get("containerd", {}).get("runtimes", {})
     else:
         assert images["snapshotter"] == "peerpull"
         if version == "2":
@@ -683,6 +689,10 @@ def test_cli_prints_the_module_snippets(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == containerd_snippets.snippet(Wiring(containerd="2", runtime_class="lazy", systemd_cgroup=False,
                                                              platform="linux/amd64"))
+    done = cli("--runtime-class", "lazy", "--default-runtime")
+    assert done.returncode == 0 and done.stdout == containerd_snippets.snippet(Wiring(runtime_class="lazy",
+                                                                                     default_runtime=True))
+    assert ".runtimes.runc]" in done.stdout
     done = cli("--k3s")
     assert done.returncode == 0 and done.stdout == containerd_snippets.k3s_template(Wiring())
     refused = cli("--containerd", "1.6", "--runtime-class", "lazy")
@@ -712,6 +722,24 @@ def test_wiring_init_container_writes_a_version_3_config_for_containerd_2(tmp_pa
     (tmp_path / "calls").unlink()
     done = _sh(script.replace("conf=/host/", f"conf={tmp_path}/host/"), env)
     assert "--no-cri" in calls.read_text() and "by hand" in done.stderr
+
+
+def test_runtime_class_wiring_declares_runc_only_where_the_file_has_none(tmp_path: Path) -> None:
+    """containerd 1.x's CRI does not load when a file declares runtimes but not its default runc."""
+    docs, _ = _render({"runtimeClass": {"enabled": True, "name": "lazy"}, "containerd": {"configure": True}})
+    (init,) = _pod(docs)["initContainers"]
+    script = init["command"][2].replace("conf=/host/", f"conf={tmp_path}/host/")
+    conf = tmp_path / "host" / "etc" / "containerd" / "config.toml"
+    conf.parent.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    env = _fake_bin(tmp_path / "bin", {"peerpull": f'echo "$*" >> {calls}\necho "# snippet"\n'})
+    assert _sh(script, env).returncode == 0
+    assert "--runtime-class lazy" in calls.read_text() and "--default-runtime" in calls.read_text()  # no file yet
+    calls.unlink()
+    conf.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+                    '  runtime_type = "io.containerd.runc.v2"\n')
+    assert _sh(script, env).returncode == 0
+    assert "--runtime-class lazy" in calls.read_text() and "--default-runtime" not in calls.read_text()
 
 
 def test_k3s_wiring_writes_its_template_only_where_there_is_none(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from peerpull import exit_codes
+from peerpull import containerd_snippets, exit_codes
 from peerpull.config import load_config
+from peerpull.containerd_snippets import Wiring
 from peerpull.doctor.check import CheckResult, DoctorContext, run_checks
 from peerpull.doctor.containerd_wiring import check_wiring
 from peerpull.testbed.containerd import EmbeddedContainerd
@@ -164,12 +165,12 @@ V3_COMPLETE = V3 + """
 """
 
 
-def _wiring(text: str, major: int | None) -> dict[str, CheckResult]:
-    return {r.name: r for r in check_wiring(tomllib.loads(text), "peerpull", "/run/peerpull/snapshotter.sock", major)}
+def _wiring(text: str, daemon: tuple[int, int] | None) -> dict[str, CheckResult]:
+    return {r.name: r for r in check_wiring(tomllib.loads(text), "peerpull", "/run/peerpull/snapshotter.sock", daemon)}
 
 
 def test_containerd_2_needs_the_annotations_export_and_a_transfer_unpack_entry() -> None:
-    partial = _wiring(V3, 2)
+    partial = _wiring(V3, (2, 0))
     assert not partial["containerd_proxy_plugin"].ok
     assert "enable_remote_snapshot_annotations" in partial["containerd_proxy_plugin"].message
     assert not partial["containerd_transfer_unpack"].ok and "unpack_config" in partial["containerd_transfer_unpack"].message
@@ -179,12 +180,12 @@ def test_containerd_2_needs_the_annotations_export_and_a_transfer_unpack_entry()
 
 
 def test_containerd_1_refuses_a_version_3_config_and_reads_cri_from_the_grpc_plugin() -> None:
-    assert not _wiring(V3_COMPLETE, 1)["containerd_config_version"].ok
+    assert not _wiring(V3_COMPLETE, (1, 7))["containerd_config_version"].ok
     v2 = 'version = 2\n[proxy_plugins.peerpull]\n  type = "snapshot"\n  address = "/run/peerpull/snapshotter.sock"\n' \
          + CRI_WIRED
-    checks = _wiring(v2, 1)
+    checks = _wiring(v2, (1, 7))
     assert all(r.ok for r in checks.values()) and "containerd_transfer_unpack" not in checks
-    assert not _wiring(v2, 2)["containerd_transfer_unpack"].ok  # the same file under containerd 2.x
+    assert not _wiring(v2, (2, 1))["containerd_transfer_unpack"].ok  # the same file under containerd 2.x
 
 
 def test_help_has_examples() -> None:
@@ -212,3 +213,96 @@ def test_static_peers_answering_and_one_down(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+# --- what the containerd 1.7 and 2.1 runs found (tests/test_containerd_versions.py), on the config text ---
+
+def _printed(containerd: str, runtime_class: str = "", complete: bool = True) -> str:
+    w = Wiring(containerd=containerd, runtime_class=runtime_class)
+    return containerd_snippets.config_file(w) if complete else containerd_snippets.snippet(w)
+
+
+TRANSFER_ONLY_21 = """
+version = 3
+[proxy_plugins.peerpull]
+  type = "snapshot"
+  address = "/run/peerpull/snapshotter.sock"
+  exports = { enable_remote_snapshot_annotations = "true" }
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "peerpull"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "peerpull"
+"""
+
+
+def test_containerd_2_1_transfer_service_cri_pulls_need_no_snapshot_annotations_setting() -> None:
+    # containerd 2.1's CRI pulls through the transfer service, which passes the layer labels (seen lazy on 2.1.9)
+    accepted = _wiring(TRANSFER_ONLY_21, (2, 1))
+    assert all(r.ok for r in accepted.values()), accepted
+    assert "transfer service" in accepted["containerd_cri_annotations"].message
+    assert all(r.ok for r in _wiring(TRANSFER_ONLY_21, None).values())  # version 3, containerd not answering
+    # 2.0's CRI pulls locally: it still needs disable_snapshot_annotations = false
+    assert not _wiring(TRANSFER_ONLY_21, (2, 0))["containerd_cri_annotations"].ok
+    # 2.1 told to pull locally, or the transfer service not unpacking to peerpull: no labels
+    assert not _wiring(TRANSFER_ONLY_21.replace('snapshotter = "peerpull"\n[[',
+                                                'snapshotter = "peerpull"\n  use_local_image_pull = true\n[['),
+                       (2, 1))["containerd_cri_annotations"].ok
+    no_unpack = TRANSFER_ONLY_21[:TRANSFER_ONLY_21.index("[[")]
+    assert not _wiring(no_unpack, (2, 1))["containerd_cri_annotations"].ok
+
+
+@pytest.mark.parametrize(("containerd", "daemon"), [("1.7", (1, 7)), ("2", (2, 1)), ("2", (2, 0))])
+def test_the_printed_runtime_class_wiring_is_healthy(containerd: str, daemon: tuple[int, int]) -> None:
+    for complete in (True, False):
+        text = _printed(containerd, "lazy", complete)
+        if not complete:  # appended to a node's file, which has its runc (1.x would not load CRI without)
+            text = ("version = 3\n" if containerd == "2" else 'version = 2\n[plugins."io.containerd.grpc.v1.cri"'
+                    '.containerd.runtimes.runc]\n  runtime_type = "io.containerd.runc.v2"\n') + text
+        checks = _wiring(text, daemon)
+        assert all(r.ok for r in checks.values()), checks
+        assert "runtime handler lazy" in checks["containerd_cri_snapshotter"].message
+    assert all(r.ok for r in _wiring(_printed(containerd), daemon).values())
+
+
+def test_runtime_class_miswirings_are_named() -> None:
+    # 1.6 has no snapshotter per runtime
+    v2 = _printed("1.7", "lazy")
+    assert not _wiring(v2, (1, 6))["containerd_cri_snapshotter"].ok
+    assert "1.6" in _wiring(v2, (1, 6))["containerd_cri_snapshotter"].message
+    # 2.x: a handler's snapshotter without its runtime_platforms entry unpacks to overlayfs
+    v3 = _printed("2", "lazy")
+    without = v3[:v3.index("# containerd 2.x unpacks")]
+    platforms = _wiring(without, (2, 1))["containerd_cri_runtime_platforms"]
+    assert not platforms.ok and 'runtime_platforms.lazy]' in platforms.message
+    # neither a default snapshotter nor a handler
+    none = _wiring(v3.replace('snapshotter = "peerpull"', 'snapshotter = "overlayfs"'), (2, 1))
+    assert not none["containerd_cri_snapshotter"].ok and "--runtime-class" in none["containerd_cri_snapshotter"].message
+
+
+def test_containerd_1_runtimes_without_the_default_runtime_are_named() -> None:
+    # the snippet alone as a whole file: runtimes.lazy replaces the built-in runc, CRI does not load (1.7.24)
+    alone = "version = 2\n" + _printed("1.7", "lazy", complete=False)
+    check = _wiring(alone, (1, 7))["containerd_cri_default_runtime"]
+    assert not check.ok and "runtimes.runc]" in check.message
+    assert _wiring(_printed("1.7", "lazy"), (1, 7))["containerd_cri_default_runtime"].ok
+    named = alone.replace("disable_snapshot_annotations = false",
+                          'disable_snapshot_annotations = false\n  default_runtime_name = "lazy"')
+    assert _wiring(named, (1, 7))["containerd_cri_default_runtime"].ok
+    assert "containerd_cri_default_runtime" not in _wiring(_printed("2", "lazy"), (2, 1))  # 2.x keeps runc
+
+
+def test_real_containerd_1_6_loads_cri_only_with_the_default_runtime_declared(tmp_path: Path) -> None:
+    """The same replacement happens on the host's 1.6: a runtimes table without runc, CRI fails to load;
+    config_file declares runc and CRI loads (1.6 ignores the handler's snapshotter)."""
+    if reason := fuse_missing():
+        pytest.skip(reason)
+    alone = _printed("1.7", "lazy", complete=False)
+    complete = _printed("1.7", "lazy")
+    for text, loads in ((alone, False), (complete[complete.index("["):], True)):
+        with EmbeddedContainerd(tmp_path / f"ctrd-{loads}", enable_cri=True, extra_config="\n" + text) as ctrd:
+            plugins = ctrd.ctr("plugins", "ls").stdout.splitlines()
+            (line,) = [p for p in plugins if p.split()[:2] == ["io.containerd.grpc.v1", "cri"]]
+            assert (line.split()[-1] == "ok") is loads, line
+            checks = _wiring((ctrd.root / "config.toml").read_text(), (1, 7))
+            assert checks["containerd_cri_default_runtime"].ok is loads

@@ -20,6 +20,8 @@ settings are named differently: say which with --containerd. Restart containerd 
 With --runtime-class NAME (containerd 1.7 or later) the default snapshotter is left alone and a CRI
 runtime handler NAME uses peerpull: only pods with `runtimeClassName: NAME` (and the annotation
 io.containerd.cri.runtime-handler: NAME, which containerd reads at image pull) are pulled lazily.
+For a config.toml that declares no runc runtime of its own add --default-runtime: containerd 1.x
+drops its built-in runtimes when a file declares any, and its CRI plugin then does not load.
 
 With --k3s it prints a complete k3s containerd template instead (k3s writes containerd's config
 from /var/lib/rancher/k3s/agent/etc/containerd/config.toml.tmpl, or config-v3.toml.tmpl for its
@@ -33,11 +35,12 @@ examples:
 
 
 def wiring(config: PeerpullConfig, containerd: str = "1.7", runtime_class: str = "",
-           systemd_cgroup: bool = True) -> Wiring:
+           systemd_cgroup: bool = True, default_runtime: bool = False) -> Wiring:
     """The snippets' inputs from the daemon's configuration (socket, name, platform)."""
     s = config.snapshotter
     return Wiring(containerd=containerd, name=s.name, socket=s.socket, runtime_class=runtime_class,
-                  platform=config.registry.platform or _host_platform(), systemd_cgroup=systemd_cgroup)
+                  platform=config.registry.platform or _host_platform(), systemd_cgroup=systemd_cgroup,
+                  default_runtime=default_runtime)
 
 
 def _host_platform() -> str:
@@ -58,6 +61,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         "unless --runtime-class)")
     p.add_argument("--runtime-class", metavar="NAME", default="",
                    help="wire a CRI runtime handler NAME instead of the default snapshotter (containerd >= 1.7)")
+    p.add_argument("--default-runtime", action="store_true",
+                   help="with --runtime-class, declare the runc runtime too: for a config.toml that declares "
+                        "none (containerd 1.x's CRI does not load when runtimes are declared without it)")
     p.add_argument("--no-systemd-cgroup", action="store_true",
                    help="the runtime handler's runc uses cgroupfs (kubelet's cgroupDriver: cgroupfs)")
     p.add_argument("--k3s", action="store_true", help="print a complete k3s containerd template")
@@ -67,7 +73,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
-    w = wiring(config, args.containerd, args.runtime_class, not args.no_systemd_cgroup)
+    w = wiring(config, args.containerd, args.runtime_class, not args.no_systemd_cgroup, args.default_runtime)
     if args.k3s:
         print(containerd_snippets.k3s_template(w), end="")
     else:

@@ -27,8 +27,10 @@ DESCRIPTION = f"""\
 Check this node for what lazy pulls need, one line per check with the fix when it fails:
 FUSE (/dev/fuse, fusermount3, the kernel's FUSE protocol, passthrough and resend, read with a
 throwaway mount), containerd (its socket and version, and its config.toml wired to this daemon:
-the proxy plugin's socket, CRI's snapshotter and snapshot annotations, and for containerd 2.x the
-plugin's enable_remote_snapshot_annotations export and a transfer-service unpack entry), this
+the proxy plugin's socket, CRI's snapshotter (the default one or a RuntimeClass handler's) and
+snapshot annotations (or containerd 2.1's transfer-service CRI pulls), and for containerd 2.x the
+plugin's enable_remote_snapshot_annotations export, a transfer-service unpack entry and a handler's
+runtime_platforms entry; for 1.x a declared default runtime), this
 daemon (its snapshotter socket answering, its peer server healthy), storage (cache, snapshotter
 root and object store on a filesystem that can hold them, with free space), and peers (a cluster
 token when listening beyond loopback, static peers answering). Checks read this node's

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from peerpull.doctor.check import CheckResult, DoctorContext, failed, ok
-from peerpull.doctor.containerd_wiring import check_wiring, major_of
+from peerpull.doctor.containerd_wiring import check_wiring, version_of
 
 VERSION_METHOD = "/containerd.services.version.v1.Version/Version"
 
@@ -73,5 +73,5 @@ async def check_containerd(context: DoctorContext) -> list[CheckResult]:
                                                    "(systemctl start containerd) or give snapshotter.containerd_address"))
         version = ""
     if data is not None:
-        results.extend(check_wiring(data, s.name, s.socket, major_of(version) if version else None))
+        results.extend(check_wiring(data, s.name, s.socket, version_of(version) if version else None))
     return results

@@ -5,7 +5,8 @@ or the old version 1) and 2.x (version 3): a pure reading of the parsed TOML, no
 `disable_snapshot_annotations = false` (its default is true: no layer labels, every layer downloaded).
 2.x: the CRI image settings moved to `io.containerd.cri.v1.images`; the proxy plugin must export
 `enable_remote_snapshot_annotations = "true"`; pulls go through the transfer service, which unpacks
-to our snapshotter only with an `unpack_config` entry naming it.
+to our snapshotter only with an `unpack_config` entry naming it. The CRI plugin's part (default
+snapshotter or runtime handlers, annotations or 2.1's transfer-service pulls): containerd_cri.
 """
 
 from __future__ import annotations
@@ -13,27 +14,27 @@ from __future__ import annotations
 from typing import Any
 
 from peerpull.doctor.check import CheckResult, failed, ok
+from peerpull.doctor.containerd_cri import CriWiring
+from peerpull.doctor.containerd_cri import table as _table
 
-CRI_V1, CRI_V2, CRI_V3_IMAGES = "cri", "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images"
 TRANSFER = "io.containerd.transfer.v1.local"
 
 
-def major_of(version: str) -> int | None:
-    """`1.6.20~ds1` / `v2.0.1` → 1 / 2."""
-    head = version.lstrip("v").split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+def version_of(version: str) -> tuple[int, int] | None:
+    """`1.6.20~ds1` / `v2.1.9+unknown` → (1, 6) / (2, 1)."""
+    parts = version.lstrip("v").split(".")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return None
+    minor = "".join(c for c in parts[1][:3] if c.isdigit()) or "0"
+    return int(parts[0]), int(minor)
 
 
-def _table(data: Any, *keys: str) -> dict[str, Any]:
-    for key in keys:
-        data = data.get(key) if isinstance(data, dict) else None
-    return data if isinstance(data, dict) else {}
-
-
-def check_wiring(data: dict[str, Any], name: str, socket: str, daemon_major: int | None) -> list[CheckResult]:
-    """One result per requirement, each failure with the line to add."""
+def check_wiring(data: dict[str, Any], name: str, socket: str,
+                 daemon: tuple[int, int] | None) -> list[CheckResult]:
+    """One result per requirement, each failure with the line to add; `daemon` is containerd's
+    (major, minor) when it answered, else the config version says which generation it is for."""
     version = data.get("version", 1)
-    generation = daemon_major or (2 if version == 3 else 1)
+    generation = daemon[0] if daemon else (2 if version == 3 else 1)
     results: list[CheckResult] = []
     if generation == 1 and version == 3:
         results.append(failed("containerd_config_version", "config version 3 is for containerd 2.x; containerd 1.x "
@@ -43,10 +44,15 @@ def check_wiring(data: dict[str, Any], name: str, socket: str, daemon_major: int
                                                        "each start (`containerd config migrate` writes version 3)"))
     else:
         results.append(ok("containerd_config_version", f"config version {version} for containerd {generation}.x"))
-    results.append(_proxy_plugin(data, name, socket, generation))
-    results.extend(_cri(data, name, version, generation))
+    proxy = _proxy_plugin(data, name, socket, generation)
+    results.append(proxy)
+    cri = CriWiring.read(data, name, version)
+    if cri.disabled:
+        results.append(ok("containerd_cri", "the CRI plugin is disabled: only `peerpull pull` pulls lazily (no Kubernetes)"))
+    else:
+        results.extend(cri.check(generation, daemon, proxy.ok and _unpacks_to(data, name)))
     if generation >= 2:
-        results.append(_transfer_unpack(data, name))
+        results.append(_transfer_unpack(data, name, cri.disabled or bool(cri.default)))
     return results
 
 
@@ -69,35 +75,17 @@ def _proxy_plugin(data: dict[str, Any], name: str, socket: str, generation: int)
     return ok("containerd_proxy_plugin", f"[proxy_plugins.{name}] points at {socket}")
 
 
-def _cri(data: dict[str, Any], name: str, version: int, generation: int) -> list[CheckResult]:
-    disabled = {str(p) for p in data.get("disabled_plugins", []) if isinstance(p, str)}
-    if version == 3:
-        plugin_id, table = CRI_V3_IMAGES, _table(data, "plugins", CRI_V3_IMAGES)
-        where = f'[plugins."{CRI_V3_IMAGES}"]'
-    else:
-        plugin_id = CRI_V2 if version == 2 else CRI_V1
-        table, where = _table(data, "plugins", plugin_id, "containerd"), f'[plugins."{plugin_id}".containerd]'
-    if disabled & {plugin_id, CRI_V1, CRI_V2, CRI_V3_IMAGES}:
-        return [ok("containerd_cri", "the CRI plugin is disabled: only `peerpull pull` pulls lazily (no Kubernetes)")]
-    out: list[CheckResult] = []
-    if table.get("snapshotter") != name:
-        out.append(failed("containerd_cri_snapshotter", f"{where} snapshotter is {table.get('snapshotter', 'unset')!r}: "
-                                                        f'set snapshotter = "{name}" for Kubernetes pulls'))
-    else:
-        out.append(ok("containerd_cri_snapshotter", f'{where} snapshotter = "{name}"'))
-    if table.get("disable_snapshot_annotations", True) is not False:
-        out.append(failed("containerd_cri_annotations", f"{where} disable_snapshot_annotations is not false (its default "
-                                                        "is true): CRI pulls pass no layer labels and download every "
-                                                        "layer; set disable_snapshot_annotations = false"))
-    else:
-        out.append(ok("containerd_cri_annotations", f"{where} disable_snapshot_annotations = false"))
-    return out
-
-
-def _transfer_unpack(data: dict[str, Any], name: str) -> CheckResult:
+def _unpacks_to(data: dict[str, Any], name: str) -> bool:
     entries = _table(data, "plugins", TRANSFER).get("unpack_config", [])
-    if isinstance(entries, list) and any(isinstance(e, dict) and e.get("snapshotter") == name for e in entries):
+    return isinstance(entries, list) and any(isinstance(e, dict) and e.get("snapshotter") == name for e in entries)
+
+
+def _transfer_unpack(data: dict[str, Any], name: str, needed: bool) -> CheckResult:
+    if _unpacks_to(data, name):
         return ok("containerd_transfer_unpack", f'[[plugins."{TRANSFER}".unpack_config]] unpacks to {name}')
+    if not needed:  # a runtime class only: transfer-service pulls (ctr, nerdctl) stay on the default snapshotter
+        return ok("containerd_transfer_unpack", f"no transfer-service unpack entry for {name}: with a runtime class "
+                                                "only CRI pulls for its pods use it (peerpull pull does not need one)")
     return failed("containerd_transfer_unpack", f'containerd 2.x pulls through the transfer service: add '
                                                 f'[[plugins."{TRANSFER}".unpack_config]] platform = "linux/amd64" '
                                                 f'snapshotter = "{name}"')

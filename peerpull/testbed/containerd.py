@@ -6,6 +6,7 @@ instance left mounted there.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -17,12 +18,17 @@ from converter.format.errors import ConfigError, PeerpullError
 from peerpull.testbed.process import spawn_logged, stop_process, unmount_under
 
 NAMESPACE = "peerpull"
+# The CRI plugin's ids per config version: 2.x split it in three (2.x still has the grpc one, for streaming).
+CRI_PLUGINS = {2: ("io.containerd.grpc.v1.cri",),
+               3: ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime")}
 
 
 class EmbeddedContainerd:
     def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
                  extra_config: str = "", on_spawn: Callable[[int], None] | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, bin_dir: Path | None = None, config_version: int = 2) -> None:
+        if config_version not in CRI_PLUGINS:
+            raise ConfigError(f"containerd config version {config_version}: expected 2 (1.x) or 3 (2.x)")
         self.root = Path(root)
         self.socket = self.root / "containerd.sock"
         self.ttrpc_socket = self.root / "containerd-ttrpc.sock"
@@ -33,11 +39,18 @@ class EmbeddedContainerd:
         self._proc: subprocess.Popen[bytes] | None = None
         self._on_spawn = on_spawn  # told the PID at once (peerpull run records it for peerpull clean)
         self._netns = netns  # a network namespace (its network only: mounts stay visible to the host)
+        # another release's containerd, ctr and shims (scripts/containerd_versions.sh); None: the PATH's
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else None
+        self.config_version = config_version
+
+    def tool(self, name: str) -> str:
+        """`containerd`, `ctr`, ... of this instance's release."""
+        return str(self.bin_dir / name) if self.bin_dir is not None else name
 
     def config_text(self) -> str:
-        disabled = [] if self._enable_cri else ['"io.containerd.grpc.v1.cri"']
+        disabled = [] if self._enable_cri else [f'"{p}"' for p in CRI_PLUGINS[self.config_version]]
         lines = [
-            "version = 2",
+            f"version = {self.config_version}",
             f'root = "{self.root / "root"}"',
             f'state = "{self.root / "state"}"',
             f"disabled_plugins = [{', '.join(disabled)}]",
@@ -53,16 +66,19 @@ class EmbeddedContainerd:
         return "\n".join(lines) + "\n" + self._extra
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedContainerd:
-        for tool in ("containerd", "ctr", "runc"):
+        for tool in (self.tool("containerd"), self.tool("ctr"), "runc"):
             if shutil.which(tool) is None:
                 raise ConfigError(f"{tool} not found: install the containerd and runc packages")
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.toml"
         config.write_text(self.config_text())
-        cmd = ["containerd", "--config", str(config)]
+        cmd = [self.tool("containerd"), "--config", str(config)]
         if self._netns:
             cmd = ["nsenter", f"--net=/run/netns/{self._netns}", "--", *cmd]
-        self._proc = spawn_logged(cmd, self.log_path)
+        env = None
+        if self.bin_dir is not None:  # containerd starts the shim it finds first on PATH: its own release's
+            env = {**os.environ, "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        self._proc = spawn_logged(cmd, self.log_path, env=env)
         if self._on_spawn is not None:
             self._on_spawn(self._proc.pid)
         deadline = time.monotonic() + timeout_s
@@ -77,7 +93,7 @@ class EmbeddedContainerd:
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run `ctr` against this instance, in the peerpull namespace."""
-        cmd = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        cmd = [self.tool("ctr"), "--address", str(self.socket), "--namespace", NAMESPACE, *args]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if check and result.returncode != 0:
             raise PeerpullError(f"ctr {' '.join(args[:3])} failed: {result.stderr.strip()[-500:]}")

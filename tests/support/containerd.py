@@ -31,12 +31,14 @@ class ContainerdProcess(EmbeddedContainerd):
 
     `proxy_plugins` maps a snapshotter name to its gRPC socket ([proxy_plugins.<name>]);
     `enable_cri` keeps the CRI plugin (disabled by default: it is slow to start and unused);
-    `extra_config` is appended to config.toml verbatim.
+    `extra_config` is appended to config.toml verbatim; `bin_dir` holds another release's binaries
+    (containerd, ctr, shims: scripts/containerd_versions.sh) and `config_version` is 3 for 2.x.
     """
 
     def __init__(self, root: Path, proxy_plugins: dict[str, str] | None = None, enable_cri: bool = False,
-                 extra_config: str = "") -> None:
-        super().__init__(root, proxy_plugins=proxy_plugins, enable_cri=enable_cri, extra_config=extra_config)
+                 extra_config: str = "", bin_dir: Path | None = None, config_version: int = 2) -> None:
+        super().__init__(root, proxy_plugins=proxy_plugins, enable_cri=enable_cri, extra_config=extra_config,
+                         bin_dir=bin_dir, config_version=config_version)
         self.root = Path(root).absolute()
         self.log_path = self.root / "containerd.log"
         # pytest's tmp paths can be too long for a socket: then the sockets go to a short private dir.
@@ -61,7 +63,7 @@ class ContainerdProcess(EmbeddedContainerd):
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """`ctr --address <sock> --namespace peerpull-test <args>`; raises CtrError with stderr if check."""
-        cmd = ["ctr", "--address", str(self.socket), "--namespace", NAMESPACE, *args]
+        cmd = [self.tool("ctr"), "--address", str(self.socket), "--namespace", NAMESPACE, *args]
         result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL)
         if check and result.returncode != 0:

@@ -46,6 +46,13 @@ plugins."io.containerd.grpc.v1.cri"
   snapshotter = "peerpull"
 [{{ include "peerpull.containerdRuntimeTable" . }}.containerd.runtimes.{{ .Values.runtimeClass.name }}.options]
   SystemdCgroup = {{ if .Values.containerd.systemdCgroup }}true{{ else }}false{{ end }}
+{{- if include "peerpull.containerdV3" . }}
+
+# containerd 2.x unpacks a pull for this handler with the snapshotter named here
+[plugins."io.containerd.cri.v1.images".runtime_platforms.{{ .Values.runtimeClass.name }}]
+  platform = "{{ .Values.registry.platform | default "linux/amd64" }}"
+  snapshotter = "peerpull"
+{{- end }}
 {{- else }}
 {{- if include "peerpull.containerdV3" . }}
 
