@@ -1,6 +1,7 @@
 """Where the time of a lazy pull goes: `peerpull pull` of a converted 2-layer image with many
 entries (default ~30,000) into a fresh daemon + containerd, `--rounds` times; prints the median
-pull time, the daemon's CPU time during it, and, per layer, the daemon's `layer_lazy` breakdown (manifest, TOC fetch, TOC parse,
+time until runnable (the pull, then a container's snapshot prepared on top of its layers, which
+waits for every layer's tree), the daemon's CPU time during it, and, per layer, the daemon's `layer_lazy` breakdown (manifest, TOC fetch, TOC parse,
 store, tree build). No shaped link: the registry is on loopback, so these are the CPU and round-trip
 costs a link's delay adds to. Needs root (containerd, FUSE). Usage:
 
@@ -34,13 +35,14 @@ sys.path.insert(0, _TREE)
 
 from converter.registry.client import RegistryClient  # noqa: E402
 from converter.registry.config import RegistryConfig  # noqa: E402
+from converter.registry.reference import ImageReference  # noqa: E402
 from peerpull.testbed.containerd import EmbeddedContainerd  # noqa: E402
 from peerpull.testbed.daemon import EmbeddedDaemon  # noqa: E402
 from peerpull.testbed.oci_layout import LayerSpec, write_layout  # noqa: E402
 from peerpull.testbed.registry import EmbeddedRegistry, free_port  # noqa: E402
 from peerpull.testbed.runner import registry_env  # noqa: E402
 from snapshotter.containerd.client import ContainerdClient  # noqa: E402
-from snapshotter.containerd.pull import pull  # noqa: E402
+from snapshotter.containerd.pull import chain_ids, pull  # noqa: E402
 
 STAGES = ("manifest_s", "toc_fetch_s", "toc_parse_s", "store_s", "tree_s", "total_s")
 
@@ -64,23 +66,38 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def top_chain(client: RegistryClient, image: str) -> str:
+    """The chain id of the image's top layer: the parent of a container's snapshot."""
+    ref = ImageReference.parse(image)
+    top, _ = await client.resolve_image(ref)
+    config = json.loads(top.body)["config"]["digest"]
+    return chain_ids(json.loads(await client.get_blob_bytes(ref, config))["rootfs"]["diff_ids"])[-1]
+
+
 async def one_pull(root: Path, registry: RegistryConfig, image: str) -> tuple[float, float, list[dict]]:
+    """(seconds until a container's snapshot could be prepared, daemon CPU seconds, layer_lazy events)."""
     env = {**registry_env(registry), "PYTHONPATH": _TREE}
     with EmbeddedDaemon(root / "daemon", extra_env=env) as daemon:
         ctrd_root = Path(tempfile.mkdtemp(prefix="pp-pm-", dir="/run"))
         with EmbeddedContainerd(ctrd_root, proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
             async with RegistryClient(registry) as client, ContainerdClient(str(ctrd.socket), "bench") as c:
+                parent = await top_chain(client, image)
                 cpu0, t0 = cpu_seconds(daemon.pid), time.perf_counter()
                 report = await pull(client, c, image, "peerpull")
+                pulled = time.perf_counter() - t0
+                # runnable: a container's root file system prepared on top (waits for every layer's tree)
+                await c.prepare("peerpull", "pull-measure-container", parent, {})
                 seconds, cpu = time.perf_counter() - t0, cpu_seconds(daemon.pid) - cpu0
-        print(f"  pull phases: {report.phases}", file=sys.stderr, flush=True)
+                await c.remove("peerpull", "pull-measure-container")
+        print(f"  pull phases: {report.phases}; pull returned {pulled:.3f} s, container snapshot prepared "
+              f"{seconds:.3f} s", file=sys.stderr, flush=True)
         return seconds, cpu, daemon.events("layer_lazy")
 
 
 def worker_pull(tree: str, root: Path, address: str, image: str) -> tuple[float, float, list[dict]]:
     """One pull with `tree`'s code, in a child process (its modules, not this one's)."""
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", tree, "--root", str(root),
-                          "--address", address, "--image", image], check=True, capture_output=True, text=True,
+                          "--address", address, "--image", image], check=True, stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": tree})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["seconds"], result["cpu"], result["layers"]

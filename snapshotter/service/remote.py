@@ -180,20 +180,27 @@ class RemoteLayers:
         times.append(time.perf_counter())
         size, footer, frame = await self._read_toc(image, digest, expected, size)
         times.append(time.perf_counter())
-        # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
-        # toc_parse_s and store_s below overlap
-        parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        deferred = defer and expected is not None
+        parsing: asyncio.Future[fmt.Toc] | None = None
+        if not deferred:
+            # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
+            # toc_parse_s and store_s below overlap. Deferred, the parse waits for the commit: its
+            # thread would hold the GIL against the writes and the event loop the commit waits on
+            parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
         try:
             record = await self._keep(digest, f"{image.registry}/{image.repository}", size, footer, frame)
         except BaseException:
-            await asyncio.gather(parsing, return_exceptions=True)
+            if parsing is not None:
+                await asyncio.gather(parsing, return_exceptions=True)
             raise
         times.append(time.perf_counter())
         facts = {"layer": digest, "image": image_ref, "toc_verified": expected is not None, "toc_bytes": len(frame),
                  "manifest_s": round(times[1] - times[0], 4), "toc_fetch_s": round(times[2] - times[1], 4),
                  "store_s": round(times[3] - times[2], 4)}
-        build = self._build(record, known, parsing, defer and expected is not None, times, facts)
-        if defer and expected is not None:
+        if parsing is None:
+            parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        build = self._build(record, known, parsing, deferred, times, facts)
+        if deferred:
             self._builds.start(digest, build)
             log.info("layer_committed_before_tree", layer=digest, image=image_ref,
                      committed_s=round(times[3] - times[0], 4))
