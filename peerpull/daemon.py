@@ -105,7 +105,8 @@ class NodeDaemon:
             stack.push_async_callback(self.image_fetch.close)
             reader.add_observer(self.image_fetch.observe)
             remote = RemoteLayers(self.layout.root, store, self.fs, self.peer.registry, sc.prefetch,
-                                  trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch)
+                                  trust_registry=self.peer.trust_registry, image_fetch=self.image_fetch,
+                                  defer_build=sc.defer_tree_build)
             stack.push_async_callback(remote.close)
             restored = remote.restore()
             if self.peer.status is not None:  # /v1/status: how local each image is

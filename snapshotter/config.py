@@ -48,6 +48,10 @@ class SnapshotterConfig:
     profile_max_share: float = setting(0.5, lo=0.01, hi=1.0)
     profile_push: bool = True  # push recorded profiles to the image's repository (needs write access)
     profile_find_timeout_s: float = setting(1.0, lo=0.05, hi=30)  # local disk → peers → registry, at most this
+    # a layer whose TOC digest the manifest vouches for is committed as soon as its TOC is on disk and
+    # its tree built in the background; Prepare, View and Mounts of snapshots on top of it wait for the
+    # build (and fail with one line if it failed). False: each layer's Prepare waits for its own tree
+    defer_tree_build: bool = True
     containerd_address: str = "/run/containerd/containerd.sock"  # for `peerpull pull`
     namespace: str = "default"  # containerd namespace `peerpull pull` writes images to
     # none: fetch only what is read; sequential (default): a small file read from the network brings

@@ -69,14 +69,15 @@ class Pull:
     """A node's snapshotter side without containerd: RemoteLayers.resolve as Prepare calls it."""
 
     def __init__(self, tmp_path: Path, client: RegistryClient, config: SnapshotterConfig,
-                 profiles: FakeProfiles | None = None, peer: PeerConfig | None = None) -> None:
+                 profiles: FakeProfiles | None = None, peer: PeerConfig | None = None, defer_build: bool = True) -> None:
         self.node = Node(client, tmp_path, peer or PeerConfig(coalesce_max_bytes=512 << 10))
         self.reader = FileReader(self.node.fetcher, 64 << 20, "none", 8)
         self.fs = LayerFS(self.reader)
         self.store = SnapshotStore(tmp_path / "meta.db")
         self.fetch = ImageFetch(self.node.streamer, config, profiles)
         self.reader.add_observer(self.fetch.observe)
-        self.remote = RemoteLayers(tmp_path, self.store, self.fs, client, "none", image_fetch=self.fetch)
+        self.remote = RemoteLayers(tmp_path, self.store, self.fs, client, "none", image_fetch=self.fetch,
+                                   defer_build=defer_build)
 
     async def prepare(self, image: str, client: RegistryClient) -> tuple[str, list[str]]:
         fetched, _ = await client.resolve_image(ImageReference.parse(image))

@@ -102,6 +102,31 @@ def test_layer_tree_presents_whiteouts_opaque_dirs_and_hardlinks_as_overlayfs_wa
     assert LayerTree(3, toc).inodes.keys() == tree.inodes.keys()  # stable inode numbers
 
 
+def test_layer_tree_nodes_share_nothing_they_may_change() -> None:
+    """Nodes without xattrs share one empty mapping (cheaper trees): marking one directory opaque, or
+    giving one its xattrs, reaches no other node; a replaced file leaves no unreachable inode."""
+    chunk = fmt.Chunk(0, 5, 0, 10, b"\0" * 32)
+    toc = fmt.Toc(1 << 20, [
+        _entry("plain", fmt.DIR),
+        _entry("plain/f", fmt.FILE, size=5, chunks=[chunk]),
+        _entry("opq", fmt.DIR),
+        _entry("opq", fmt.OPAQUE),
+        _entry("x", fmt.DIR, xattrs={"user.k": b"v"}),
+        _entry("f", fmt.FILE, size=0),
+        _entry("f", fmt.FILE, size=0),  # tar lists it twice: the second wins
+    ])
+    tree = LayerTree(2, toc)
+    root = tree.root.children
+    assert root is not None
+    assert root[b"opq"].xattrs == {OPAQUE_XATTR: b"y"} and root[b"x"].xattrs == {b"user.k": b"v"}
+    plain = root[b"plain"]
+    assert plain.xattrs == {} and plain.children[b"f"].xattrs == {} and root[b"f"].xattrs == {}
+    assert tree.root.xattrs == {}
+    assert plain.children[b"f"].chunks == [chunk] and root[b"f"].chunks == []
+    reachable = {tree.root.ino, *(n.ino for n in root.values()), plain.children[b"f"].ino}
+    assert set(tree.inodes) == reachable
+
+
 def test_layer_tree_refuses_a_hardlink_to_nothing() -> None:
     with pytest.raises(FormatError):
         LayerTree(1, fmt.Toc(1 << 20, [_entry("x", fmt.HARDLINK, link="missing")]))

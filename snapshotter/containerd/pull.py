@@ -2,7 +2,7 @@
 downloading its seekable layers.
 
 Like containerd's own unpacker, with the labels CRI would add: the manifest and config go into
-containerd's content store, then each layer's snapshot is prepared through containerd (so its
+containerd's content store while each layer's snapshot is prepared through containerd (so its
 metadata knows it) with the layer digest and image reference labels. The daemon answers
 ALREADY_EXISTS for layers it serves lazily; any other layer is downloaded, unpacked by
 containerd's applier and committed, exactly as `ctr pull` would. Finally the image record points
@@ -15,6 +15,7 @@ logs why, and counts it in peerpull_chunk_errors_total{tier="lazy"}).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -55,8 +56,8 @@ class PullReport:
     seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)  # seekable layers downloaded in full
     ordinary: list[str] = field(default_factory=list)  # layers that are not seekable, downloaded in full
-    # where the time went (seconds): manifest + config from the registry, content into containerd,
-    # the layers' snapshots (for lazy ones: the daemon's TOC fetch, parse and tree build), the image record
+    # where the time went (seconds): manifest + config from the registry, content into containerd
+    # (overlapping the layers: its own duration), the layers' snapshots (for lazy ones: the daemon's TOC fetch, parse and tree build), the image record
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -107,9 +108,10 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
     phase("registry_s")
     source_label = {f"containerd.io/distribution.source.{ref.registry}": ref.repository}
 
-    await ctrd.create_lease()
-    try:
-        # content first, with the labels that keep the snapshots and layers alive after the lease
+    async def put_content() -> None:
+        """The config, manifest (and index), with the labels that keep the snapshots and layers alive
+        after the lease; written while the layers are prepared (both are under the lease)."""
+        began = time.monotonic()
         config_labels = {**source_label}
         if chains:
             config_labels[f"containerd.io/gc.ref.snapshot.{snapshotter}"] = chains[-1]
@@ -119,8 +121,12 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
         await _put_blob(ctrd, top.digest, top.body, manifest_labels)
         if index is not None:
             await _put_blob(ctrd, index.digest, index.body, {"containerd.io/gc.ref.content.m.0": top.digest, **source_label})
-        phase("content_s")
+        report.phases["content_s"] = round(time.monotonic() - began, 4)
 
+    await ctrd.create_lease()
+    content: asyncio.Future[None] | None = None
+    try:
+        content = asyncio.ensure_future(put_content())
         parent = ""
         for i, desc in enumerate(layers):
             chain = chains[i]
@@ -158,10 +164,14 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
             (report.fallbacks if seekable else report.ordinary).append(desc["digest"])
             parent = chain
 
+        await content
         phase("layers_s")
         target = index or top
         await ctrd.put_image(str(ref), descriptor(target.media_type, target.digest, len(target.body)), {})
     finally:
+        if content is not None and not content.done():
+            content.cancel()
+            await asyncio.gather(content, return_exceptions=True)
         await ctrd.delete_lease()
     phase("image_s")
     report.seconds = round(time.monotonic() - started, 3)

@@ -20,9 +20,15 @@ _MODE_TYPE = {fmt.FILE: stat.S_IFREG, fmt.DIR: stat.S_IFDIR, fmt.SYMLINK: stat.S
               fmt.BLOCK: stat.S_IFBLK, fmt.FIFO: stat.S_IFIFO}
 MAX_INDEX = (1 << 32) - 1
 _MAX_TIME_NS = 1 << 63  # nanoseconds since 1970 in a signed 64-bit integer (year 2262)
+# shared by every node without xattrs / content (most of a layer): never mutated, replaced instead
+_NO_XATTRS: dict[bytes, bytes] = {}
+_NO_CHUNKS: list[fmt.Chunk] = []
 
 
 class Inode:
+    """One node of a layer: tens of thousands per layer, so slots and no per-node objects beyond
+    what it has (the empty xattrs and chunks are shared)."""
+
     __slots__ = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "rdev", "target", "xattrs", "children",
                  "chunks", "nlink", "order")
 
@@ -36,9 +42,9 @@ class Inode:
         self.mtime_ns = mtime_ns
         self.rdev = rdev
         self.target = b""  # symlink target
-        self.xattrs: dict[bytes, bytes] = {}
+        self.xattrs: dict[bytes, bytes] = _NO_XATTRS
         self.children: dict[bytes, Inode] | None = {} if stat.S_ISDIR(mode) else None
-        self.chunks: list[fmt.Chunk] = []
+        self.chunks: list[fmt.Chunk] = _NO_CHUNKS  # the TOC entry's own list for a file (read only)
         self.nlink = 1
         self.order: list[bytes] | None = None  # directory listing order, built on first readdir
 
@@ -64,6 +70,7 @@ class LayerTree:
         self.inodes: dict[int, Inode] = {}
         self.root = self._new(stat.S_IFDIR | 0o755)
         self.bytes = 0
+        self._replaced = False  # an entry replaced another: some nodes may be unreachable
         # directory path → its node: tar lists a directory's files together, so most entries find
         # their parent here without walking from the root (cleared when a directory is replaced)
         self._dirs: dict[str, Inode] = {}
@@ -71,10 +78,10 @@ class LayerTree:
             self._add(entry)
         self._count_links()
 
-    def _new(self, mode: int, **kw: int) -> Inode:
+    def _new(self, mode: int, uid: int = 0, gid: int = 0, size: int = 0, mtime_ns: int = 0, rdev: int = 0) -> Inode:
         if self._next > MAX_INDEX:
             raise FormatError("layer has more than 2**32 entries")
-        node = Inode((self.slot << 32) | self._next, mode, **kw)
+        node = Inode((self.slot << 32) | self._next, mode, uid, gid, size, mtime_ns, rdev)
         self._next += 1
         self.inodes[node.ino] = node
         return node
@@ -113,8 +120,10 @@ class LayerTree:
         assert parent.children is not None
         name = base.encode("utf-8", "surrogateescape")
         old = parent.children.get(name)
-        if old is not None and old.children is not None:
-            self._dirs.clear()  # a directory replaced: paths below it name other nodes now
+        if old is not None:
+            self._replaced = True
+            if old.children is not None:
+                self._dirs.clear()  # a directory replaced: paths below it name other nodes now
         parent.children[name] = node
         parent.order = None
 
@@ -123,7 +132,8 @@ class LayerTree:
         if not 0 <= mtime_ns < _MAX_TIME_NS:
             mtime_ns = 0  # as containerd's applier: times before 1970 or past 2262 do not fit and become 0
         if e.type == fmt.OPAQUE:
-            self._dir(e.path).xattrs[OPAQUE_XATTR] = b"y"
+            node = self._dir(e.path)
+            node.xattrs = {**node.xattrs, OPAQUE_XATTR: b"y"}
             return
         if e.type == fmt.WHITEOUT:
             self._place(e.path, self._new(stat.S_IFCHR, rdev=0, uid=e.uid, gid=e.gid, mtime_ns=mtime_ns))
@@ -142,9 +152,8 @@ class LayerTree:
             node.mode = kind | (e.mode & 0o7777)
             node.uid, node.gid, node.mtime_ns = e.uid, e.gid, mtime_ns
             opaque = node.xattrs.get(OPAQUE_XATTR)
-            node.xattrs = {k.encode(): v for k, v in e.xattrs.items()}
-            if opaque:
-                node.xattrs[OPAQUE_XATTR] = opaque
+            xattrs = {k.encode(): v for k, v in e.xattrs.items()} if e.xattrs else _NO_XATTRS
+            node.xattrs = {**xattrs, OPAQUE_XATTR: opaque} if opaque else xattrs
             return
         rdev = os.makedev(e.devmajor, e.devminor) if e.devmajor or e.devminor else 0
         node = self._new(kind | (e.mode & 0o7777), uid=e.uid, gid=e.gid, size=e.size if e.type == fmt.FILE else 0,
@@ -156,7 +165,8 @@ class LayerTree:
             node.size = len(node.target)
         elif e.type == fmt.FILE:
             chunks = e.chunks
-            node.chunks = sorted(chunks, key=lambda c: c.file_offset) if len(chunks) > 1 else list(chunks)
+            # a parsed TOC lists a file's pieces in file order already (decode_toc checks they tile it)
+            node.chunks = sorted(chunks, key=lambda c: c.file_offset) if len(chunks) > 1 else chunks
             covered = chunks[0].length if len(chunks) == 1 else sum(c.length for c in chunks)
             if covered != e.size:
                 raise FormatError(f"file {e.path!r}: chunks cover {covered} bytes, size is {e.size}")
@@ -184,5 +194,6 @@ class LayerTree:
                 else:
                     child.nlink += 1
         # drop nodes no name reaches any more (replaced entries), so lookups by inode stay truthful
-        self.inodes = {ino: n for ino, n in self.inodes.items() if n.nlink > 0}
+        if self._replaced:
+            self.inodes = {ino: n for ino, n in self.inodes.items() if n.nlink > 0}
 

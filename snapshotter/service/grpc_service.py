@@ -4,6 +4,8 @@ Ordinary snapshots behave as with containerd's overlayfs snapshotter. A Prepare 
 target (`containerd.io/snapshot.ref`) for a seekable layer commits that target itself, backed
 by the layer's directory in the FUSE mount, and answers ALREADY_EXISTS, so containerd skips the
 download; any failure there falls back to an ordinary snapshot (logged, counted, never silent).
+Such a layer's tree may still be building (snapshotter.defer_tree_build): Prepare, View and Mounts
+of snapshots on top of it wait for it, and fail with one line if it could not be built.
 """
 
 from __future__ import annotations
@@ -100,7 +102,23 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc,name-defi
         snap = self._store.get(key)
         return mounts_for(self._layout, snap, self._store.chain(snap))
 
+    def _chain_layers(self, key: str) -> list[str]:
+        """The lazily served layers of snapshot `key` and its ancestors ([] if it does not exist)."""
+        snap = self._store.find(key)
+        if snap is None:
+            return []
+        return [s.layer for s in [snap, *self._store.chain(snap)] if s.layer]
+
+    async def _layers_ready(self, key: str) -> None:
+        """Until the trees of the lazily served layers under `key` (itself included) are built."""
+        if self._remote is None or not key:
+            return
+        layers = await self._store.run(self._chain_layers, key)
+        if layers:
+            await self._remote.ready(layers)
+
     async def _create(self, kind: int, key: str, parent: str, labels: dict[str, str]) -> list[Any]:
+        await self._layers_ready(parent)
         specs = await self._store.run(self._create_steps, kind, key, parent, labels)
         log.debug("snapshot_created", key=key, parent=parent, kind=kind)
         return _mount_messages(specs)
@@ -174,6 +192,7 @@ class SnapshotService(pb_grpc.SnapshotsServicer):  # type: ignore[misc,name-defi
 
     @rpc
     async def Mounts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._layers_ready(request.key)
         return pb.MountsResponse(mounts=_mount_messages(await self._store.run(self._mounts_of, request.key)))
 
     @rpc

@@ -4,7 +4,12 @@ A layer qualifies when containerd's labels name it (`cri.layer-digest`) and the 
 from (`cri.image-ref`), and the registry has it as a seekable blob. With the manifest digest
 label, the manifest is fetched by digest and its annotations must announce the TOC, whose
 digest is then checked: the chain of trust runs from the digest containerd resolved down to
-every chunk. TOCs are kept on disk, so a restarted daemon serves its layers without the network.
+every chunk. TOCs are kept on disk, so a restarted daemon serves its layers without the network;
+a TOC on disk that no longer reads is fetched again (from the image its snapshots name).
+
+With `defer_build` (snapshotter.defer_tree_build), a layer whose TOC digest the manifest vouches
+for is answered as soon as its TOC is on disk; its tree is built in the background (tree_builds.py)
+and whatever mounts a snapshot on top of it waits for that build (`ready`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from snapshotter.fs.fusefs import LayerFS
 from snapshotter.service import layer_build
 from snapshotter.service.image_fetch import ImageFetch
 from snapshotter.service.store import LayerRecord, SnapshotStore
+from snapshotter.service.tree_builds import TreeBuilds
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +60,7 @@ LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we s
 class RemoteLayers:
     def __init__(self, root: Path, store: SnapshotStore, fs: LayerFS, client: RegistryClient, prefetch: str,
                  trust_registry: Callable[[str], None] = lambda registry: None,
-                 image_fetch: ImageFetch | None = None) -> None:
+                 image_fetch: ImageFetch | None = None, defer_build: bool = True) -> None:
         self._dir = root / "layers"
         # the registries this node's own containerd pulls from: the peer node may fetch from them
         # when another node asks (and from no other, unless configured)
@@ -67,6 +73,9 @@ class RemoteLayers:
         self._image_fetch = image_fetch  # what an image brings in at pull time (profile, streaming)
         self._resolving: SingleFlight[LayerRecord] = SingleFlight()
         self._manifests: OrderedDict[str, bytes] = OrderedDict()  # by digest: one fetch per image
+        self._manifest_fetch: SingleFlight[bytes] = SingleFlight()  # the layers of a pull ask at once
+        self._defer_build = defer_build
+        self._builds = TreeBuilds()
 
     def _toc_path(self, digest: str) -> Path:
         return self._dir / (digest.split(":", 1)[1] + ".toc")
@@ -74,20 +83,42 @@ class RemoteLayers:
     async def close(self) -> None:
         """End resolutions still running (look-aheads nobody awaits) at shutdown."""
         await self._resolving.close()
+        await self._manifest_fetch.close()
+        await self._builds.close()
+
+    async def ready(self, digests: list[str]) -> None:
+        """Until the trees of these layers are built (LayerBuildError if one could not be)."""
+        await self._builds.wait(digests)
 
     def restore(self) -> int:
-        """Put every layer recorded before a restart back in the FUSE mount; returns how many."""
+        """Put every layer recorded before a restart back in the FUSE mount; returns how many.
+
+        A TOC on disk that does not read (truncated, corrupt) is fetched again in the background
+        from the image a snapshot of the layer names; snapshots on top of it wait for that."""
         restored = 0
         for record in self._store.layers():
             try:
                 toc = self._load_toc(record)
             except (OSError, PeerpullError) as exc:
-                log.error("layer_restore_failed", layer=record.digest, error=str(exc))
+                self._toc_path(record.digest).unlink(missing_ok=True)
+                origin = self._origin(record.digest)
+                log.warning("layer_restore_failed", layer=record.digest, error=str(exc),
+                            refetch=origin is not None)
+                if origin is not None:
+                    self._builds.start(record.digest, self._fetch(record.digest, *origin, record, defer=False))
                 continue
             self._fs.add_built(layer_build.build_layer(record.digest, record.slot, record.repository, toc))
             self._trust_registry(registry_of(record.repository))
             restored += 1
         return restored
+
+    def _origin(self, digest: str) -> tuple[str, str] | None:
+        """(image ref, manifest digest) of an image a snapshot of the layer came from."""
+        for snap in self._store.all():
+            labels = snap.labels
+            if snap.layer == digest and labels.get(LABEL_IMAGE_REF) and is_digest(labels.get(LABEL_MANIFEST_DIGEST, "")):
+                return labels[LABEL_IMAGE_REF], labels[LABEL_MANIFEST_DIGEST]
+        return None
 
     def _load_toc(self, record: LayerRecord) -> fmt.Toc:
         data = self._toc_path(record.digest).read_bytes()
@@ -125,46 +156,79 @@ class RemoteLayers:
         """A layer of an image, resolved and mounted (None if it is not served lazily)."""
         try:
             await self._resolving.do(digest, functools.partial(self._resolve, digest, image_ref, manifest))
+            await self._builds.wait([digest])
         except PeerpullError:
             return None  # its Prepare falls back (and reports it)
         return self._fs.source(digest)
 
     async def _resolve(self, digest: str, image_ref: str, manifest_digest: str) -> LayerRecord:
         known = await self._store.run(self._store.layer, digest)
-        if known is not None and self._toc_path(digest).exists():
+        if known is not None and (self._fs.source(digest) is not None or self._builds.running(digest)):
             return known
+        # not mounted: new, or its build failed (its TOC is fetched again)
+        self._builds.forget(digest)
+        return await self._fetch(digest, image_ref, manifest_digest, known, self._defer_build)
+
+    async def _fetch(self, digest: str, image_ref: str, manifest_digest: str, known: LayerRecord | None,
+                     defer: bool) -> LayerRecord:
+        """The layer's TOC fetched and kept, its tree built (in the background when `defer` and the
+        manifest vouches for the TOC)."""
         image = ImageReference.parse(image_ref)
         self._trust_registry(image.registry)
-        started = time.perf_counter()
+        times = [time.perf_counter()]
         expected, size = await self._expected_toc(image, digest, manifest_digest)
-        located = time.perf_counter()
+        times.append(time.perf_counter())
         size, footer, frame = await self._read_toc(image, digest, expected, size)
-        fetched = time.perf_counter()
-        # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
-        # toc_parse_s and store_s below overlap
-        parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        times.append(time.perf_counter())
+        deferred = defer and expected is not None
+        parsing: asyncio.Future[fmt.Toc] | None = None
+        if not deferred:
+            # the TOC is parsed (CPU) while it is written to disk and the layer gets its slot (I/O):
+            # toc_parse_s and store_s below overlap. Deferred, the parse waits for the commit: its
+            # thread would hold the GIL against the writes and the event loop the commit waits on
+            parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
         try:
             record = await self._keep(digest, f"{image.registry}/{image.repository}", size, footer, frame)
         except BaseException:
-            await asyncio.gather(parsing, return_exceptions=True)
+            if parsing is not None:
+                await asyncio.gather(parsing, return_exceptions=True)
             raise
-        stored = time.perf_counter()
+        times.append(time.perf_counter())
+        facts = {"layer": digest, "image": image_ref, "toc_verified": expected is not None, "toc_bytes": len(frame),
+                 "manifest_s": round(times[1] - times[0], 4), "toc_fetch_s": round(times[2] - times[1], 4),
+                 "store_s": round(times[3] - times[2], 4)}
+        if parsing is None:
+            parsing = asyncio.ensure_future(asyncio.to_thread(layer_build.parse_toc, frame, footer))
+        build = self._build(record, known, parsing, deferred, times, facts)
+        if deferred:
+            self._builds.start(digest, build)
+            log.info("layer_committed_before_tree", layer=digest, image=image_ref,
+                     committed_s=round(times[3] - times[0], 4))
+            return record
+        await build
+        return record
+
+    async def _build(self, record: LayerRecord, known: LayerRecord | None, parsing: asyncio.Future[fmt.Toc],
+                     deferred: bool, times: list[float], facts: dict[str, object]) -> None:
+        digest = record.digest
         try:
             toc = await parsing
-        except BaseException:  # not well formed after all: nothing of it stays (a record kept from before stays)
-            if known is None:
-                await self._store.run(self._store.drop_layer, digest)
+            parsed = time.perf_counter()
+            built = await asyncio.to_thread(layer_build.build_layer, digest, record.slot, record.repository, toc)
+        except BaseException as exc:
+            # not well formed after all: its TOC goes (the next resolve fetches it again); the record stays
+            # while a committed snapshot may use it (deferred), else only if it was kept from before
             self._toc_path(digest).unlink(missing_ok=True)
+            if known is None and not deferred:
+                await self._store.run(self._store.drop_layer, digest)
+            if deferred and isinstance(exc, Exception):
+                log.error("layer_tree_build_failed", layer=digest, error=str(exc) or type(exc).__name__)
             raise
-        parsed = time.perf_counter()
-        built = await asyncio.to_thread(layer_build.build_layer, record.digest, record.slot, record.repository, toc)
         self._fs.add_built(built)
         done = time.perf_counter()
-        log.info("layer_lazy", layer=digest, image=image_ref, files=len(toc.entries), chunks=toc.chunk_count,
-                 toc_verified=expected is not None, toc_bytes=len(frame), manifest_s=round(located - started, 4),
-                 toc_fetch_s=round(fetched - located, 4), store_s=round(stored - fetched, 4),
-                 toc_parse_s=round(parsed - fetched, 4), tree_s=round(done - parsed, 4), total_s=round(done - started, 4))
-        return record
+        log.info("layer_lazy", files=len(toc.entries), chunks=toc.chunk_count, deferred=deferred, **facts,
+                 toc_parse_s=round(parsed - times[2], 4), tree_s=round(done - parsed, 4),
+                 total_s=round(done - times[0], 4))
 
     async def _keep(self, digest: str, repository: str, size: int, footer: fmt.Footer, frame: bytes) -> LayerRecord:
         """The TOC on disk (a restart reads it there) and the layer's record (its slot)."""
@@ -202,10 +266,14 @@ class RemoteLayers:
     async def _manifest(self, image: ImageReference, manifest_digest: str) -> bytes:
         body = self._manifests.get(manifest_digest)
         if body is None:
-            body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
-            self._manifests[manifest_digest] = body
-            while len(self._manifests) > 64:
-                self._manifests.popitem(last=False)
+            body = await self._manifest_fetch.do(manifest_digest, functools.partial(self._get_manifest, image, manifest_digest))
+        return body
+
+    async def _get_manifest(self, image: ImageReference, manifest_digest: str) -> bytes:
+        body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
+        self._manifests[manifest_digest] = body
+        while len(self._manifests) > 64:
+            self._manifests.popitem(last=False)
         return body
 
     async def _expected_toc(self, image: ImageReference, digest: str,
@@ -233,6 +301,7 @@ class RemoteLayers:
         """Forget a layer no snapshot uses any more."""
         if await self._store.run(self._store.layer_in_use, digest):
             return
+        self._builds.forget(digest)
         self._fs.remove_layer(digest)
         if self._image_fetch is not None:
             self._image_fetch.release(digest)
