@@ -96,17 +96,22 @@ class CredentialStore:
             log.warning("registry_credentials_dropped", registry=ref.registry, repository=ref.repository, reason=reason)
 
     def lookup(self, registry: str, repository: str) -> Credentials | None:
+        now = self._clock()
+        expired: list[tuple[str, str]] = []
+        found = None
         for key in ((registry, repository), (registry, HOST)):
             creds = self._entries.get(key)
-            if creds is None:
-                continue
-            if creds.expires > self._clock():
-                return creds
-            del self._entries[key]
-            self._gone[key] = f"{creds.source} expired after {self._ttl_s:g} s; the next pull of the image renews them"
-            log.warning("registry_credentials_expired", registry=registry, repository=key[1] or None,
-                        ttl_s=self._ttl_s)
-        return None
+            if creds is not None and creds.expires <= now:
+                del self._entries[key]
+                self._gone[key] = f"{creds.source} expired after {self._ttl_s:g} s; the next pull of the image renews them"
+                expired.append(key)
+            elif creds is not None:
+                found = creds
+                break
+        if expired:  # one line however many entries went
+            log.warning("registry_credentials_expired", registry=registry, repository=repository,
+                        ttl_s=self._ttl_s, renewed_by="the next pull of the image")
+        return found
 
     def explain(self, registry: str, repository: str) -> str | None:
         return self._gone.get((registry, repository)) or self._gone.get((registry, HOST))
