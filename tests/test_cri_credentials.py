@@ -1,11 +1,12 @@
 """kubelet's imagePullSecrets reach the daemon: CRI PullImage through the daemon's image-service proxy
 (in front of a real containerd 1.6 with its CRI plugin) against an htpasswd registry, with a daemon
 that has no docker config. The secret makes the layers lazy and readable; without it containerd
-refuses; the other image RPCs pass through; expired credentials fail a new read with one clear line
+refuses (and a refused secret is dropped); the other image RPCs pass through; expired credentials fail a new read with one clear line
 and the next pull renews them; the password is in no log and no file."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -22,7 +23,11 @@ import grpc
 import pytest
 
 import peerpull_proto as proto
+from peerpull.config import PeerpullConfig
+from peerpull.doctor.check import DoctorContext
+from peerpull.doctor.cri import check_cri
 from peerpull.testbed.daemon import EmbeddedDaemon
+from snapshotter.cri.config import CriConfig
 from snapshotter.service.remote import LABEL_IMAGE_REF, LABEL_REMOTE
 from tests.support import images
 from tests.support.auth_registry import PASSWORD, USER, htpasswd_registry, write_docker_config
@@ -85,6 +90,17 @@ class Kubelet:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _doctor(socket: Path, enabled: bool = True) -> list[dict[str, Any]]:
+    config = PeerpullConfig(cri=CriConfig(image_proxy=enabled, socket=str(socket)))
+    return [r.as_dict() for r in asyncio.run(check_cri(DoctorContext(config, Path("/nonexistent"))))]
+
+
+def test_doctor_names_a_missing_proxy_socket_and_skips_when_off(tmp_path: Path) -> None:
+    assert _doctor(tmp_path / "none.sock", enabled=False) == []
+    [result] = _doctor(tmp_path / "none.sock")
+    assert result["name"] == "cri_image_proxy" and not result["ok"] and "cri.image_proxy = true" in result["message"]
 
 
 def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
@@ -152,6 +168,9 @@ def test_pull_secret_reaches_the_daemon(tmp_path: Path) -> None:
                     kubelet.runtime_version(b"", timeout=30)
                 assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
+                [doctor] = _doctor(proxy_socket)
+                assert doctor["ok"] and "--image-service-endpoint" in doctor["message"], doctor
+
                 metrics = daemon.metrics()
                 assert metrics['peerpull_cri_requests_total{code="OK",method="PullImage"}'] == 1, metrics
                 refused_pulls = [v for k, v in metrics.items()
@@ -175,6 +194,12 @@ def test_pull_secret_reaches_the_daemon(tmp_path: Path) -> None:
                     == image_id
                 big = _run(ctrd, image, "/bin/busybox", "sha256sum", "/secret/big.bin")
                 assert big.returncode == 0 and big.stdout.split()[0] == hashlib.sha256(BIG).hexdigest(), big.stderr
+
+                # a secret containerd refuses is dropped at once
+                with pytest.raises(grpc.RpcError):
+                    kubelet.pull(image, api.AuthConfig(username=USER, password="wrong-password"))
+                assert len(daemon.events("registry_credentials_dropped")) == 1
+                assert daemon.metrics()["peerpull_cri_credentials"] == 0
 
                 kubelet.images.RemoveImage(api.RemoveImageRequest(image=api.ImageSpec(image=image)), timeout=60)
                 gone = kubelet.images.ImageStatus(api.ImageStatusRequest(image=api.ImageSpec(image=image)), timeout=30)

@@ -12,6 +12,7 @@ from peerpull import exit_codes
 from peerpull.config import PeerpullConfig
 from peerpull.doctor.check import Check, DoctorContext, run_checks
 from peerpull.doctor.containerd import check_containerd
+from peerpull.doctor.cri import check_cri
 from peerpull.doctor.daemon import check_daemon
 from peerpull.doctor.fuse import check_fuse
 from peerpull.doctor.peers import check_peers
@@ -20,7 +21,7 @@ from peerpull.doctor.storage import check_storage
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 GROUPS: tuple[tuple[str, Check], ...] = (
     ("fuse", check_fuse), ("containerd", check_containerd), ("daemon", check_daemon),
-    ("storage", check_storage), ("peers", check_peers),
+    ("storage", check_storage), ("peers", check_peers), ("cri", check_cri),
 )
 
 DESCRIPTION = f"""\
@@ -29,7 +30,8 @@ FUSE (/dev/fuse, fusermount3, the kernel's FUSE protocol, passthrough and resend
 throwaway mount), containerd (its socket and version, and its config.toml wired to this daemon:
 the proxy plugin's socket, CRI's snapshotter and snapshot annotations, and for containerd 2.x the
 plugin's enable_remote_snapshot_annotations export and a transfer-service unpack entry), this
-daemon (its snapshotter socket answering, its peer server healthy), storage (cache, snapshotter
+daemon (its snapshotter socket answering, its peer server healthy, and with cri.image_proxy its
+CRI image socket answering), storage (cache, snapshotter
 root and object store on a filesystem that can hold them, with free space), and peers (a cluster
 token when listening beyond loopback, static peers answering). Checks read this node's
 configuration (--config, PEERPULL_* variables). Needs root for the FUSE checks.
