@@ -132,7 +132,7 @@ class NodeDaemon:
             stack.push_async_callback(server.stop, 5)
             stack.callback(socket_path.unlink, True)
             # kubelet's image service: pull credentials reach the registry client
-            await start_cri_proxy(stack, self.cri, self.peer.registry, sc.containerd_address, self.peer.metrics.registry)
+            await start_cri_proxy(stack, self.cri, self.peer.registry, sc.containerd_address, self.peer.metrics)
             if not Path(sc.containerd_address).exists():
                 log.warning("containerd_not_found", address=sc.containerd_address,
                             hint="start containerd with the snippet of `peerpull containerd-config` in its config; "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import Counter
 
 import peerpull_proto as proto
 from converter.registry.credential_store import AuthConfig, CredentialStore
@@ -42,23 +42,14 @@ def auth_refused(code: grpc.StatusCode, details: str) -> bool:
         _AUTH_REFUSED.search(details))
 
 
-class CriMetrics:
-    def __init__(self, registry: CollectorRegistry, store: CredentialStore) -> None:
-        self.requests = Counter("peerpull_cri_requests", "CRI image-service calls forwarded to containerd, "
-                                "by method and gRPC status code", ["method", "code"], registry=registry)
-        self.credentials = Gauge("peerpull_cri_credentials", "Live registry credentials from CRI PullImage "
-                                 "(per repository and per registry host)", registry=registry)
-        self.credentials.set_function(lambda: len(store))
-
-
 class CriImageProxy:
-    """`proxy = CriImageProxy(store, containerd_address, metrics); await proxy.start(socket)`; also the
+    """`proxy = CriImageProxy(store, containerd_address, counter); await proxy.start(socket)`; also the
     server's generic handler (grpc asks `service` of every call)."""
 
-    def __init__(self, store: CredentialStore, containerd_address: str, metrics: CriMetrics | None = None) -> None:
+    def __init__(self, store: CredentialStore, containerd_address: str, requests: Counter | None = None) -> None:
         self._store = store
         self._target = containerd_address if "://" in containerd_address else f"unix://{containerd_address}"
-        self._metrics = metrics
+        self._requests = requests  # peerpull_cri_requests_total{method,code}
         self._channel: grpc.aio.Channel | None = None
         self._server: grpc.aio.Server | None = None
         self._socket: Path | None = None
@@ -135,5 +126,5 @@ class CriImageProxy:
         return image
 
     def _count(self, name: str, code: grpc.StatusCode) -> None:
-        if self._metrics is not None:
-            self._metrics.requests.labels(name, code.name).inc()
+        if self._requests is not None:
+            self._requests.labels(name, code.name).inc()
