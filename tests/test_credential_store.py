@@ -107,6 +107,15 @@ def test_per_repository_before_per_host() -> None:
     assert len(store) == 0
 
 
+def test_a_refusal_drops_only_the_credentials_it_was_about() -> None:
+    store = CredentialStore(60)
+    old = store.put("reg.example/team/a:1", AuthConfig(username="a", password="old"))
+    store.put("reg.example/team/a:2", AuthConfig(username="a", password="new"))  # a later pull renewed them
+    store.drop("reg.example/team/a:1", "refused", old)
+    creds = store.lookup("reg.example", "team/a")
+    assert creds is not None and creds.password == "new"
+
+
 # ---- the registry client asks the store first ---------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,10 @@ def _repository(scope: str) -> str:
     return rest.rpartition(":")[0] if kind == "repository" else ""
 
 
+def _basic_key(scope: str) -> str:
+    return f"basic {_repository(scope)}"
+
+
 class Authenticator:
     """Answers 401 challenges and remembers the resulting Authorization header per registry+scope,
     never longer than the credentials it came from live (nor past a changed credential)."""
@@ -155,13 +159,15 @@ class Authenticator:
         return f"no credentials (anonymous): {why}" if why else "no credentials (anonymous)"
 
     def header(self, registry: str, scope: str) -> str | None:
-        cached = self._headers.get((registry, scope))
-        if cached is None:
-            return None
-        header, expiry, creds = cached
-        if expiry > time.monotonic() and self.credentials(registry, _repository(scope)) == creds:
-            return header
-        del self._headers[(registry, scope)]
+        # a Basic header serves every scope of its repository; a token only the scope it was issued for
+        for key in ((registry, scope), (registry, _basic_key(scope))):
+            cached = self._headers.get(key)
+            if cached is None:
+                continue
+            header, expiry, creds = cached
+            if expiry > time.monotonic() and self.credentials(registry, _repository(scope)) == creds:
+                return header
+            del self._headers[key]
         return None
 
     async def answer(self, registry: str, scope: str, challenge: str, sent: str | None = None) -> bool:
@@ -177,7 +183,7 @@ class Authenticator:
             header = creds.basic_header() if creds else None
             if header is None or header == sent:
                 return False
-            self._headers[(registry, scope)] = (header, limit, creds)
+            self._headers[(registry, _basic_key(scope))] = (header, limit, creds)
             return True
         if scheme == "bearer" and creds and creds.registry_token:
             header = f"Bearer {creds.registry_token}"

@@ -81,11 +81,14 @@ class CredentialStore:
                  kind=creds.kind, ttl_s=self._ttl_s)
         return creds
 
-    def drop(self, image: str, reason: str) -> None:
-        """Forget the credentials of `image` (its repository's, and the host's if they are the same)."""
+    def drop(self, image: str, reason: str, creds: Credentials | None = None) -> None:
+        """Forget the credentials of `image` (its repository's, and the host's if they are the same);
+        with `creds`, only if those are still the ones kept (a later pull may have renewed them)."""
         try:
             ref = _parse(image)
         except ValueError:
+            return
+        if creds is not None and self._entries.get((ref.registry, ref.repository)) != creds:
             return
         mine = self._entries.pop((ref.registry, ref.repository), None)
         if mine is not None and self._entries.get((ref.registry, HOST)) == mine:

@@ -21,6 +21,7 @@ import structlog
 from prometheus_client import Counter
 
 import peerpull_proto as proto
+from converter.registry.auth import Credentials
 from converter.registry.credential_store import AuthConfig, CredentialStore
 
 log = structlog.get_logger(__name__)
@@ -92,7 +93,7 @@ class CriImageProxy:
 
     async def _forward(self, method: str, name: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         assert self._channel is not None, "start() first"
-        image = self._remember(request) if name == "PullImage" else None
+        image, creds = self._remember(request) if name == "PullImage" else (None, None)
         metadata = tuple((k, v) for k, v in (context.invocation_metadata() or ())
                          if not k.startswith(":") and k not in _OWN_METADATA)
         remaining = context.time_remaining()
@@ -102,28 +103,29 @@ class CriImageProxy:
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code(), exc.details() or ""
             self._count(name, code)
-            if image is not None and auth_refused(code, details):
-                self._store.drop(image, "containerd refused the credentials of the last pull")
+            if image is not None and creds is not None and auth_refused(code, details):  # an anonymous pull drops nothing
+                self._store.drop(image, "containerd refused the credentials of the last pull", creds)
             log.info("cri_request_failed", method=name, code=code.name, image=image)
             await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
             raise  # abort raises; this keeps type checkers sure
         self._count(name, grpc.StatusCode.OK)
         return answer
 
-    def _remember(self, request: bytes) -> str | None:
-        """Keep a PullImage's credentials; the image it pulls (None if it cannot be read)."""
+    def _remember(self, request: bytes) -> tuple[str | None, Credentials | None]:
+        """Keep a PullImage's credentials: the image it pulls (None if it cannot be read), and them."""
         try:
             pull = _api.PullImageRequest.FromString(request)
         except Exception:  # a malformed request: containerd answers it
-            return None
+            return None, None
         image = str(pull.image.image)
         a = pull.auth
         try:
-            self._store.put(image, AuthConfig(username=a.username, password=a.password, auth=a.auth,
-                                              identity_token=a.identity_token, registry_token=a.registry_token))
+            return image, self._store.put(image, AuthConfig(username=a.username, password=a.password, auth=a.auth,
+                                                            identity_token=a.identity_token,
+                                                            registry_token=a.registry_token))
         except ValueError:
             log.warning("cri_credentials_unusable", image=image, reason="malformed image reference or auth field")
-        return image
+            return image, None
 
     def _count(self, name: str, code: grpc.StatusCode) -> None:
         if self._requests is not None:
