@@ -11,11 +11,13 @@ import base64
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,20 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
-def test_pull_secret_reaches_the_daemon(tmp_path: Path) -> None:
+@pytest.fixture()
+def short_dirs() -> Iterator[Callable[[str], Path]]:
+    """Directories under /run for sockets (a pytest tmp path is too long for one), removed after."""
+    made: list[Path] = []
+
+    def make(prefix: str) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=prefix, dir="/run")))
+        return made[-1]
+    yield make
+    for directory in made:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_pull_secret_reaches_the_daemon(tmp_path: Path, short_dirs: Callable[[str], Path]) -> None:
     if reason := fuse_missing():
         pytest.skip(reason)
     with htpasswd_registry(tmp_path / "registry") as registry:
@@ -126,9 +141,9 @@ def test_pull_secret_reaches_the_daemon(tmp_path: Path) -> None:
 
         empty = tmp_path / "no-docker-config.json"
         empty.write_text(json.dumps({"auths": {}}))
-        ctrd_dir = Path(tempfile.mkdtemp(prefix="ppcri-", dir="/run"))
+        ctrd_dir = short_dirs("ppcri-")
         ctrd_socket = ctrd_dir / "containerd.sock"
-        kubelet_dir = Path(tempfile.mkdtemp(prefix="ppcri-k-", dir="/run"))
+        kubelet_dir = short_dirs("ppcri-k-")
         proxy_socket = kubelet_dir / "cri-image.sock"
         daemon = EmbeddedDaemon(tmp_path / "daemon", extra_env={
             "PEERPULL_REGISTRY_DOCKER_CONFIG": str(empty),
@@ -212,4 +227,3 @@ def test_pull_secret_reaches_the_daemon(tmp_path: Path) -> None:
         assert _files_containing(tmp_path / "daemon", secrets) == []  # the FUSE mount is gone by now
         assert _files_containing(kubelet_dir, secrets) == []
         assert not proxy_socket.exists()  # removed at the daemon's stop
-        kubelet_dir.rmdir()
