@@ -69,6 +69,11 @@ class PeerMetrics:
         self.fuse_reads = Counter("peerpull_fuse_reads", "FUSE read requests served by this node's mount",
                                   registry=r)
         self.members = Gauge("peerpull_members", "Live members of the hash ring, this node included", registry=r)
+        # the CRI image proxy (snapshotter/cri/): calls forwarded, and the credentials kept from pulls
+        self.cri_requests = Counter("peerpull_cri_requests", "CRI image-service calls forwarded to containerd, "
+                                    "by method and gRPC status code", ["method", "code"], registry=r)
+        self.cri_credentials = Gauge("peerpull_cri_credentials", "Live registry credentials from CRI PullImage "
+                                     "(per repository and per registry host)", registry=r)
 
     def watch_registry_faults(self, faults: Mapping[str, int]) -> None:
         """Publish `faults` (RegistryClient.faults) as peerpull_registry_faults_total{kind}."""

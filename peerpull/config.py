@@ -24,6 +24,7 @@ from converter.format.settings import check_section, setting
 from converter.registry.config import RegistryConfig
 from peer.config import PeerConfig
 from snapshotter.config import SnapshotterConfig
+from snapshotter.cri.config import CriConfig
 
 DEFAULT_CONFIG_PATH = "/etc/peerpull/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -50,6 +51,7 @@ class PeerpullConfig:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

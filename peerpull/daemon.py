@@ -22,6 +22,8 @@ from peerpull.host_checks import check_host, check_socket_path, writable_dir
 from peerpull.live_restart import Adopted, LiveRestart, install_sighup
 from peerpull.status.images import ImageLocality
 from snapshotter.config import SnapshotterConfig
+from snapshotter.cri.component import start_cri_proxy
+from snapshotter.cri.config import CriConfig
 from snapshotter.fs.file_reader import FileReader
 from snapshotter.fs.fusefs import LayerFS
 from snapshotter.fs.objects import ObjectStore, store_root
@@ -44,8 +46,9 @@ class NodeDaemon:
     """Each component gets only its own config section."""
 
     def __init__(self, snapshotter: SnapshotterConfig, peer: PeerConfig, registry: RegistryConfig,
-                 takeover: bool = False) -> None:
+                 takeover: bool = False, cri: CriConfig | None = None) -> None:
         self.config = snapshotter
+        self.cri = cri or CriConfig()
         self.layout = Layout(Path(snapshotter.root))
         self.live = LiveRestart(snapshotter, self.layout.fuse, self.layout.root, takeover)
         self.peer = PeerNode(peer, registry)
@@ -129,6 +132,8 @@ class NodeDaemon:
             server = await serve(self.service, socket_path)
             stack.push_async_callback(server.stop, 5)
             stack.callback(socket_path.unlink, True)
+            # kubelet's image service: pull credentials reach the registry client
+            await start_cri_proxy(stack, self.cri, self.peer.registry, sc.containerd_address, self.peer.metrics)
             if not Path(sc.containerd_address).exists():
                 log.warning("containerd_not_found", address=sc.containerd_address,
                             hint="start containerd with the snippet of `peerpull containerd-config` in its config; "

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -29,14 +31,38 @@ MAX_TOKEN_BYTES = 1 << 20  # a token answer is a few KiB
 @dataclass(frozen=True)
 class Credentials:
     username: str | None = None
-    password: str | None = None
-    identity_token: str | None = None
+    password: str | None = field(default=None, repr=False)
+    identity_token: str | None = field(default=None, repr=False)  # an OAuth2 refresh token for the token server
+    registry_token: str | None = field(default=None, repr=False)  # a bearer token sent as it is
     source: str = ""  # where they came from, for error messages
+    expires: float = math.inf  # time.monotonic() after which they are not used
 
     def basic_header(self) -> str | None:
         if self.username is None or self.password is None:
             return None
         return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    @property
+    def kind(self) -> str:
+        """Which form they are (for logs; never the values)."""
+        if self.registry_token:
+            return "registry_token"
+        if self.identity_token:
+            return "identity_token"
+        return "basic"
+
+
+class CredentialSource(Protocol):
+    """Credentials handed over at run time (converter/registry/credential_store.py), asked before
+    docker's config.json."""
+
+    def lookup(self, registry: str, repository: str) -> Credentials | None:
+        """Live credentials for `repository` on `registry`, or None."""
+        ...
+
+    def explain(self, registry: str, repository: str) -> str | None:
+        """Why there are none when there were some (expired, refused), for an error message."""
+        ...
 
 
 def docker_config_path(explicit: str | None) -> Path:
@@ -94,28 +120,54 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), dict(_PARAM.findall(rest))
 
 
-class Authenticator:
-    """Answers 401 challenges and remembers the resulting Authorization header per registry+scope."""
+def _repository(scope: str) -> str:
+    """The repository of a request's scope, "repository:team/app:pull …" → "team/app"."""
+    first = scope.split(" ", 1)[0]
+    kind, _, rest = first.partition(":")
+    return rest.rpartition(":")[0] if kind == "repository" else ""
 
-    def __init__(self, session: aiohttp.ClientSession, docker_config: str | None) -> None:
+
+def _basic_key(scope: str) -> str:
+    return f"basic {_repository(scope)}"
+
+
+class Authenticator:
+    """Answers 401 challenges and remembers the resulting Authorization header per registry+scope,
+    never longer than the credentials it came from live (nor past a changed credential)."""
+
+    def __init__(self, session: aiohttp.ClientSession, docker_config: str | None,
+                 source: CredentialSource | None = None) -> None:
         self._session = session
         self._docker_config = docker_config
+        self.source = source
         self._creds: dict[str, Credentials | None] = {}
-        self._headers: dict[tuple[str, str], tuple[str, float]] = {}  # (registry, scope) → (header, expiry)
+        # (registry, scope) → (header, expiry, the credentials it came from)
+        self._headers: dict[tuple[str, str], tuple[str, float, Credentials | None]] = {}
 
-    def credentials(self, registry: str) -> Credentials | None:
+    def credentials(self, registry: str, repository: str = "") -> Credentials | None:
+        if self.source is not None and (handed := self.source.lookup(registry, repository)) is not None:
+            return handed
         if registry not in self._creds:
             self._creds[registry] = load_credentials(registry, self._docker_config)
         return self._creds[registry]
 
-    def describe(self, registry: str) -> str:
-        creds = self.credentials(registry)
-        return f"credentials from {creds.source}" if creds else "no credentials (anonymous)"
+    def describe(self, registry: str, repository: str = "") -> str:
+        creds = self.credentials(registry, repository)
+        if creds:
+            return f"credentials from {creds.source}"
+        why = self.source.explain(registry, repository) if self.source is not None else None
+        return f"no credentials (anonymous): {why}" if why else "no credentials (anonymous)"
 
     def header(self, registry: str, scope: str) -> str | None:
-        cached = self._headers.get((registry, scope)) or self._headers.get((registry, "*"))
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
+        # a Basic header serves every scope of its repository; a token only the scope it was issued for
+        for key in ((registry, scope), (registry, _basic_key(scope))):
+            cached = self._headers.get(key)
+            if cached is None:
+                continue
+            header, expiry, creds = cached
+            if expiry > time.monotonic() and self.credentials(registry, _repository(scope)) == creds:
+                return header
+            del self._headers[key]
         return None
 
     async def answer(self, registry: str, scope: str, challenge: str, sent: str | None = None) -> bool:
@@ -125,16 +177,24 @@ class Authenticator:
         if current is not None and current != sent:
             return True  # another request obtained credentials meanwhile: retry with those
         scheme, params = parse_challenge(challenge)
-        creds = self.credentials(registry)
+        creds = self.credentials(registry, _repository(scope))
+        limit = creds.expires if creds else math.inf
         if scheme == "basic":
             header = creds.basic_header() if creds else None
             if header is None or header == sent:
                 return False
-            self._headers[(registry, "*")] = (header, float("inf"))
+            self._headers[(registry, _basic_key(scope))] = (header, limit, creds)
+            return True
+        if scheme == "bearer" and creds and creds.registry_token:
+            header = f"Bearer {creds.registry_token}"
+            if header == sent:
+                return False
+            self._headers[(registry, scope)] = (header, limit, creds)
             return True
         if scheme == "bearer" and "realm" in params:
             token, ttl = await self._fetch_token(registry, params, scope, creds)
-            self._headers[(registry, scope)] = (f"Bearer {token}", time.monotonic() + max(10.0, ttl - 10.0))
+            expiry = min(limit, time.monotonic() + max(10.0, ttl - 10.0))
+            self._headers[(registry, scope)] = (f"Bearer {token}", expiry, creds)
             return True
         return False
 
@@ -155,7 +215,7 @@ class Authenticator:
                 resp = await self._session.get(realm, params=query, headers=headers)
             async with resp:
                 if resp.status in (401, 403):
-                    raise AuthError(f"token server {realm} refused {self.describe(registry)} for {registry}")
+                    raise AuthError(f"token server {realm} refused {self.describe(registry, _repository(scope))} for {registry}")
                 if resp.status != 200:
                     raise AuthError(f"token server {realm} answered HTTP {resp.status} for {registry}")
                 raw = b""

@@ -22,7 +22,7 @@ import structlog
 
 from converter.format import untrusted
 from converter.format.errors import AuthError, RegistryError, RegistryNotFoundError, RegistryUnreachableError
-from converter.registry.auth import Authenticator
+from converter.registry.auth import Authenticator, CredentialSource
 from converter.registry.config import RegistryConfig
 from converter.registry.reference import ImageReference
 
@@ -79,6 +79,7 @@ class RegistryTransport:
         self._config = config
         self._session: aiohttp.ClientSession | None = None
         self._auth: Authenticator | None = None
+        self._credentials: CredentialSource | None = None
         self.faults: Counter[str] = Counter()  # fault kind → count, for peerpull's metrics
 
     async def __aenter__(self: Self) -> Self:
@@ -87,8 +88,14 @@ class RegistryTransport:
                                         sock_read=self._config.read_timeout_s)
         connector = aiohttp.TCPConnector(limit_per_host=self._config.max_connections_per_host)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
-        self._auth = Authenticator(self._session, self._config.docker_config)
+        self._auth = Authenticator(self._session, self._config.docker_config, self._credentials)
         return self
+
+    def use_credentials(self, source: CredentialSource) -> None:
+        """Ask `source` (credentials handed over at run time) before docker's config.json."""
+        self._credentials = source
+        if self._auth is not None:
+            self._auth.source = source
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self._session is not None:
@@ -171,7 +178,7 @@ class RegistryTransport:
                 authed = True
                 if await self._auth.answer(ref.registry, scope, challenge, hdrs.get("Authorization")):
                     continue
-                raise AuthError(f"{what}: {ref.registry} requires authentication; {self._auth.describe(ref.registry)}")
+                raise AuthError(f"{what}: {ref.registry} requires authentication; {self._auth.describe(ref.registry, ref.repository)}")
             if resp.status in _RETRY_STATUS:
                 self.faults[f"http_{resp.status}"] += 1
                 retry_after = resp.headers.get("Retry-After")
@@ -254,7 +261,7 @@ class RegistryTransport:
         if resp.status in (401, 403):
             assert self._auth is not None
             return AuthError(f"{what}: {ref.registry} refused access (HTTP {resp.status}) with "
-                             f"{self._auth.describe(ref.registry)}{suffix}")
+                             f"{self._auth.describe(ref.registry, ref.repository)}{suffix}")
         if resp.status == 404:
             return RegistryNotFoundError(f"{what} not found{suffix}")
         if resp.status in _RETRY_STATUS:

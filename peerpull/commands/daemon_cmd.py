@@ -64,4 +64,4 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 async def run(args: argparse.Namespace, config: PeerpullConfig) -> int:
     config = with_peer_flags(args, config)
     return await run_until_stopped(NodeDaemon(config.snapshotter, config.peer, config.registry,
-                                               takeover=args.takeover).run())
+                                               takeover=args.takeover, cri=config.cri).run())

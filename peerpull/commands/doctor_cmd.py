@@ -12,6 +12,7 @@ from peerpull import exit_codes
 from peerpull.config import PeerpullConfig
 from peerpull.doctor.check import Check, DoctorContext, run_checks
 from peerpull.doctor.containerd import check_containerd
+from peerpull.doctor.cri import check_cri
 from peerpull.doctor.daemon import check_daemon
 from peerpull.doctor.fuse import check_fuse
 from peerpull.doctor.peers import check_peers
@@ -20,7 +21,7 @@ from peerpull.doctor.storage import check_storage
 DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 GROUPS: tuple[tuple[str, Check], ...] = (
     ("fuse", check_fuse), ("containerd", check_containerd), ("daemon", check_daemon),
-    ("storage", check_storage), ("peers", check_peers),
+    ("storage", check_storage), ("peers", check_peers), ("cri", check_cri),
 )
 
 DESCRIPTION = f"""\
@@ -31,7 +32,8 @@ the proxy plugin's socket, CRI's snapshotter (the default one or a RuntimeClass 
 snapshot annotations (or containerd 2.1's transfer-service CRI pulls), and for containerd 2.x the
 plugin's enable_remote_snapshot_annotations export, a transfer-service unpack entry and a handler's
 runtime_platforms entry; for 1.x a declared default runtime), this
-daemon (its snapshotter socket answering, its peer server healthy), storage (cache, snapshotter
+daemon (its snapshotter socket answering, its peer server healthy, and with cri.image_proxy its
+CRI image socket answering), storage (cache, snapshotter
 root and object store on a filesystem that can hold them, with free space), and peers (a cluster
 token when listening beyond loopback, static peers answering). Checks read this node's
 configuration (--config, PEERPULL_* variables). Needs root for the FUSE checks.
