@@ -9,7 +9,7 @@ whole-blob downloads resume after a drop or a stall instead (see RegistryConfig 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urljoin
@@ -59,6 +59,9 @@ class FetchedManifest:
 
 
 
+LocalContent = Callable[[str, int], Awaitable[bytes | None]]  # (digest, max bytes) → the blob held locally
+
+
 class RegistryClient(RegistryTransport):
     """`async with RegistryClient(config) as client:` one session for every registry it talks to;
     `client.faults` counts registry faults by kind (for peerpull's metrics)."""
@@ -85,14 +88,45 @@ class RegistryClient(RegistryTransport):
             raise FormatError(f"{what}: not a JSON object")
         return FetchedManifest(doc.get("mediaType") or media_type, body, sha256_digest(body))
 
-    async def resolve_image(self, ref: ImageReference) -> tuple[FetchedManifest, FetchedManifest | None]:
+    async def manifest_digest(self, ref: ImageReference) -> str | None:
+        """What a tag points at now (a HEAD, its Docker-Content-Digest), None when the registry does not say."""
+        what = f"manifest {ref}"
+
+        async def read(resp: aiohttp.ClientResponse) -> str | None:
+            resp.close()  # a HEAD answer has no body
+            digest = resp.headers.get("Docker-Content-Digest", "")
+            return digest if is_digest(digest) else None
+
+        return await self._bounded("HEAD", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what, ok=(200,),
+                                   read=read, headers={"Accept": mt.ACCEPT_MANIFESTS})
+
+    async def _manifest(self, ref: ImageReference, local: LocalContent | None, head_tag: bool) -> FetchedManifest:
+        """A manifest from `local` (content-addressed: checked by digest) when it holds it, else the registry.
+        A tag is first resolved with a HEAD when head_tag (the node pulled it before), else fetched whole."""
+        if local is not None and (ref.digest or head_tag):
+            digest = ref.digest or await self.manifest_digest(ref)
+            body = await local(digest, MAX_MANIFEST_BYTES) if digest else None
+            if body is not None and sha256_digest(body) == digest:
+                try:
+                    doc = untrusted.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    doc = None
+                if isinstance(doc, dict):
+                    kind = doc.get("mediaType") or (mt.OCI_INDEX if "manifests" in doc else mt.OCI_MANIFEST)
+                    return FetchedManifest(kind, body, digest)
+        return await self.get_manifest(ref)
+
+    async def resolve_image(self, ref: ImageReference, local: LocalContent | None = None,
+                            head_tag: bool = False) -> tuple[FetchedManifest, FetchedManifest | None]:
         """The image manifest of `ref` for the configured platform, and the index it came from (if any).
 
-        With an explicitly configured platform, a single-platform image must be of that platform."""
-        fetched = await self.get_manifest(ref)
+        With an explicitly configured platform, a single-platform image must be of that platform.
+        `local(digest, max_bytes)` is content the node already holds (containerd's content store):
+        manifests and the platform check's config found there are not fetched again."""
+        fetched = await self._manifest(ref, local, head_tag)
         if fetched.media_type not in mt.INDEX_TYPES:
             if self._config.platform:
-                await self._check_platform(ref, fetched)
+                await self._check_platform(ref, fetched, local)
             return fetched, None
         entries = untrusted.loads(fetched.body).get("manifests")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -100,18 +134,20 @@ class RegistryClient(RegistryTransport):
         wanted = self._config.index_platform
         for entry in entries:
             if matches(entry.get("platform") or {}, wanted) and is_digest(entry.get("digest")):
-                return await self.get_manifest(ref.with_digest(entry["digest"])), fetched
+                return await self._manifest(ref.with_digest(entry["digest"]), local, False), fetched
         have = ", ".join(sorted({describe(e.get("platform") or {}) for e in entries}))
         raise UnsupportedError(f"{ref} has no image for {wanted} (it has: {have or 'none'}); "
                                "choose one of those with --platform")
 
-    async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest) -> None:
+    async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest, local: LocalContent | None) -> None:
         try:
             config = untrusted.loads(fetched.body).get("config") or {}
             digest = config["digest"]
         except (ValueError, AttributeError, KeyError, TypeError):
             return  # not an image manifest: the caller says so
-        check_config_platform(await self.get_blob_bytes(ref, digest), self._config.platform, str(ref))
+        held = await local(digest, MAX_CONFIG_BYTES) if local is not None and is_digest(digest) else None
+        config = held if held is not None and sha256_digest(held) == digest else await self.get_blob_bytes(ref, digest)
+        check_config_platform(config, self._config.platform, str(ref))
 
     async def push_manifest(self, ref: ImageReference, body: bytes, media_type: str) -> str:
         what = f"push of manifest {ref}"
