@@ -181,9 +181,18 @@ class ChunkFetcher:
     async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
         """Decompress and check the digest in a worker thread, then queue the frame for the disk cache."""
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self._background_pool if background else None,
-                                          self._decompress_verified, ref, frame)
-        await self.writer.put(ref, frame, wait=background)  # staged at once: readers find it
+        if not background:
+            data = await loop.run_in_executor(None, self._decompress_verified, ref, frame)
+            await self.writer.put(ref, frame, wait=False)  # staged at once: readers find it
+            return data
+        # room first, then the chunk: a background fetch waiting for the disk holds its frame only
+        await self.writer.admit(len(frame))
+        try:
+            data = await loop.run_in_executor(self._background_pool, self._decompress_verified, ref, frame)
+        except BaseException:
+            self.writer.release(len(frame))
+            raise
+        await self.writer.put(ref, frame, wait=False, admitted=len(frame))
         return data
 
     async def flush(self) -> None:

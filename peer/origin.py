@@ -129,6 +129,11 @@ class OriginSource:
         finally:
             self._release_wire(futures)
 
+    @property
+    def staged_bytes(self) -> int:
+        """Frames of stream runs that arrived and wait for the fetcher (within the streams' budget)."""
+        return sum(len(frame) for frame in self._staged.values())
+
     def busy(self, ref: ChunkRef) -> bool:
         """Whether `ref`'s frame is being fetched already: queued, on the wire, or arrived."""
         if ref.digest in self._on_wire or ref.digest in self._staged:

@@ -66,6 +66,10 @@ class MemoryChunks:
         self._used = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
 
+    @property
+    def used(self) -> int:
+        return self._used
+
     def get(self, digest: bytes) -> bytes | None:
         data = self._items.get(digest)
         if data is not None:
@@ -101,6 +105,11 @@ class FileReader:
         self._prefetched: set[tuple[str, int]] = set()
         self._tasks = TaskSet("file_reader")  # fetch-ahead and read-ahead: cancelled and awaited at close
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
+
+    @property
+    def memory_bytes(self) -> int:
+        """Decompressed chunks kept in memory (within memory_cache_bytes)."""
+        return self._memory.used
 
     def add_observer(self, fn: Observer) -> None:
         """Call `fn(layer blob digest, chunk)` for every chunk a read needs (startup profiles, the
