@@ -53,7 +53,7 @@ async def test_background_fetches_behind_a_slow_disk_hold_no_more_than_the_bound
         for _ in range(100):
             await asyncio.sleep(0.01)
             peak = max(peak, fetcher.writer.held_bytes)
-        assert not any(t.done() for t in tasks[5:])
+        assert sum(t.done() for t in tasks) <= bound // frame  # the rest wait for room, holding no chunk
         # the frames let in fill the bound; no fetch decompressed a chunk it could not queue
         assert frame <= peak <= bound
         assert decompressed <= bound // frame

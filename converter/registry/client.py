@@ -9,7 +9,7 @@ whole-blob downloads resume after a drop or a stall instead (see RegistryConfig 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urljoin
@@ -288,29 +288,70 @@ class RegistryClient(RegistryTransport):
 
     async def read_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of a blob in one request: never more, fewer only at its end."""
+        return (await self.read_range_pieces(ref, digest, offset, length, [(0, length)]))[0] if length > 0 else b""
+
+    async def read_range_pieces(self, ref: ImageReference, digest: str, offset: int, length: int,
+                                pieces: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The `pieces` ((start, length) relative to offset, in order, not overlapping, within the
+        range) of bytes [offset, offset+length) of a blob, read in one request and cut out as the
+        answer arrives: the range is never held whole beside its pieces (a run of frames holds its
+        frames only). A piece the body ends before is short (empty if not begun)."""
         what = f"blob {digest} in {ref.registry}/{ref.repository}"
         if length <= 0:
-            return b""
+            return [b"" for _ in pieces]
         if offset < 0 or length > MAX_RANGE_BYTES:
             raise FormatError(f"{what}: refusing to read {length} bytes at offset {offset} in one range")
 
-        async def read(resp: aiohttp.ClientResponse) -> bytes:
+        async def read(resp: aiohttp.ClientResponse) -> list[bytes]:
             if resp.status == 206:
                 start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
                 if start.isdigit() and int(start) != offset:
                     resp.close()
                     self.faults["bad_range"] += 1
                     raise RegistryError(f"{what}: registry {ref.registry} answered a range from {start}, not {offset}")
-                return await self._read_limited(resp, length, ref, what, asked=True)
+                return await self._read_pieces(resp, length, pieces, ref, what)
             total = _content_length(resp)
             if total is None or total > MAX_IGNORED_RANGE_BYTES:
                 resp.close()
                 self.faults["no_range"] += 1
                 raise RegistryError(f"{what}: {ref.registry} ignores HTTP Range requests")
-            return (await self._read_limited(resp, total, ref, what))[offset:offset + length]
+            data = (await self._read_limited(resp, total, ref, what))[offset:offset + length]
+            return [data[a:a + n] for a, n in pieces]
 
         return await self._bounded("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200, 206),
                                    read=read, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+
+    async def _read_pieces(self, resp: aiohttp.ClientResponse, limit: int, pieces: Sequence[tuple[int, int]],
+                           ref: ImageReference, what: str) -> list[bytes]:
+        """A Range body cut into `pieces` block by block, refused past `limit` bytes like _read_limited."""
+        announced = _content_length(resp)
+        if announced is not None and announced > limit:
+            raise self._oversized(resp, ref, what, limit, announced, True)
+        out: list[bytes] = []
+        current = bytearray()  # the piece being received
+        at = 0  # body bytes received so far
+        while block := await resp.content.read(1 << 20):
+            if at + len(block) > limit:
+                raise self._oversized(resp, ref, what, limit, asked=True)
+            view = memoryview(block)
+            pos = at
+            at += len(block)
+            while view and len(out) < len(pieces):
+                start, size = pieces[len(out)]
+                if pos < start:  # bytes between pieces (header frames): dropped
+                    skip = min(start - pos, len(view))
+                    view, pos = view[skip:], pos + skip
+                    continue
+                take = view[:start + size - pos]
+                current += take
+                view, pos = view[len(take):], pos + len(take)
+                if len(current) == size:
+                    out.append(bytes(current))
+                    current = bytearray()
+        resp.release()
+        if len(out) < len(pieces):
+            out.append(bytes(current))
+        return out + [b"" for _ in pieces[len(out):]]
 
     # ---- pushes --------------------------------------------------------------------------
 
