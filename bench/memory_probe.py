@@ -83,6 +83,8 @@ async def one_row(row: str, tree: Path, image: str, registry: RegistryConfig, wo
             await asyncio.gather(sampler, return_exceptions=True)
         if result.exit_code != 0:
             raise SystemExit(f"{row} run failed ({result.exit_code}): {result.output[-2000:]}")
+        out["code"] = subprocess.run([sys.executable, "-c", "import peer; print(peer.__file__)"], cwd=work, env={
+            **os.environ, **env}, capture_output=True, text=True).stdout.strip()  # which tree the daemon ran
         out.update({"seconds": round(time.monotonic() - started, 2), "peak_rss_mb": round(proc_status(pid)["VmHWM"], 1),
                     "registry_wire_bytes": result.registry_wire_bytes, "output": result.output.strip()[-200:]})
         out["rss_max_mb"] = round(out.get("rss_max_mb", 0.0), 1)
@@ -94,6 +96,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} | ({"before": Path(args.before).resolve()} if args.before else {})
     work = Path(tempfile.mkdtemp(prefix="peerpull-memory-", dir="/var/tmp"))
+    os.chdir(work)  # the daemons' `python -m` puts their working directory first on their path: not a tree
     results: dict[str, Any] = {"image_bytes": image_bytes, "rows": {}}
     try:
         with EmbeddedRegistry(work / "registry") as reg:
@@ -109,7 +112,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"round {round_ + 1}: {name} {row} …", flush=True)
                         got = await one_row(row, tree, seekable, registry, work / f"{name}-{row}-{round_}", args.every_s)
                         results["rows"].setdefault(name, {}).setdefault(row, []).append(got)
-                        print(f"  peak RSS {got['peak_rss_mb']} MB in {got['seconds']} s; gauges {got.get('gauges_max')}",
+                        print(f"  peak RSS {got['peak_rss_mb']} MB in {got['seconds']} s ({got['code']}); "
+                              f"gauges {got.get('gauges_max')}",
                               flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

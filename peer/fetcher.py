@@ -99,6 +99,10 @@ class ChunkFetcher:
         """
         return (await self._flights.do(ref.digest, lambda: self._get(ref))).data
 
+    def cached(self, digest: str) -> bool:
+        """The chunk is in this node's cache as far as its in-memory index knows (no disk read)."""
+        return self._cache.known(digest)
+
     def loading(self, digest: str) -> bool:
         """A fetch of `digest` is under way (a read-ahead need not start another)."""
         return self._flights.inflight(digest)

@@ -154,18 +154,23 @@ class FileReader:
         for observe in self._observers:
             for c in wanted:
                 observe(source.blob, c)
-        if len(chunks) == 1 and self._prefetch != "none" and self._memory.get(chunks[0].digest) is None:
+        # a read the node's cache answers whole (a second start) starts nothing over the network:
+        # what its first start did not read, it does not need now
+        local = all(self._memory.get(c.digest) is not None or self._fetcher.cached(c.digest_hex) for c in wanted)
+        if len(chunks) == 1 and self._prefetch != "none" and not local:
             self._read_ahead(source, self._neighbours(source, chunks[0]))
         if len(wanted) == 1:
             parts = [await self.chunk(source, wanted[0])]
         else:
             parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
-        self._ahead(source, ino, chunks, offset, end, last)
+        self._ahead(source, ino, chunks, offset, end, last, local)
         return _slice(wanted, parts, offset, end)
 
     def _ahead(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], offset: int, end: int,
-               last: int) -> None:
-        """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next."""
+               last: int, local: bool = False) -> None:
+        """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next.
+        After a `local` read (answered by the cache) only cached chunks are read ahead, and no
+        whole-file or layer prefetch starts."""
         # the kernel's readahead sends several requests at once, not always in order: near the last
         # read's end counts as sequential
         previous = self._ends.get(ino, 0)
@@ -174,7 +179,9 @@ class FileReader:
         self._streaks[ino] = min(streak, offset)
         whole_file = self._prefetch in ("file", "layer") or (
             self._prefetch == "sequential" and end - self._streaks[ino] >= self._sequential_bytes)
-        if self._prefetch == "layer" and source.blob not in self._layers_started:
+        if local:
+            pass  # a later read that misses the cache starts the prefetch
+        elif self._prefetch == "layer" and source.blob not in self._layers_started:
             self._layers_started.add(source.blob)
             # the big chunks carry most of the bytes for few requests; small files stay on demand
             big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]  # pieces of large files
@@ -183,7 +190,8 @@ class FileReader:
             self._prefetched.add((source.blob, ino))
             self.background(source, chunks[last:], f"file {ino:#x}")
         if sequential and last < len(chunks):
-            self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
+            ahead = chunks[last:last + READ_AHEAD_CHUNKS]
+            self._read_ahead(source, [c for c in ahead if self._fetcher.cached(c.digest_hex)] if local else ahead)
         self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
         if len(self._ends) > 65536:
             self._ends.clear()
