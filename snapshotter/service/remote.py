@@ -61,6 +61,8 @@ class RemoteLayers:
         # when another node asks (and from no other, unless configured)
         self._trust_registry = trust_registry
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._manifest_dir = root / "manifests"  # image manifests by digest: a restart needs no registry for them
+        self._manifest_dir.mkdir(exist_ok=True)
         self._store = store
         self._fs = fs
         self._client = client
@@ -216,7 +218,7 @@ class RemoteLayers:
         return body
 
     def _manifest_path(self, digest: str) -> Path:
-        return self._dir / (digest.split(":", 1)[1] + ".manifest")
+        return self._manifest_dir / (digest.split(":", 1)[1] + ".manifest")
 
     def _stored_manifest(self, digest: str) -> bytes | None:
         try:
@@ -230,7 +232,7 @@ class RemoteLayers:
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(body)
         os.replace(tmp, path)
-        kept = sorted(self._dir.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
+        kept = sorted(self._manifest_dir.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
         for old in kept[:-MANIFESTS_KEPT]:  # small, but not without bound
             old.unlink(missing_ok=True)
 
