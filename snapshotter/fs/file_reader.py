@@ -105,6 +105,7 @@ class FileReader:
         self._prefetched: set[tuple[str, int]] = set()
         self._tasks = TaskSet("file_reader")  # fetch-ahead and read-ahead: cancelled and awaited at close
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
+        self._cold: set[int] = set()  # inodes a read of which missed the node's cache
 
     @property
     def memory_bytes(self) -> int:
@@ -154,10 +155,15 @@ class FileReader:
         for observe in self._observers:
             for c in wanted:
                 observe(source.blob, c)
-        # a read the node's cache answers whole (a second start) starts nothing over the network:
-        # what its first start did not read, it does not need now
-        local = all(self._memory.get(c.digest) is not None or self._fetcher.cached(c.digest_hex) for c in wanted)
-        if len(chunks) == 1 and self._prefetch != "none" and not local:
+        # a file whose reads the node's cache has answered so far (a second start) starts nothing over
+        # the network: what its first start did not read, it does not need now. Its first miss makes
+        # it cold: from then on its reads prefetch and read ahead as ever (memory hits included, which
+        # are mostly the read-ahead's own work)
+        missed = not all(self._memory.get(c.digest) is not None or self._fetcher.cached(c.digest_hex) for c in wanted)
+        if missed:
+            self._cold.add(ino)
+        local = ino not in self._cold
+        if len(chunks) == 1 and self._prefetch != "none" and missed:
             self._read_ahead(source, self._neighbours(source, chunks[0]))
         if len(wanted) == 1:
             parts = [await self.chunk(source, wanted[0])]
@@ -169,8 +175,8 @@ class FileReader:
     def _ahead(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], offset: int, end: int,
                last: int, local: bool = False) -> None:
         """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next.
-        After a `local` read (answered by the cache) only cached chunks are read ahead, and no
-        whole-file or layer prefetch starts."""
+        For a `local` file (every read of it answered by the cache so far) only cached chunks are
+        read ahead, and no whole-file or layer prefetch starts."""
         # the kernel's readahead sends several requests at once, not always in order: near the last
         # read's end counts as sequential
         previous = self._ends.get(ino, 0)
@@ -196,6 +202,7 @@ class FileReader:
         if len(self._ends) > 65536:
             self._ends.clear()
             self._streaks.clear()
+            self._cold.clear()
 
     def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""
