@@ -3,18 +3,19 @@ the realistic image (Debian + the PyTorch CPU venv), each on a fresh node, in on
 `--before TREE` the same rows with the daemon's code taken from another checkout (an unchanged
 tree, e.g. `git worktree add /tmp/before <commit>`), so before and after share the machine's state.
 
-The registry is local (no shaping: the fastest link makes the most bytes arrive per second, which is
-what fills buffers). The daemon's VmRSS is sampled every `--every-s` from /proc/<pid>/status while
+The registry is on loopback (the fastest link makes the most bytes arrive per second), or with
+`--rate` in a network namespace of its own (`ppmem-<net-id>`) behind a tbf-shaped link. The daemon's VmRSS is sampled every `--every-s` from /proc/<pid>/status while
 the container runs; VmHWM is its peak. The daemon's own `peerpull_memory_bytes{holder}` and
 `peerpull_resident_bytes` gauges are read at the same time, when it has them.
 
-    bench/memory_probe.py [--before /tmp/before] [--json FILE] [--cache /var/cache/peerpull-bench]
+    bench/memory_probe.py [--before /tmp/before] [--rate 1gbit --net-id d] [--json FILE] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coldstart_bench import READ_ALL, Node, push  # noqa: E402
 from realistic_image import build_realistic_image  # noqa: E402
+from shaped_link import ShapedLink  # noqa: E402
 
 from converter.registry.config import RegistryConfig  # noqa: E402
 from peerpull.testbed.registry import EmbeddedRegistry  # noqa: E402
@@ -99,7 +101,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     os.chdir(work)  # the daemons' `python -m` puts their working directory first on their path: not a tree
     results: dict[str, Any] = {"image_bytes": image_bytes, "rows": {}}
     try:
-        with EmbeddedRegistry(work / "registry") as reg:
+        with contextlib.ExitStack() as stack:
+            if args.rate:  # the registry in a namespace of its own behind a tbf-shaped veth pair
+                net = f"10.213.{ord(args.net_id[0]) % 256}"
+                stack.enter_context(ShapedLink(args.rate, f"ppmem-{args.net_id}", f"ppm{args.net_id}0",
+                                               f"ppm{args.net_id}1", f"{net}.1", f"{net}.254"))
+                reg = stack.enter_context(EmbeddedRegistry(work / "registry", host=f"{net}.1", port=5000,
+                                                           netns=f"ppmem-{args.net_id}"))
+            else:
+                reg = stack.enter_context(EmbeddedRegistry(work / "registry"))
+            results["link"] = f"tbf rate {args.rate}" if args.rate else "loopback"
             os.environ["PEERPULL_REGISTRY_INSECURE_HOSTS"] = reg.address
             registry = RegistryConfig(insecure_hosts=(reg.address,))
             original, seekable = f"{reg.address}/bench/torch:original", f"{reg.address}/bench/torch:seekable"
@@ -132,6 +143,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", metavar="TREE", help="a checkout whose daemon code is measured too")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every row (default 1)")
+    parser.add_argument("--rate", help="shape the registry's link (tc syntax, e.g. 1gbit); default: loopback")
+    parser.add_argument("--net-id", default="d", help="names the --rate network namespace (ppmem-ID): one per user")
     parser.add_argument("--every-s", type=float, default=0.1, help="sampling interval (default 0.1 s)")
     parser.add_argument("--cache", default="/var/cache/peerpull-bench", help="where the image is built/kept")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
