@@ -18,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,13 +85,14 @@ async def read_all(image: str, work: Path, prefetch: str, streamer_for_reads: bo
         cache.start_index()  # as PeerNode does
         origin = OriginSource(client, config)
         ranges: list[tuple[str, int, int]] = []
-        read_range = client.read_range
+        read_pieces = client.read_range_pieces
 
-        async def recorded(ref: ImageReference, blob: str, offset: int, length: int) -> bytes:
+        async def recorded(ref: ImageReference, blob: str, offset: int, length: int,
+                           pieces: Sequence[tuple[int, int]]) -> list[bytes]:
             ranges.append((blob, offset, offset + length))
-            return await read_range(ref, blob, offset, length)
+            return await read_pieces(ref, blob, offset, length, pieces)
 
-        client.read_range = recorded  # type: ignore[method-assign]
+        client.read_range_pieces = recorded  # type: ignore[method-assign]
         fetcher = ChunkFetcher(cache, origin, PeerMetrics())
         streamer = Streamer(fetcher, origin, cache, config)
         reader = FileReader(fetcher, 256 << 20, prefetch, config.prefetch_parallel, 4 << 20,

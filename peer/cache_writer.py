@@ -7,7 +7,9 @@ batch. So a lone on-demand fetch is written alone and at once, while a stream at
 written in few large transactions instead of one SQLite commit per frame.
 
 Memory is bounded: once `max_pending_bytes` wait to be written, `put` holds a background caller (the
-disk is behind; a stream then stops asking the network for more); on-demand reads never wait here. Nothing is dropped
+disk is behind; a stream then stops asking the network for more), and `admit` holds a background
+fetch before it decompresses its frame, so what waits for the disk is the compressed frame only,
+never the chunk too; on-demand reads never wait here. Nothing is dropped
 silently: a frame the cache cannot store is counted (`peerpull_chunk_errors{tier="cache"}`) and
 logged as `cache_store_failed`; a later read fetches it again.
 """
@@ -37,22 +39,43 @@ class CacheWriter:
         self._batch_bytes = batch_bytes
         self._queue: deque[tuple[ChunkRef, bytes]] = deque()
         self.pending_bytes = 0  # queued or being written: staged in the cache's memory until stored
+        self.admitted_bytes = 0  # background frames let in (`admit`) and being verified, not yet queued
         self._task: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set whenever pending_bytes is within the bound
         self._room.set()
         self.batches = 0
         self.failed = 0
 
-    async def put(self, ref: ChunkRef, frame: bytes, wait: bool = True) -> None:
+    @property
+    def held_bytes(self) -> int:
+        """Frames this writer answers for: queued, being written, or admitted and being verified."""
+        return self.pending_bytes + self.admitted_bytes
+
+    async def admit(self, size: int) -> None:
+        """Wait until a background frame of `size` bytes fits within the bound, and count it: called
+        before it is decompressed, so a background fetch holds neither frame nor chunk while the
+        disk catches up. One frame is always let in when nothing is held (a frame above the bound)."""
+        while self.held_bytes and self.held_bytes + size > self._max_pending:
+            self._room.clear()
+            await self._room.wait()
+        self.admitted_bytes += size
+
+    def release(self, size: int) -> None:
+        """An admitted frame that will not be queued (its verification failed)."""
+        self.admitted_bytes -= size
+        self._room.set()
+
+    async def put(self, ref: ChunkRef, frame: bytes, wait: bool = True, admitted: int = 0) -> None:
         """Queue a verified frame (staged: readable at once); waits while the disk is too far behind,
         unless not `wait` (an on-demand read: never held behind a stream's backlog; FUSE's own
-        concurrency bounds what those add)."""
+        concurrency bounds what those add). `admitted`: the bytes `admit` counted for it."""
         self._cache.stage(ref, frame)
         self._queue.append((ref, frame))
+        self.admitted_bytes -= admitted
         self.pending_bytes += len(frame)
         if self._task is None:
             self._task = asyncio.create_task(self._drain(), name="cache-writer")
-        while wait and self.pending_bytes > self._max_pending:
+        while wait and self.held_bytes > self._max_pending:
             self._room.clear()
             await self._room.wait()
 
@@ -76,7 +99,7 @@ class CacheWriter:
                     self._metrics.errors.labels("cache", type(exc).__name__).inc()
                     log.warning("cache_store_failed", digest=ref.digest, error=str(exc) or type(exc).__name__)
                 self.pending_bytes -= size
-                if self.pending_bytes <= self._max_pending:
+                if self.held_bytes <= self._max_pending:
                     self._room.set()
         finally:
             self._task = None

@@ -99,6 +99,10 @@ class ChunkFetcher:
         """
         return (await self._flights.do(ref.digest, lambda: self._get(ref))).data
 
+    def cached(self, digest: str) -> bool:
+        """The chunk is in this node's cache as far as its in-memory index knows (no disk read)."""
+        return self._cache.known(digest)
+
     def loading(self, digest: str) -> bool:
         """A fetch of `digest` is under way (a read-ahead need not start another)."""
         return self._flights.inflight(digest)
@@ -181,9 +185,18 @@ class ChunkFetcher:
     async def _verify(self, ref: ChunkRef, frame: bytes, background: bool) -> bytes:
         """Decompress and check the digest in a worker thread, then queue the frame for the disk cache."""
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self._background_pool if background else None,
-                                          self._decompress_verified, ref, frame)
-        await self.writer.put(ref, frame, wait=background)  # staged at once: readers find it
+        if not background:
+            data = await loop.run_in_executor(None, self._decompress_verified, ref, frame)
+            await self.writer.put(ref, frame, wait=False)  # staged at once: readers find it
+            return data
+        # room first, then the chunk: a background fetch waiting for the disk holds its frame only
+        await self.writer.admit(len(frame))
+        try:
+            data = await loop.run_in_executor(self._background_pool, self._decompress_verified, ref, frame)
+        except BaseException:
+            self.writer.release(len(frame))
+            raise
+        await self.writer.put(ref, frame, wait=False, admitted=len(frame))
         return data
 
     async def flush(self) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 TIERS = ("cache", "peer", "origin")
@@ -44,6 +45,31 @@ class _RegistryFaults(Collector):
         yield family
 
 
+def resident_bytes() -> int:
+    """This process's resident set (VmRSS), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Memory(Collector):
+    """What each bounded buffer holds, read at each scrape (the holders count, the metrics only read),
+    and the process's resident size beside it."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, Callable[[], int]] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("peerpull_memory_bytes", "Bytes held by each bounded buffer", labels=["holder"])
+        for holder, held in sorted(self.holders.items()):
+            family.add_metric([holder], held())
+        yield family
+        yield GaugeMetricFamily("peerpull_resident_bytes", "Resident memory of the daemon (VmRSS)",
+                                value=resident_bytes())
+
+
 class PeerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -74,6 +100,12 @@ class PeerMetrics:
                                     "by method and gRPC status code", ["method", "code"], registry=r)
         self.cri_credentials = Gauge("peerpull_cri_credentials", "Live registry credentials from CRI PullImage "
                                      "(per repository and per registry host)", registry=r)
+        self._memory = _Memory()
+        r.register(self._memory)
+
+    def watch_memory(self, holders: Mapping[str, Callable[[], int]]) -> None:
+        """Publish each holder's bytes (a cheap callable) as peerpull_memory_bytes{holder}."""
+        self._memory.holders.update(holders)
 
     def watch_registry_faults(self, faults: Mapping[str, int]) -> None:
         """Publish `faults` (RegistryClient.faults) as peerpull_registry_faults_total{kind}."""

@@ -153,6 +153,11 @@ class PeerNode:
             self.status = NodeStatus(self.node_id, self.config, self.metrics, cache, self.membership, events)
             server = PeerServer(self.node_id, self.fetcher, cache, self.metrics, self.config, self.policy,
                                 warm=self.warm_image, profiles=self._profile, status=self.status.snapshot)
+            fetcher, streamer = self.fetcher, self.streamer
+            self.metrics.watch_memory({"cache_writer": lambda: fetcher.writer.held_bytes,
+                                       "origin_staged": lambda: origin.staged_bytes,
+                                       "stream": lambda: streamer.bytes_in_flight,
+                                       "serve": lambda: server.bytes_in_flight})
             stack.callback(server.close)
             listener = GuardedListener(self.config.header_timeout_s, self.config.max_connections,
                                        on_evicted=lambda: self.metrics.refused.labels("connections").inc())

@@ -115,9 +115,7 @@ class OriginSource:
                 end = max(r.blob_offset + r.compressed_length for r in refs)
                 self.requests += 1
                 self.bytes += end - start
-                data = await self._client.read_range(ImageReference.parse(refs[0].repository), refs[0].blob,
-                                                     start, end - start)
-            frames = [data[r.blob_offset - start:r.blob_offset - start + r.compressed_length] for r in refs]
+                frames = await self._read_frames(refs[0].repository, refs[0].blob, start, end, refs)
             for ref, frame in zip(refs, frames):
                 if ref.digest in futures:
                     self._staged[ref.digest] = frame
@@ -128,6 +126,11 @@ class OriginSource:
             raise
         finally:
             self._release_wire(futures)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Frames of stream runs that arrived and wait for the fetcher (within the streams' budget)."""
+        return sum(len(frame) for frame in self._staged.values())
 
     def busy(self, ref: ChunkRef) -> bool:
         """Whether `ref`'s frame is being fetched already: queued, on the wire, or arrived."""
@@ -150,9 +153,8 @@ class OriginSource:
         try:
             self.requests += 1
             self.bytes += end - start
-            data = await self._client.read_range(ImageReference.parse(repository), blob, start, end - start)
-            for ref, future in run:
-                frame = data[ref.blob_offset - start:ref.blob_offset - start + ref.compressed_length]
+            frames = await self._read_frames(repository, blob, start, end, [ref for ref, _ in run])
+            for (ref, future), frame in zip(run, frames):
                 if not future.done():
                     future.set_result(frame)
                 wire = wires.get(ref.digest)
@@ -163,6 +165,18 @@ class OriginSource:
             raise
         finally:
             self._release_wire(wires)
+
+    async def _read_frames(self, repository: str, blob: str, start: int, end: int,
+                           refs: Sequence[ChunkRef]) -> list[bytes]:
+        """The frames of `refs` from one Range request of [start, end), each cut out as the answer
+        arrives (the range is never held whole beside its frames)."""
+        image = ImageReference.parse(repository)
+        spans = sorted({(r.blob_offset - start, r.compressed_length) for r in refs})
+        if any(b < a + n for (a, n), (b, _) in zip(spans, spans[1:])):  # frames that overlap (a hostile TOC)
+            data = await self._client.read_range(image, blob, start, end - start)
+            return [data[r.blob_offset - start:r.blob_offset - start + r.compressed_length] for r in refs]
+        pieces = dict(zip(spans, await self._client.read_range_pieces(image, blob, start, end - start, spans)))
+        return [pieces[(r.blob_offset - start, r.compressed_length)] for r in refs]
 
     def _claim_wire(self, refs: Iterable[ChunkRef]) -> dict[str, asyncio.Future[bytes]]:
         """Mark the frames of a request about to be sent as on the wire (those not already): a later

@@ -141,6 +141,11 @@ class PeerServer:
         self._profiles = profiles
         self._status = status
 
+    @property
+    def bytes_in_flight(self) -> int:
+        """Bytes of answers to peers being sent (within serve_total_bytes)."""
+        return self._total.used
+
     def app(self, middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = ()) -> web.Application:
         app = web.Application(client_max_size=MAX_BATCH * (MAX_HINT_BYTES + 8) + 1024,
                               middlewares=[*middlewares, self._auth])

@@ -98,6 +98,7 @@ class NodeDaemon:
             reader = FileReader(self.peer.fetcher, sc.memory_cache_bytes, sc.prefetch, self._prefetch_parallel,
                                 sc.prefetch_sequential_bytes, self.peer.streamer)
             stack.push_async_callback(reader.close)
+            self.peer.metrics.watch_memory({"memory_cache": lambda: reader.memory_bytes})
             assert self.peer.cache is not None
             passthrough = Passthrough(objects, self.peer.cache.known, self.peer.fetcher, sc.passthrough_min_bytes)
             stack.push_async_callback(passthrough.close)

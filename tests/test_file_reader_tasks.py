@@ -9,6 +9,7 @@ import hashlib
 from pathlib import Path
 from typing import cast
 
+import pytest
 import zstandard
 
 from converter.format import toc as fmt
@@ -34,6 +35,9 @@ class GatedFetcher:
         return b"x" * ref.length
 
     def loading(self, digest: str) -> bool:
+        return False
+
+    def cached(self, digest: str) -> bool:
         return False
 
     async def fetch(self, ref: ChunkRef, use_peers: bool, background: bool = False) -> object:
@@ -65,10 +69,12 @@ class GatedOrigin:
     def __init__(self, frames: dict[str, bytes]) -> None:
         self.gate = asyncio.Event()
         self.calls = 0
+        self.asked: set[str] = set()
         self._frames = frames
 
     async def fetch_frame(self, ref: ChunkRef, background: bool = False) -> bytes:
         self.calls += 1
+        self.asked.add(ref.digest)
         await self.gate.wait()
         return self._frames[ref.digest]
 
@@ -121,3 +127,68 @@ async def test_close_cancels_and_awaits_background_fetches() -> None:
     assert len(reader._tasks) == 0
     reader.background(source, chunks, "after close")  # refused once closed: no orphan
     assert len(reader._tasks) == 0
+
+
+@pytest.mark.parametrize("prefetch", ["file", "layer", "sequential"])
+async def test_a_read_the_cache_answers_starts_nothing_over_the_network(tmp_path: Path, prefetch: str) -> None:
+    """A second start reads what the first one cached: neither whole-file/layer prefetch nor
+    read-ahead of chunks the node does not have starts from such a read (issue 10)."""
+    datas = [bytes([i]) * (1 << 20) for i in range(6)]
+    compress = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress
+    frames = [compress(d) for d in datas]
+    offsets = [sum(len(f) for f in frames[:i]) for i in range(6)]
+    chunks = [fmt.Chunk(i << 20, 1 << 20, offsets[i], len(frames[i]), hashlib.sha256(d).digest())
+              for i, d in enumerate(datas)]
+    source = _source(chunks)
+    origin = GatedOrigin({source.ref(c).digest: f for c, f in zip(chunks, frames)})
+    origin.gate.set()
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    fetcher = ChunkFetcher(cache, origin, PeerMetrics())
+    try:
+        for c in chunks[:2]:  # the first start read the file's first 2 MiB
+            await fetcher.get(source.ref(c))
+        await fetcher.flush()
+        assert origin.calls == 2
+        reader = FileReader(fetcher, 64 << 20, prefetch, 4, sequential_bytes=1 << 20)
+        for off in range(0, 2 << 20, 128 << 10):  # the second start reads the same, sequentially
+            assert await reader.read(source, 1, chunks, 6 << 20, off, 128 << 10) == datas[off >> 20][:128 << 10]
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert origin.calls == 2
+        await reader.read(source, 1, chunks, 6 << 20, 2 << 20, 4096)  # past what it has: fetched (and ahead)
+        await reader.close()
+        assert origin.calls >= 3
+    finally:
+        await fetcher.cancel_fetches()
+        fetcher.close()
+        cache.close()
+
+
+async def test_a_cold_sequential_reader_still_prefetches_the_whole_file(tmp_path: Path) -> None:
+    """Reads answered from memory that the read-ahead filled are part of a cold file: the whole-file
+    prefetch still starts once the reader is past the threshold."""
+    datas = [bytes([i]) * (1 << 20) for i in range(8)]
+    compress = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress
+    frames = [compress(d) for d in datas]
+    offsets = [sum(len(f) for f in frames[:i]) for i in range(8)]
+    chunks = [fmt.Chunk(i << 20, 1 << 20, offsets[i], len(frames[i]), hashlib.sha256(d).digest())
+              for i, d in enumerate(datas)]
+    source = _source(chunks)
+    origin = GatedOrigin({source.ref(c).digest: f for c, f in zip(chunks, frames)})
+    origin.gate.set()
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+    fetcher = ChunkFetcher(cache, origin, PeerMetrics())
+    try:
+        reader = FileReader(fetcher, 64 << 20, "sequential", 4, sequential_bytes=2 << 20)
+        for off in range(0, 3 << 20, 128 << 10):
+            await reader.read(source, 1, chunks, 8 << 20, off, 128 << 10)
+        for _ in range(500):
+            if len(origin.asked) == len(chunks):
+                break
+            await asyncio.sleep(0.01)
+        assert len(origin.asked) == len(chunks)  # read-ahead covers 5 of 8; the prefetch the rest
+        await reader.close()
+    finally:
+        await fetcher.cancel_fetches()
+        fetcher.close()
+        cache.close()

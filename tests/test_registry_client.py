@@ -47,6 +47,23 @@ async def test_chunked_push_then_streamed_and_ranged_reads(registry, tmp_path) -
         assert await client.read_range(r, DIGEST, len(BLOB) - 5, 5) == BLOB[-5:]
 
 
+async def test_a_range_is_cut_into_its_pieces_as_it_arrives(registry, tmp_path) -> None:
+    """Pieces across the answer's 1 MiB blocks, with bytes between them dropped; a body that ends
+    early (the blob's end) leaves the last pieces short or empty."""
+    path = tmp_path / "blob"
+    path.write_bytes(BLOB)
+    r = ref(registry.address, repo="test/pieces")
+    async with RegistryClient(FAST) as client:
+        await client.push_blob_file(r, DIGEST, path, len(BLOB))
+        offset, length = 1000, 3 << 20
+        pieces = [(0, 10), (10, (1 << 20) + 5), ((1 << 20) + 100, 0), ((2 << 20) - 7, 300_000), (length - 1, 1)]
+        got = await client.read_range_pieces(r, DIGEST, offset, length, pieces)
+        assert got == [BLOB[offset + a:offset + a + n] for a, n in pieces]
+        tail = len(BLOB) - 100  # asked past the end: the registry answers the 100 bytes there are
+        got = await client.read_range_pieces(r, DIGEST, tail, 400, [(0, 50), (60, 80), (200, 10)])
+        assert got == [BLOB[tail:tail + 50], BLOB[tail + 60:], b""]
+
+
 async def test_upload_is_chunked_and_cross_repo_mount_skips_it(registry, proxy, tmp_path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(BLOB)

@@ -13,7 +13,7 @@ import json
 import random
 import shlex
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +178,68 @@ async def _reconnected(ctrd: ContainerdProcess, timeout_s: float = 60) -> None:
             return
         await asyncio.sleep(0.5)
     raise AssertionError("containerd did not reconnect to the restarted daemon")
+
+
+def _registry_requests(proxy: FaultProxy, since: int) -> list[tuple[str, str, str]]:
+    """Blob and manifest requests after `since` (what a node already holding the content must not send)."""
+    return [r for r in proxy.requests[since:] if "/blobs/" in r[1] or "/manifests/" in r[1]]
+
+
+@pytest.mark.parametrize(("by", "files"), [("digest", FILES + MEDIUM), ("tag", FILES + MEDIUM), ("digest", 20)])
+async def test_a_second_pull_and_start_after_a_restart_sends_nothing(registry: EmbeddedRegistry, image: Image,
+                                                                     tmp_path: Path, by: str, files: int) -> None:
+    """The whole second start, pull included, after a daemon restart: manifest, config, TOCs and chunks are local (containerd's
+    content store, the daemon's root), so by digest not one manifest or blob request goes out; by tag
+    one manifest HEAD asks where the tag points now (it may have moved), and nothing else. A start
+    that reads a few files leaves a startup profile, which the restarted daemon finds locally (and
+    checks against the image's layers, from the manifest it keeps on disk)."""
+    proxy = await FaultProxy(registry.url).start()
+    env = {"PEERPULL_SNAPSHOTTER_MEMORY_CACHE_BYTES": str(16 << 20), "PEERPULL_SNAPSHOTTER_PROFILE_QUIET_S": "1"}
+    daemon = EmbeddedDaemon(tmp_path / "daemon", extra_env=env)
+    try:
+        async with RegistryClient(RegistryConfig()) as client:  # straight from the registry: not counted
+            fetched, _ = await client.resolve_image(ImageReference.parse(image.target))
+        repo = image.target.replace(registry.address, proxy.address).rsplit(":", 1)[0]
+        target = f"{repo}@{fetched.digest}" if by == "digest" else image.target.replace(registry.address, proxy.address)
+        await asyncio.to_thread(daemon.start)
+        with ContainerdProcess(tmp_path / "containerd", proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
+            script = ["/bin/busybox", "sh", "-c", _script(image.names[-files:])]
+
+            async def start() -> str:
+                pulled = await asyncio.to_thread(
+                    peerpull_cmd, "pull", target, "--address", str(ctrd.socket), "--namespace", NAMESPACE, "--json")
+                assert pulled.returncode == 0, pulled.stderr[-2000:] + daemon.log_tail()
+                _drop_page_cache()
+                return await asyncio.to_thread(run_container, ctrd, target, script, snapshotter="peerpull")
+
+            first = await start()
+            await _streams_done(daemon)
+            if files < FILES:  # the profile is recorded once the container has been quiet a moment
+                await _until(lambda: _profile_ends(daemon))
+            await asyncio.to_thread(daemon.stop)
+            await asyncio.to_thread(daemon.start)
+            await _reconnected(ctrd)
+            before = len(proxy.requests)
+            assert await start() == first
+            if files < FILES:  # the restarted daemon records the start again and checks it against the layers
+                await _until(lambda: len(_profile_ends(daemon)) > 1)
+            sent = _registry_requests(proxy, before)
+            if by == "tag":
+                assert sent[:1] == [("HEAD", "/v2/second/app/manifests/1", "")], sent
+                sent = sent[1:]
+            assert sent == [], daemon.log_tail()
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await proxy.stop()
+
+
+async def _until(check: Callable[[], object], timeout_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+def _profile_ends(daemon: EmbeddedDaemon) -> list[dict[str, object]]:
+    return [*daemon.events("profile_saved"), *daemon.events("profile_kept"), *daemon.events("profile_dropped")]

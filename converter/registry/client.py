@@ -9,7 +9,7 @@ whole-blob downloads resume after a drop or a stall instead (see RegistryConfig 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urljoin
@@ -59,6 +59,9 @@ class FetchedManifest:
 
 
 
+LocalContent = Callable[[str, int], Awaitable[bytes | None]]  # (digest, max bytes) → the blob held locally
+
+
 class RegistryClient(RegistryTransport):
     """`async with RegistryClient(config) as client:` one session for every registry it talks to;
     `client.faults` counts registry faults by kind (for peerpull's metrics)."""
@@ -85,14 +88,45 @@ class RegistryClient(RegistryTransport):
             raise FormatError(f"{what}: not a JSON object")
         return FetchedManifest(doc.get("mediaType") or media_type, body, sha256_digest(body))
 
-    async def resolve_image(self, ref: ImageReference) -> tuple[FetchedManifest, FetchedManifest | None]:
+    async def manifest_digest(self, ref: ImageReference) -> str | None:
+        """What a tag points at now (a HEAD, its Docker-Content-Digest), None when the registry does not say."""
+        what = f"manifest {ref}"
+
+        async def read(resp: aiohttp.ClientResponse) -> str | None:
+            resp.close()  # a HEAD answer has no body
+            digest = resp.headers.get("Docker-Content-Digest", "")
+            return digest if is_digest(digest) else None
+
+        return await self._bounded("HEAD", ref, f"{self._base(ref)}/manifests/{ref.reference}", what=what, ok=(200,),
+                                   read=read, headers={"Accept": mt.ACCEPT_MANIFESTS})
+
+    async def _manifest(self, ref: ImageReference, local: LocalContent | None, head_tag: bool) -> FetchedManifest:
+        """A manifest from `local` (content-addressed: checked by digest) when it holds it, else the registry.
+        A tag is first resolved with a HEAD when head_tag (the node pulled it before), else fetched whole."""
+        if local is not None and (ref.digest or head_tag):
+            digest = ref.digest or await self.manifest_digest(ref)
+            body = await local(digest, MAX_MANIFEST_BYTES) if digest else None
+            if body is not None and sha256_digest(body) == digest:
+                try:
+                    doc = untrusted.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    doc = None
+                if isinstance(doc, dict):
+                    kind = doc.get("mediaType") or (mt.OCI_INDEX if "manifests" in doc else mt.OCI_MANIFEST)
+                    return FetchedManifest(kind, body, digest)
+        return await self.get_manifest(ref)
+
+    async def resolve_image(self, ref: ImageReference, local: LocalContent | None = None,
+                            head_tag: bool = False) -> tuple[FetchedManifest, FetchedManifest | None]:
         """The image manifest of `ref` for the configured platform, and the index it came from (if any).
 
-        With an explicitly configured platform, a single-platform image must be of that platform."""
-        fetched = await self.get_manifest(ref)
+        With an explicitly configured platform, a single-platform image must be of that platform.
+        `local(digest, max_bytes)` is content the node already holds (containerd's content store):
+        manifests and the platform check's config found there are not fetched again."""
+        fetched = await self._manifest(ref, local, head_tag)
         if fetched.media_type not in mt.INDEX_TYPES:
             if self._config.platform:
-                await self._check_platform(ref, fetched)
+                await self._check_platform(ref, fetched, local)
             return fetched, None
         entries = untrusted.loads(fetched.body).get("manifests")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -100,18 +134,20 @@ class RegistryClient(RegistryTransport):
         wanted = self._config.index_platform
         for entry in entries:
             if matches(entry.get("platform") or {}, wanted) and is_digest(entry.get("digest")):
-                return await self.get_manifest(ref.with_digest(entry["digest"])), fetched
+                return await self._manifest(ref.with_digest(entry["digest"]), local, False), fetched
         have = ", ".join(sorted({describe(e.get("platform") or {}) for e in entries}))
         raise UnsupportedError(f"{ref} has no image for {wanted} (it has: {have or 'none'}); "
                                "choose one of those with --platform")
 
-    async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest) -> None:
+    async def _check_platform(self, ref: ImageReference, fetched: FetchedManifest, local: LocalContent | None) -> None:
         try:
             config = untrusted.loads(fetched.body).get("config") or {}
             digest = config["digest"]
         except (ValueError, AttributeError, KeyError, TypeError):
             return  # not an image manifest: the caller says so
-        check_config_platform(await self.get_blob_bytes(ref, digest), self._config.platform, str(ref))
+        held = await local(digest, MAX_CONFIG_BYTES) if local is not None and is_digest(digest) else None
+        config = held if held is not None and sha256_digest(held) == digest else await self.get_blob_bytes(ref, digest)
+        check_config_platform(config, self._config.platform, str(ref))
 
     async def push_manifest(self, ref: ImageReference, body: bytes, media_type: str) -> str:
         what = f"push of manifest {ref}"
@@ -252,29 +288,70 @@ class RegistryClient(RegistryTransport):
 
     async def read_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of a blob in one request: never more, fewer only at its end."""
+        return (await self.read_range_pieces(ref, digest, offset, length, [(0, length)]))[0] if length > 0 else b""
+
+    async def read_range_pieces(self, ref: ImageReference, digest: str, offset: int, length: int,
+                                pieces: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The `pieces` ((start, length) relative to offset, in order, not overlapping, within the
+        range) of bytes [offset, offset+length) of a blob, read in one request and cut out as the
+        answer arrives: the range is never held whole beside its pieces (a run of frames holds its
+        frames only). A piece the body ends before is short (empty if not begun)."""
         what = f"blob {digest} in {ref.registry}/{ref.repository}"
         if length <= 0:
-            return b""
+            return [b"" for _ in pieces]
         if offset < 0 or length > MAX_RANGE_BYTES:
             raise FormatError(f"{what}: refusing to read {length} bytes at offset {offset} in one range")
 
-        async def read(resp: aiohttp.ClientResponse) -> bytes:
+        async def read(resp: aiohttp.ClientResponse) -> list[bytes]:
             if resp.status == 206:
                 start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-", 1)[0]
                 if start.isdigit() and int(start) != offset:
                     resp.close()
                     self.faults["bad_range"] += 1
                     raise RegistryError(f"{what}: registry {ref.registry} answered a range from {start}, not {offset}")
-                return await self._read_limited(resp, length, ref, what, asked=True)
+                return await self._read_pieces(resp, length, pieces, ref, what)
             total = _content_length(resp)
             if total is None or total > MAX_IGNORED_RANGE_BYTES:
                 resp.close()
                 self.faults["no_range"] += 1
                 raise RegistryError(f"{what}: {ref.registry} ignores HTTP Range requests")
-            return (await self._read_limited(resp, total, ref, what))[offset:offset + length]
+            data = (await self._read_limited(resp, total, ref, what))[offset:offset + length]
+            return [data[a:a + n] for a, n in pieces]
 
         return await self._bounded("GET", ref, f"{self._base(ref)}/blobs/{digest}", what=what, ok=(200, 206),
                                    read=read, headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+
+    async def _read_pieces(self, resp: aiohttp.ClientResponse, limit: int, pieces: Sequence[tuple[int, int]],
+                           ref: ImageReference, what: str) -> list[bytes]:
+        """A Range body cut into `pieces` block by block, refused past `limit` bytes like _read_limited."""
+        announced = _content_length(resp)
+        if announced is not None and announced > limit:
+            raise self._oversized(resp, ref, what, limit, announced, True)
+        out: list[bytes] = []
+        current = bytearray()  # the piece being received
+        at = 0  # body bytes received so far
+        while block := await resp.content.read(1 << 20):
+            if at + len(block) > limit:
+                raise self._oversized(resp, ref, what, limit, asked=True)
+            view = memoryview(block)
+            pos = at
+            at += len(block)
+            while view and len(out) < len(pieces):
+                start, size = pieces[len(out)]
+                if pos < start:  # bytes between pieces (header frames): dropped
+                    skip = min(start - pos, len(view))
+                    view, pos = view[skip:], pos + skip
+                    continue
+                take = view[:start + size - pos]
+                current += take
+                view, pos = view[len(take):], pos + len(take)
+                if len(current) == size:
+                    out.append(bytes(current))
+                    current = bytearray()
+        resp.release()
+        if len(out) < len(pieces):
+            out.append(bytes(current))
+        return out + [b"" for _ in pieces[len(out):]]
 
     # ---- pushes --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 import peerpull_proto as proto
+from converter.format.digest import is_digest, sha256_digest
 from converter.format.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -114,6 +115,28 @@ class ContainerdClient:
         except NotFoundError:
             return False
 
+    async def read_content(self, digest: str, max_bytes: int) -> bytes | None:
+        """A small blob (manifest, config) from containerd's content store, checked against its
+        digest; None when containerd does not have it (or holds more than max_bytes under it)."""
+        stub = _content_grpc.ContentStub(self.channel)
+        try:
+            info = await self._call("content info", stub.Info, _content.InfoRequest(digest=digest))
+        except NotFoundError:
+            return None
+        if info.info.size > max_bytes:
+            return None
+        parts: list[bytes] = []
+        try:
+            async for piece in stub.Read(_content.ReadContentRequest(digest=digest), metadata=self._md(), timeout=120):
+                parts.append(piece.data)
+        except grpc.aio.AioRpcError as exc:
+            err = _translate(exc, f"read {digest} from containerd")
+            if isinstance(err, NotFoundError):
+                return None  # collected between Info and Read
+            raise err from None
+        data = b"".join(parts)
+        return data if is_digest(digest) and sha256_digest(data) == digest else None
+
     async def set_content_labels(self, digest: str, labels: dict[str, str]) -> None:
         info = _content.Info(digest=digest, labels=labels)
         mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
@@ -181,6 +204,13 @@ class ContainerdClient:
         return str(resp.applied.digest)
 
     # ---- images -------------------------------------------------------------------------------
+
+    async def image_exists(self, name: str) -> bool:
+        try:
+            await self._call("get image", _images_grpc.ImagesStub(self.channel).Get, _images.GetImageRequest(name=name))
+            return True
+        except NotFoundError:
+            return False
 
     async def put_image(self, name: str, target: Any, labels: dict[str, str]) -> None:
         stub = _images_grpc.ImagesStub(self.channel)

@@ -41,6 +41,7 @@ from snapshotter.service.remote import (
 )
 
 log = structlog.get_logger(__name__)
+_MAX_CONFIG_BYTES = 16 << 20
 _MAX_LAYERS_LABEL = 4000  # containerd limits a label to 4096 bytes
 
 
@@ -84,11 +85,16 @@ async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, sna
     started = time.monotonic()
     say = progress or (lambda text: None)
     ref = ImageReference.parse(image)
-    top, index = await registry.resolve_image(ref)
+    # a second pull on the node takes manifest and config from containerd's content store (checked by
+    # digest): by digest it sends nothing to the registry; a tag containerd has an image of costs one
+    # manifest HEAD (where the tag points now)
+    top, index = await registry.resolve_image(ref, local=ctrd.read_content,
+                                              head_tag=not ref.digest and await ctrd.image_exists(str(ref)))
     manifest = parse_manifest(top.body, top.media_type, str(ref))
     config_desc = manifest["config"]
     layers: list[dict[str, Any]] = manifest["layers"]
-    config_bytes = await registry.get_blob_bytes(ref, config_desc["digest"], max_bytes=16 << 20)
+    config_bytes = (await ctrd.read_content(config_desc["digest"], _MAX_CONFIG_BYTES)
+                    or await registry.get_blob_bytes(ref, config_desc["digest"], max_bytes=_MAX_CONFIG_BYTES))
     try:
         diff_ids = list(json.loads(config_bytes)["rootfs"]["diff_ids"])
     except (ValueError, KeyError, TypeError):

@@ -66,6 +66,10 @@ class MemoryChunks:
         self._used = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
 
+    @property
+    def used(self) -> int:
+        return self._used
+
     def get(self, digest: bytes) -> bytes | None:
         data = self._items.get(digest)
         if data is not None:
@@ -101,6 +105,12 @@ class FileReader:
         self._prefetched: set[tuple[str, int]] = set()
         self._tasks = TaskSet("file_reader")  # fetch-ahead and read-ahead: cancelled and awaited at close
         self._ends: dict[int, int] = {}  # inode → where its last read ended: sequential readers get read-ahead
+        self._cold: set[int] = set()  # inodes a read of which missed the node's cache
+
+    @property
+    def memory_bytes(self) -> int:
+        """Decompressed chunks kept in memory (within memory_cache_bytes)."""
+        return self._memory.used
 
     def add_observer(self, fn: Observer) -> None:
         """Call `fn(layer blob digest, chunk)` for every chunk a read needs (startup profiles, the
@@ -145,18 +155,28 @@ class FileReader:
         for observe in self._observers:
             for c in wanted:
                 observe(source.blob, c)
-        if len(chunks) == 1 and self._prefetch != "none" and self._memory.get(chunks[0].digest) is None:
+        # a file whose reads the node's cache has answered so far (a second start) starts nothing over
+        # the network: what its first start did not read, it does not need now. Its first miss makes
+        # it cold: from then on its reads prefetch and read ahead as ever (memory hits included, which
+        # are mostly the read-ahead's own work)
+        missed = not all(self._memory.get(c.digest) is not None or self._fetcher.cached(c.digest_hex) for c in wanted)
+        if missed:
+            self._cold.add(ino)
+        local = ino not in self._cold
+        if len(chunks) == 1 and self._prefetch != "none" and missed:
             self._read_ahead(source, self._neighbours(source, chunks[0]))
         if len(wanted) == 1:
             parts = [await self.chunk(source, wanted[0])]
         else:
             parts = list(await asyncio.gather(*(self.chunk(source, c) for c in wanted)))
-        self._ahead(source, ino, chunks, offset, end, last)
+        self._ahead(source, ino, chunks, offset, end, last, local)
         return _slice(wanted, parts, offset, end)
 
     def _ahead(self, source: LayerSource, ino: int, chunks: list[fmt.Chunk], offset: int, end: int,
-               last: int) -> None:
-        """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next."""
+               last: int, local: bool = False) -> None:
+        """After a read of [offset, end) of a file (chunks[last:] follow it): schedule what comes next.
+        For a `local` file (every read of it answered by the cache so far) only cached chunks are
+        read ahead, and no whole-file or layer prefetch starts."""
         # the kernel's readahead sends several requests at once, not always in order: near the last
         # read's end counts as sequential
         previous = self._ends.get(ino, 0)
@@ -165,7 +185,9 @@ class FileReader:
         self._streaks[ino] = min(streak, offset)
         whole_file = self._prefetch in ("file", "layer") or (
             self._prefetch == "sequential" and end - self._streaks[ino] >= self._sequential_bytes)
-        if self._prefetch == "layer" and source.blob not in self._layers_started:
+        if local:
+            pass  # a later read that misses the cache starts the prefetch
+        elif self._prefetch == "layer" and source.blob not in self._layers_started:
             self._layers_started.add(source.blob)
             # the big chunks carry most of the bytes for few requests; small files stay on demand
             big = [c for c in source.chunks if c.length >= LAYER_PREFETCH_MIN_CHUNK]  # pieces of large files
@@ -174,11 +196,13 @@ class FileReader:
             self._prefetched.add((source.blob, ino))
             self.background(source, chunks[last:], f"file {ino:#x}")
         if sequential and last < len(chunks):
-            self._read_ahead(source, chunks[last:last + READ_AHEAD_CHUNKS])
+            ahead = chunks[last:last + READ_AHEAD_CHUNKS]
+            self._read_ahead(source, [c for c in ahead if self._fetcher.cached(c.digest_hex)] if local else ahead)
         self._ends[ino] = max(end, previous) if offset <= previous + SEQUENTIAL_SLACK else end
         if len(self._ends) > 65536:
             self._ends.clear()
             self._streaks.clear()
+            self._cold.clear()
 
     def background(self, source: LayerSource, chunks: list[fmt.Chunk], what: str) -> None:
         """Fetch `chunks` into the node's cache in the background, without delaying on-demand reads."""

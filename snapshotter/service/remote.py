@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from converter.format import toc as fmt
-from converter.format.digest import is_digest
+from converter.format.digest import is_digest, sha256_digest
 from converter.format.errors import (
     FormatError,
     NoFooterError,
@@ -55,6 +55,7 @@ LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and those above it
 LABEL_REMOTE = "containerd.io/snapshot/peerpull.remote"  # set on snapshots we serve lazily
+MANIFESTS_KEPT = 256  # image manifests kept on disk (by digest) for a restart
 
 
 class RemoteLayers:
@@ -66,6 +67,8 @@ class RemoteLayers:
         # when another node asks (and from no other, unless configured)
         self._trust_registry = trust_registry
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._manifest_dir = root / "manifests"  # image manifests by digest: a restart needs no registry for them
+        self._manifest_dir.mkdir(exist_ok=True)
         self._store = store
         self._fs = fs
         self._client = client
@@ -264,17 +267,42 @@ class RemoteLayers:
             return None
 
     async def _manifest(self, image: ImageReference, manifest_digest: str) -> bytes:
+        """The manifest by digest: from memory, else from disk (a restart keeps it; checked against its
+        digest), else fetched once and kept on disk."""
         body = self._manifests.get(manifest_digest)
         if body is None:
+            body = await asyncio.to_thread(self._stored_manifest, manifest_digest)
+        if body is None:  # the layers of one pull share this fetch
             body = await self._manifest_fetch.do(manifest_digest, functools.partial(self._get_manifest, image, manifest_digest))
+        self._manifests[manifest_digest] = body
+        self._manifests.move_to_end(manifest_digest)
+        while len(self._manifests) > 64:
+            self._manifests.popitem(last=False)
         return body
 
     async def _get_manifest(self, image: ImageReference, manifest_digest: str) -> bytes:
         body = (await self._client.get_manifest(image.with_digest(manifest_digest))).body  # verified by digest
-        self._manifests[manifest_digest] = body
-        while len(self._manifests) > 64:
-            self._manifests.popitem(last=False)
+        await asyncio.to_thread(self._keep_manifest, manifest_digest, body)
         return body
+
+    def _manifest_path(self, digest: str) -> Path:
+        return self._manifest_dir / (digest.split(":", 1)[1] + ".manifest")
+
+    def _stored_manifest(self, digest: str) -> bytes | None:
+        try:
+            body = self._manifest_path(digest).read_bytes()
+        except OSError:
+            return None
+        return body if sha256_digest(body) == digest else None
+
+    def _keep_manifest(self, digest: str, body: bytes) -> None:
+        path = self._manifest_path(digest)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+        kept = sorted(self._manifest_dir.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:-MANIFESTS_KEPT]:  # small, but not without bound
+            old.unlink(missing_ok=True)
 
     async def _expected_toc(self, image: ImageReference, digest: str,
                             manifest_digest: str) -> tuple[TocLocation | None, int | None]:
