@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,11 @@ class SimRegistry:
         await self._net.hop()
         await self._net.transfer(REGISTRY, self._node, length)
         return self._feed.blob_range(blob, start, length)
+
+    async def read_range_pieces(self, image: Any, blob: str, start: int, length: int,
+                                pieces: Sequence[tuple[int, int]]) -> list[bytes]:
+        data = await self.read_range(image, blob, start, length)
+        return [data[a:a + n] for a, n in pieces]
 
 
 class SimFetcher(ChunkFetcher):
