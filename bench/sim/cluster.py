@@ -245,6 +245,7 @@ class Outcome:
     complete: bool  # every finished node holds every working-set frame, each valid
     hedges: int
     unfinished: int  # nodes that stayed up but did not finish
+    first_arrivals: tuple[str, ...] = ()  # the first node's frames in the order they reached its cache
 
 
 async def run_scenario(feed: Feed, config: PeerConfig, shape: Shape, scenario: Scenario) -> Outcome:
@@ -300,4 +301,5 @@ async def run_scenario(feed: Feed, config: PeerConfig, shape: Shape, scenario: S
         complete=all(node.complete() for node in finished),
         hedges=hedges,
         unfinished=sum(1 for node in cluster.nodes.values() if node.state == "up" and node.ready_at is None),
+        first_arrivals=tuple(cluster.nodes[ids[0]].cache.frames),
     )
