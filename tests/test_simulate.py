@@ -375,3 +375,4 @@ def test_a_source_with_a_low_byte_rate_is_suspect_even_when_everyone_is_slow() -
     first, then = clock.run(main(), now)
     assert sources.suspect(a) and not sources.suspect(b)
     assert then.count("c") > then.count("a")  # most hedged to c rather than queued behind a
+
