@@ -376,3 +376,18 @@ def test_a_source_with_a_low_byte_rate_is_suspect_even_when_everyone_is_slow() -
     assert sources.suspect(a) and not sources.suspect(b)
     assert then.count("c") > then.count("a")  # most hedged to c rather than queued behind a
 
+
+
+
+def test_a_source_seven_times_slower_than_the_others_is_suspect() -> None:
+    """Bytes per busy second: `a` delivered 12 kB in 24 busy seconds (500 B/s), `b` and `c` 43 kB
+    each in 2 s; all sources together 3,500 B/s. Under the old threshold (9×: 389 B/s) `a` passed
+    as healthy; with the real torch feed such a peer held p99 at 2× one node alone."""
+    from peer.sources import RATE_FACTOR
+
+    sources, _, (a, b, c), _ = _sources()
+    sources._delivered.update(a=12_000, b=43_000, c=43_000)
+    sources._busy_s.update(a=24.0, b=2.0, c=2.0)
+    sources._answer_s, sources._answers = 2.0, 100  # answer times alike: only the rate tells
+    assert RATE_FACTOR < 7
+    assert sources.suspect(a) and not sources.suspect(b) and not sources.suspect(c)
