@@ -309,7 +309,28 @@ async def _cold_start(setup: Setup, cluster: Cluster) -> list[dict[str, Any]]:
     return list(await asyncio.gather(*tasks))
 
 
-def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, Any]:
+def save_feed(setup: Setup, node: Node, directory: Path, wait_s: float = 8.0) -> str:
+    """The image's TOC and the startup profile `node` recorded (bench/sim/feed_files.py), for
+    `bench/simulate --feed DIR`. The recorder saves a profile once reads have been quiet for
+    snapshotter.profile_quiet_s (5 s); one that read most of the image is dropped: then the TOC alone."""
+    from sim.feed_files import registry_refs, save_toc
+
+    directory.mkdir(parents=True, exist_ok=True)
+    refs, manifest_digest = asyncio.run(registry_refs(setup.image))
+    save_toc(directory / "toc.json", setup.image, manifest_digest, refs)
+    assert node.daemon is not None
+    stored = node.daemon.root / "snapshotter" / "profiles" / (manifest_digest.split(":", 1)[1] + ".json")
+    deadline = time.monotonic() + wait_s
+    while not stored.exists() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    (directory / "profile.json").unlink(missing_ok=True)
+    if stored.exists():
+        shutil.copyfile(stored, directory / "profile.json")
+        return f"TOC ({len(refs)} frames) and node {node.index}'s startup profile"
+    return f"TOC ({len(refs)} frames); no startup profile (none recorded, or it read most of the image)"
+
+
+def cold_start(setup: Setup, count: int, single_bytes: int | None, feed_dir: Path | None = None) -> dict[str, Any]:
     with Cluster(setup.net, count, setup.work / f"cold-{count}", setup.node_env()) as cluster:
         before = [Snapshot.of(n) for n in cluster.nodes]
         egress0 = setup.egress()
@@ -319,6 +340,8 @@ def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, 
         time.sleep(1.0)  # counters settle (the last frames in flight are counted)
         egress = setup.egress() - egress0
         after = [Snapshot.of(n) for n in cluster.nodes]
+        if feed_dir is not None:
+            print(f"  saved to {feed_dir}: {save_feed(setup, cluster.nodes[0], feed_dir)}", flush=True)
     for record, b, a in zip(per_node, before, after):
         record.update(b.delta(a))
     ready = [r["ready_s"] for r in per_node if r["ready_s"] is not None]
@@ -332,6 +355,7 @@ def cold_start(setup: Setup, count: int, single_bytes: int | None) -> dict[str, 
             "daemon_cpu_share": round(sum(r["daemon_cpu_s"] for r in per_node) / (wall * (os.cpu_count() or 1)), 2),
             "machine_busy": round((busy1[0] - busy0[0]) / max(1.0, busy1[1] - busy0[1]), 2),  # every process's
             "max_upload_bytes": max(r["link_tx_bytes"] for r in per_node),
+            "max_upload_ratio": round(max(r["link_tx_bytes"] for r in per_node) / single, 3) if single else None,
             "max_served_bytes": max(r["served_bytes"] for r in per_node), "per_node": per_node}
 
 
@@ -434,7 +458,9 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             if not args.warm_only:
                 for count in sorted({1, *counts}):  # N=1 first: what one node alone needs
                     print(f"cold start, N={count} …", flush=True)
-                    record = cold_start(setup, count, single)
+                    # the feed is saved from the N=1 run: one node's profile, as a first start records it
+                    feed_dir = Path(args.save_feed) if args.save_feed and single is None else None
+                    record = cold_start(setup, count, single, feed_dir)
                     single = record["single_node_bytes"] if single is None else single
                     if setup.expected_output is None and record["outputs_ok"]:  # torch: what one node alone printed
                         setup.expected_output = record["per_node"][0]["output"].splitlines()[-1]
@@ -451,6 +477,11 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         print(f"  {record['warm_s']} s, egress {record['egress_ratio']}× the image", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for record in records:  # what bench/simulate --calibrate-json needs to simulate the same run
+        record.update(rate=args.rate, registry_rate=args.registry_rate or args.rate,
+                      rate_bytes_per_s=tc_rate_bytes(args.rate),
+                      registry_rate_bytes_per_s=tc_rate_bytes(args.registry_rate or args.rate),
+                      image=args.image, feed=str(Path(args.save_feed).resolve()) if args.save_feed else None)
     return records
 
 
@@ -477,7 +508,11 @@ def main() -> int:
                         help="warm each size twice: split (default) and the ordinary way (peer.warm_split = false)")
     parser.add_argument("--cache", default="/var/cache/peerpull-bench", help="where the torch image is built/kept")
     parser.add_argument("--json", metavar="FILE", help="write one record per N (and mode) as JSON")
+    parser.add_argument("--save-feed", metavar="DIR",
+                        help="save the image's TOC and the N=1 node's startup profile for bench/simulate --feed DIR")
     args = parser.parse_args()
+    if args.save_feed and args.warm_only:
+        raise SystemExit("--save-feed needs a cold start (not --warm-only)")
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, containerd, FUSE)")
     if min(args.nodes) < 1 or max(args.nodes) > 50:

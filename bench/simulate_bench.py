@@ -1,7 +1,10 @@
 """Simulated cold start of N nodes at the same instant, driven by the real peer code (bench/sim).
 
-Every node streams the same working set (a real converted image's TOC and startup profile with
---layout/--profile, else a synthetic one) through peerpull's own membership, fan-out trees,
+Every node streams the same working set: a real converted image's TOC and startup profile (by
+default the realistic torch image's, saved at /var/cache/peerpull-bench/sim-feed; --feed DIR for
+one `bench/cluster --save-feed DIR` wrote, --layout for an OCI layout, --image for a registry
+reference, --profile for another profile; without a profile every frame, with a warning), or a
+synthetic one with --working-set-mib, through peerpull's own membership, fan-out trees,
 fetcher, source choice, peer-client batching, origin coalescing and streamer, on a virtual clock
 over simulated links (each node's up/down bandwidth and latency, the registry's egress cap). Per N,
 in the same run: origin egress ÷ working set, p50/p99 time to working set beside the time one node
@@ -12,7 +15,7 @@ Examples:
   bench/simulate --nodes 10,100,1000
   bench/simulate --nodes 10,100 --fanout 0          # before: one owner per chunk, no tree
   bench/simulate --nodes 10,100,1000 --json sim.json --plot docs/simulate-2026-12-02.png
-  bench/simulate --calibrate --calibrate-json cluster.json   # beside bench/cluster's real run
+  bench/simulate --calibrate-only --calibrate-json cluster.json   # bench/cluster's N, links and image, simulated
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import structlog  # noqa: E402
 from sim import clock  # noqa: E402
 from sim.cluster import Outcome, Scenario, Shape, run_scenario  # noqa: E402
 from sim.feed import Feed, from_layout, synthetic  # noqa: E402
+from sim.feed_files import DEFAULT_FEED, NO_PROFILE, from_registry, from_saved  # noqa: E402
 
 from peer.config import PeerConfig  # noqa: E402
 
@@ -125,29 +129,93 @@ def records_by_label(records: list[dict[str, Any]]) -> list[tuple[list[dict[str,
     return [([r for r in records if r["label"] == label], styles[i % len(styles)]) for i, label in enumerate(labels)]
 
 
-def calibrate(args: argparse.Namespace, feed: Feed, config: PeerConfig, shape: Shape) -> None:
-    real: dict[int, dict[str, Any]] = {}
-    if args.calibrate_json:
-        doc = json.loads(Path(args.calibrate_json).read_text())
-        for row in doc if isinstance(doc, list) else doc.get("records", [doc]):
-            real[int(row["nodes"])] = row
+CALIBRATION_NOTE = (
+    "what differs and why: the simulation models the network only (each link's bandwidth, the latency, the "
+    "registry's cap) and counts a node ready when its working set is cached. A real node's time also holds "
+    "CPU (decompressing and verifying frames, serving FUSE reads and peers, N daemons and containers sharing "
+    "this machine's cores), containerd's pull, snapshot preparation and the container's own start and run, "
+    "and TCP's ramp-up; its upload counts every byte on the link (headers, health checks, filters). So the "
+    "egress and upload ratios should agree; real times are longer, by what CPU and containerd add.")
+
+
+def calibration_rows(path: Path | None) -> list[dict[str, Any]]:
+    """The cold-start records of a `bench/cluster --json` file (every record without a `mode` too)."""
+    if path is None:
+        return []
+    doc = json.loads(path.read_text())
+    rows = doc if isinstance(doc, list) else doc.get("records", [doc])
+    return [r for r in rows if r.get("mode", "cold") == "cold"]
+
+
+def calibration_shape(row: dict[str, Any], default: Shape) -> Shape:
+    """The real run's links (bench/cluster records its tc rates) or, without them, the flags'."""
+    node = row.get("rate_bytes_per_s")
+    registry = row.get("registry_rate_bytes_per_s") or node
+    if not node:
+        return default
+    return dataclasses.replace(default, node_mbit=node * 8 / 1e6, registry_mbit=registry * 8 / 1e6)
+
+
+def calibration_feed(row: dict[str, Any], default: Feed) -> Feed:
+    """The image the real run started (its --save-feed directory), else the feed of this run."""
+    saved = row.get("feed")
+    if saved and (Path(saved) / "toc.json").exists():
+        return from_saved(Path(saved))
+    return default
+
+
+def calibrate(args: argparse.Namespace, feed: Feed, config: PeerConfig, shape: Shape) -> list[dict[str, Any]]:
+    """Simulate the real run's N, links and image; print simulated beside real, and return both."""
+    real = calibration_rows(Path(args.calibrate_json) if args.calibrate_json else None)
+    rows = real or [{"nodes": n} for n in (2, 3, 4)]
+    fmt = lambda v, unit="": f"{v:.3f}{unit}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     print(f"\ncalibration: simulated vs real (bench/cluster){'' if real else ' — no --calibrate-json: simulated only'}")
-    print(f"{'N':>3} {'sim egress':>10} {'real egress':>11} {'sim p50 s':>9} {'real p50 s':>10} {'sim max s':>9} {'real max s':>10}")
-    for n in (2, 3, 4):
-        outcome, _ = simulate(feed, config, shape, Scenario(n, seed=args.seed))
-        row = real.get(n, {})
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        print(f"{n:>3} {outcome.egress_bytes / feed.bytes:>10.3f} {fmt(row.get('egress_ratio')):>11} "
-              f"{percentile(outcome.ready_s, 50):>9.3f} {fmt(row.get('p50_ready_s')):>10} "
-              f"{max(outcome.ready_s):>9.3f} {fmt(row.get('max_ready_s')):>10}")
+    out = []
+    shown = ""
+    for row in rows:
+        n = int(row["nodes"])
+        run_shape, run_feed = calibration_shape(row, shape), calibration_feed(row, feed)
+        if shown != (shown := f"{run_feed.source} {run_shape}"):
+            print(f"  feed: {run_feed.source}; links {run_shape.node_mbit:g} Mbit/s nodes, "
+                  f"{run_shape.registry_mbit:g} Mbit/s registry, {run_shape.latency_s * 1000:g} ms")
+            print(f"{'N':>3} {'':>5} {'egress':>8} {'p50 ready s':>11} {'max ready s':>11} {'max upload':>10}")
+        outcome, _ = simulate(run_feed, config, run_shape, Scenario(n, seed=args.seed))
+        sim = {"nodes": n, "egress_ratio": round(outcome.egress_bytes / run_feed.bytes, 4),
+               "p50_ready_s": round(percentile(outcome.ready_s, 50), 3), "max_ready_s": round(max(outcome.ready_s), 3),
+               "max_upload_ratio": round(max(outcome.uploads, default=0) / run_feed.bytes, 3)}
+        keys = ("egress_ratio", "p50_ready_s", "max_ready_s", "max_upload_ratio")
+        print(f"{n:>3} {'sim':>5} " + " ".join(f"{fmt(sim[k]):>{w}}" for k, w in zip(keys, (8, 11, 11, 10))))
+        if real:
+            print(f"{n:>3} {'real':>5} " + " ".join(f"{fmt(row.get(k)):>{w}}" for k, w in zip(keys, (8, 11, 11, 10))))
+        out.append({"simulated": sim, "real": {k: row.get(k) for k in ("nodes", *keys)} if real else None})
+    print(CALIBRATION_NOTE)
+    return out
+
+
+def choose_feed(args: argparse.Namespace) -> Feed:
+    """The flags' feed; by default the realistic image's saved TOC and profile, else synthetic."""
+    if args.layout:
+        return from_layout(args.layout, args.profile)
+    if args.image:
+        return from_registry(args.image, args.profile)
+    if args.feed or (args.working_set_mib is None and (DEFAULT_FEED / "toc.json").exists()):
+        return from_saved(args.feed or DEFAULT_FEED, args.profile)
+    if args.working_set_mib is None:
+        print(f"warning: no saved feed at {DEFAULT_FEED}: a synthetic 32 MiB working set", file=sys.stderr)
+    return synthetic((args.working_set_mib or 32) << 20, args.seed)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="10,100,1000", help="cluster sizes, comma-separated (default 10,100,1000)")
-    parser.add_argument("--working-set-mib", type=int, default=32, help="synthetic working set (default 32 MiB)")
-    parser.add_argument("--layout", type=Path, help="a converted image's OCI layout: its TOCs instead of a synthetic one")
-    parser.add_argument("--profile", type=Path, help="with --layout: a startup profile (JSON) giving the reads' order")
+    parser.add_argument("--feed", type=Path,
+                        help=f"a saved feed: a directory with toc.json (+ profile.json), or a TOC file "
+                             f"(bench/cluster --save-feed; default {DEFAULT_FEED} when it exists)")
+    parser.add_argument("--layout", type=Path, help="a converted image's OCI layout: its TOCs")
+    parser.add_argument("--image", help="a seekable image in a registry (insecure HTTP): its TOCs, ranged reads")
+    parser.add_argument("--profile", type=Path, help="a startup profile (JSON, the daemon's) giving the reads' order")
+    parser.add_argument("--working-set-mib", type=int,
+                        help="a synthetic TOC and profile of this working set instead of a real image")
     # 100 Mbit/s and 32 MiB: the time one node takes (2.7 s) is that of a 320 MiB working set at 1 Gbit/s,
     # with 10x fewer frames to simulate (the cost at 1,000 nodes); latencies and deadlines are not scaled
     parser.add_argument("--node-mbit", type=float, default=100.0, help="each node's up and down link (default 100)")
@@ -168,6 +236,7 @@ def main() -> int:
     parser.add_argument("--plot", metavar="FILE.png", help="p50/p99 vs N (needs matplotlib: the bench extra)")
     parser.add_argument("--calibrate", action="store_true", help="print the simulation at N=2-4 beside bench/cluster's")
     parser.add_argument("--calibrate-json", metavar="FILE", help="bench/cluster --json output (nodes, egress_ratio, p50_ready_s, max_ready_s)")
+    parser.add_argument("--calibrate-only", action="store_true", help="the calibration alone, no sweep over --nodes")
     args = parser.parse_args()
     try:
         sizes = [int(n) for n in args.nodes.split(",") if n.strip()]
@@ -176,11 +245,16 @@ def main() -> int:
     except ValueError:
         print(f"simulate: --nodes wants positive integers, got {args.nodes!r}", file=sys.stderr)
         return EXIT_USAGE
-    if args.profile and not args.layout:
-        print("simulate: --profile needs --layout", file=sys.stderr)
+    if sum(x is not None for x in (args.feed, args.layout, args.image, args.working_set_mib)) > 1:
+        print("simulate: one of --feed, --layout, --image, --working-set-mib", file=sys.stderr)
+        return EXIT_USAGE
+    if args.profile and args.working_set_mib is not None:
+        print("simulate: --profile needs a real image (--feed, --layout or --image)", file=sys.stderr)
         return EXIT_USAGE
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    feed = from_layout(args.layout, args.profile) if args.layout else synthetic(args.working_set_mib << 20, args.seed)
+    feed = choose_feed(args)
+    if NO_PROFILE in feed.source:
+        print(f"warning: {NO_PROFILE}", file=sys.stderr)
     shape = Shape(node_mbit=args.node_mbit, registry_mbit=args.registry_mbit, latency_s=args.latency_ms / 1000)
     print(f"feed: {feed.source}; working set {feed.bytes / 1e6:.1f} MB")
     print(f"links: nodes {args.node_mbit:g} Mbit/s up and down, registry egress {args.registry_mbit:g} Mbit/s, "
@@ -188,8 +262,10 @@ def main() -> int:
     variants = [("after", PeerConfig(fanout=args.fanout))]
     if args.compare:
         variants.append(("before", PeerConfig(fanout=0, hedge_after_s=600.0)))
-    if args.calibrate:
+    if args.calibrate or args.calibrate_json or args.calibrate_only:
         calibrate(args, feed, variants[0][1], shape)
+        if args.calibrate_only:
+            return 0
     single, wall = simulate(feed, variants[0][1], shape, Scenario(1, seed=args.seed))
     single_s = single.ready_s[0]
     print(f"one node alone on the same link: {single_s:.2f} s (simulated in {wall:.1f} s)")

@@ -55,9 +55,16 @@ def test_the_network_is_shaped_both_ways_on_every_link(setup) -> None:
     assert all(" tbf " in line and "rate 400Mbit" in line for line in setup.net.shaping), setup.net.shaping
 
 
-def test_three_nodes_start_one_container_at_once_and_the_registry_sends_it_about_once(setup) -> None:
-    alone = cluster_bench.cold_start(setup, 1, None)
+def test_three_nodes_start_one_container_at_once_and_the_registry_sends_it_about_once(setup, tmp_path) -> None:
+    from sim.feed_files import from_saved
+
+    alone = cluster_bench.cold_start(setup, 1, None, tmp_path / "feed")
     assert alone["outputs_ok"], alone["per_node"]
+    # --save-feed: the image's TOC as the simulation reads it (this container reads the whole image,
+    # so its profile is dropped: the feed is every frame); its working set is what the node needed
+    saved = from_saved(tmp_path / "feed")
+    assert {r.digest for r in saved.refs} == {r.digest for r in _refs(setup)}
+    assert 0.9 * alone["single_node_bytes"] <= saved.bytes <= alone["single_node_bytes"]
     # one node alone needs the data it reads: most of the 8 MiB the container hashes
     assert alone["single_node_bytes"] > 6 << 20
     record = cluster_bench.cold_start(setup, NODES, alone["single_node_bytes"])

@@ -248,47 +248,106 @@ def _layout_with_one_layer(root: Path) -> tuple[Path, str, list[int]]:
     return root, result.digest, offsets
 
 
-def test_a_real_toc_and_profile_feed_the_simulation(tmp_path: Path) -> None:
+def _profile(path: Path, layer: str, offsets: list[int]) -> Path:
     import json
 
+    path.write_text(json.dumps({"version": 1, "manifest_digest": "sha256:" + "0" * 64, "layers": [layer],
+                                "reads": [[0, offset] for offset in offsets]}))
+    return path
+
+
+def test_a_real_toc_and_profile_feed_the_simulation_in_the_profiles_order(tmp_path: Path) -> None:
     from sim.feed import from_layout
+    from sim.feed_files import NO_PROFILE
 
     layout, layer, offsets = _layout_with_one_layer(tmp_path / "layout")
     whole = from_layout(layout)
-    assert [r.blob_offset for r in whole.refs] == offsets and "no profile" in whole.source
-    profile = tmp_path / "profile.json"
-    reads = [[0, offsets[3]], [0, offsets[0]], [0, offsets[3]], [0, 12345]]  # a repeat and a bogus offset
-    profile.write_text(json.dumps({"version": 1, "manifest_digest": "sha256:" + "0" * 64, "layers": [layer],
-                                   "reads": reads}))
+    assert [r.blob_offset for r in whole.refs] == offsets and NO_PROFILE in whole.source
+    # a repeat and a bogus offset are dropped; the rest keep the profile's (not the blob's) order
+    order = [offsets[5], offsets[1], offsets[7], offsets[0], offsets[3]]
+    profile = _profile(tmp_path / "profile.json", layer, [*order, offsets[1], 12345])
     feed = from_layout(layout, profile)
-    assert [r.blob_offset for r in feed.refs] == [offsets[3], offsets[0]]  # first-read order, distinct
-    outcome = clock.run(run_scenario(feed, PeerConfig(), Shape(), Scenario(5)))
-    assert outcome.complete and outcome.egress_bytes == feed.bytes
+    assert [r.blob_offset for r in feed.refs] == order and "with profile" in feed.source
+    # one node streams it in that order (one stream slot, no merged Range requests: arrival order is read order)
+    alone = clock.run(run_scenario(feed, PeerConfig(stream_parallel=1, coalesce_max_bytes=64 << 10), Shape(),
+                                   Scenario(1)))
+    assert list(alone.first_arrivals) == [r.digest for r in feed.refs]
+    outcome = clock.run(run_scenario(feed, PeerConfig(), Shape(), Scenario(8)))
+    assert outcome.complete and outcome.unfinished == 0 and len(outcome.ready_s) == 8
+    assert outcome.egress_bytes == feed.bytes  # each frame of the working set left the registry once
 
 
-def test_bench_simulate_writes_its_records_and_calibration(tmp_path: Path) -> None:
+def test_a_saved_feed_reads_back_as_the_same_working_set(tmp_path: Path) -> None:
+    from sim.feed import from_layout
+    from sim.feed_files import NO_PROFILE, from_saved, save_toc
+
+    layout, layer, offsets = _layout_with_one_layer(tmp_path / "layout")
+    saved = tmp_path / "feed"
+    saved.mkdir()
+    save_toc(saved / "toc.json", "test", "sha256:" + "0" * 64, from_layout(layout).refs)
+    assert NO_PROFILE in from_saved(saved).source  # no profile.json: every frame, and it says so
+    assert from_saved(saved).refs == from_layout(layout).refs
+    _profile(saved / "profile.json", layer, [offsets[4], offsets[2]])
+    feed = from_saved(saved)
+    assert [r.blob_offset for r in feed.refs] == [offsets[4], offsets[2]] and "with profile" in feed.source
+    assert [r.digest for r in feed.refs] == [r.digest for r in from_layout(layout, saved / "profile.json").refs]
+
+
+def test_bench_simulate_writes_its_records(tmp_path: Path) -> None:
     import json
     import subprocess
 
     bench = Path(__file__).resolve().parent.parent / "bench" / "simulate"
-    real = tmp_path / "cluster.json"
-    real.write_text(json.dumps([{"nodes": 2, "egress_ratio": 1.02, "p50_ready_s": 9.5, "max_ready_s": 11.0}]))
     out = tmp_path / "sim.json"
-    run = subprocess.run([str(bench), "--nodes", "3,12", "--working-set-mib", "2", "--json", str(out),
-                          "--calibrate", "--calibrate-json", str(real)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(bench), "--nodes", "3,12", "--working-set-mib", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert "synthetic TOC and profile" in run.stdout  # says which feed it used
-    calibration = next(line for line in run.stdout.splitlines() if line.startswith("  2 "))
-    assert "1.020" in calibration and "9.500" in calibration and "11.000" in calibration
     records = json.loads(out.read_text())
     assert [r["nodes"] for r in records] == [3, 12]
-    for key in ("egress_ratio", "p50_s", "p99_s", "single_node_s", "max_upload_ratio"):
+    for key in ("egress_ratio", "p50_s", "p99_s", "single_node_s", "max_upload_ratio", "churn_egress_ratio"):
         assert all(isinstance(r[key], float) for r in records)
     assert records[0]["churn_events"] == 0 and records[1]["churn_events"] == 2  # 5 %: none of 3, one each of 12
     assert records[0]["churn_egress_ratio"] == records[0]["egress_ratio"] and records[1]["churn_egress_ratio"] >= 1.0
     assert "faults_egress_ratio" in records[1] and "faults_egress_ratio" not in records[0]  # from N=10
     bad = subprocess.run([str(bench), "--nodes", "ten"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--nodes" in bad.stderr
+
+
+def test_calibration_simulates_the_real_runs_nodes_links_and_image(tmp_path: Path) -> None:
+    """A `bench/cluster --json` file names its N, its tc rates and the feed it saved: the simulation
+    takes all three and prints each beside the real figures."""
+    import json
+    import subprocess
+
+    from sim.feed import from_layout
+    from sim.feed_files import save_toc
+
+    layout, _, _ = _layout_with_one_layer(tmp_path / "layout")
+    saved = tmp_path / "feed"
+    saved.mkdir()
+    save_toc(saved / "toc.json", "test", "sha256:" + "0" * 64, from_layout(layout).refs)
+    real = tmp_path / "cluster.json"
+    common = {"rate_bytes_per_s": 1e6, "registry_rate_bytes_per_s": 2e6, "feed": str(saved)}
+    real.write_text(json.dumps([
+        {"mode": "cold", "nodes": 1, "egress_ratio": 1.0, "p50_ready_s": 3.5, "max_ready_s": 3.5, **common},
+        {"mode": "cold", "nodes": 3, "egress_ratio": 1.02, "p50_ready_s": 9.5, "max_ready_s": 11.0,
+         "max_upload_ratio": 0.777, **common},
+        {"mode": "warm", "nodes": 3, "egress_ratio": 1.0, "p50_ready_s": 1.0, "max_ready_s": 1.0, **common}]))
+    bench = Path(__file__).resolve().parent.parent / "bench" / "simulate"
+    run = subprocess.run([str(bench), "--calibrate-only", "--calibrate-json", str(real), "--working-set-mib", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(f"TOC {saved}/toc.json" in line and "8 Mbit/s nodes, 16 Mbit/s registry" in line for line in lines)
+    rows = [line.split() for line in lines if line.split()[:2] in (["1", "sim"], ["1", "real"], ["3", "sim"],
+                                                                     ["3", "real"])]
+    assert [r[:2] for r in rows] == [["1", "sim"], ["1", "real"], ["3", "sim"], ["3", "real"]]  # no warm record
+    assert rows[3][2:] == ["1.020", "9.500", "11.000", "0.777"]
+    ws = from_layout(layout).bytes
+    assert rows[0][2] == "1.000" and float(rows[0][3]) >= ws / 1e6  # one node: the working set over 1 MB/s
+    assert rows[2][2] == "1.000" and 0 < float(rows[2][5]) < 3  # three nodes: the registry sent it once
+    assert "models the network only" in run.stdout
 
 
 def test_a_source_with_a_low_byte_rate_is_suspect_even_when_everyone_is_slow() -> None:
@@ -316,3 +375,19 @@ def test_a_source_with_a_low_byte_rate_is_suspect_even_when_everyone_is_slow() -
     first, then = clock.run(main(), now)
     assert sources.suspect(a) and not sources.suspect(b)
     assert then.count("c") > then.count("a")  # most hedged to c rather than queued behind a
+
+
+
+
+def test_a_source_seven_times_slower_than_the_others_is_suspect() -> None:
+    """Bytes per busy second: `a` delivered 12 kB in 24 busy seconds (500 B/s), `b` and `c` 43 kB
+    each in 2 s; all sources together 3,500 B/s. Under the old threshold (9×: 389 B/s) `a` passed
+    as healthy; with the real torch feed such a peer held p99 at 2× one node alone."""
+    from peer.sources import RATE_FACTOR
+
+    sources, _, (a, b, c), _ = _sources()
+    sources._delivered.update(a=12_000, b=43_000, c=43_000)
+    sources._busy_s.update(a=24.0, b=2.0, c=2.0)
+    sources._answer_s, sources._answers = 2.0, 100  # answer times alike: only the rate tells
+    assert RATE_FACTOR < 7
+    assert sources.suspect(a) and not sources.suspect(b) and not sources.suspect(c)

@@ -251,6 +251,9 @@ class Outcome:
     complete: bool  # every finished node holds every working-set frame, each valid
     hedges: int
     unfinished: int  # nodes that stayed up but did not finish
+    first_arrivals: tuple[str, ...] = ()  # the first node's frames in the order they reached its cache
+    ready_by_node: dict[str, float] = field(default_factory=dict)  # node id → time to working set
+    faulty: dict[str, str] = field(default_factory=dict)  # node id → "slow" or "dead"
 
 
 async def run_scenario(feed: Feed, config: PeerConfig, shape: Shape, scenario: Scenario) -> Outcome:
@@ -306,4 +309,7 @@ async def run_scenario(feed: Feed, config: PeerConfig, shape: Shape, scenario: S
         complete=all(node.complete() for node in finished),
         hedges=hedges,
         unfinished=sum(1 for node in cluster.nodes.values() if node.state == "up" and node.ready_at is None),
+        first_arrivals=tuple(cluster.nodes[ids[0]].cache.frames),
+        ready_by_node={node.node_id: node.ready_at - node.started_at for node in finished if node.ready_at is not None},
+        faulty={**{i: "slow" for i in slow}, **{i: "dead" for i in dead}},
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from converter.format.layer_reader import FileRangeReader, read_toc
 from peer.chunk import ChunkRef
+from peer.warm import layer_refs
 
 REPOSITORY = "registry.sim/app"  # the repository every simulated ref names
 CHUNK = 1 << 20
@@ -121,22 +122,10 @@ def from_layout(layout: Path, profile: Path | None = None) -> Feed:
     for layer in manifest["layers"]:
         path = _blob(layout, layer["digest"])
         _, toc = asyncio.run(read_toc(FileRangeReader(path)))
-        frames = by_layer[layer["digest"]] = {}
-        for entry in toc.entries:
-            for chunk in entry.chunks:
-                frames.setdefault(chunk.blob_offset, ChunkRef.from_chunk(chunk, REPOSITORY, layer["digest"]))
-    if profile is None:
-        refs = [r for frames in by_layer.values() for _, r in sorted(frames.items())]
-        source = f"{layout} (every frame, no profile)"
-    else:
-        doc = json.loads(profile.read_text())
-        layers = doc["layers"]
-        refs = [by_layer[layers[i]][offset] for i, offset in doc["reads"]
-                if layers[i] in by_layer and offset in by_layer[layers[i]]]
-        source = f"{layout} with profile {profile}"
-    seen: set[str] = set()
-    unique = tuple(r for r in refs if not (r.digest in seen or seen.add(r.digest)))  # type: ignore[func-returns-value]
-    return Feed(unique, f"{source}: {len(unique)} frames")
+        by_layer[layer["digest"]] = {r.blob_offset: r for r in layer_refs(toc, REPOSITORY, layer["digest"])}
+    from .feed_files import ordered  # the same ordering as every real feed
+
+    return ordered(by_layer, profile, str(layout))
 
 
 def _blob(layout: Path, digest: str) -> Path:
