@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -182,8 +183,11 @@ class Streamer:
                         await self._peers(item, report)
                         continue
                     runs = await self._fetch_runs(item, report)
-                # the slot is free for the next run while these frames are verified and cached
-                group.create_task(self._verify(runs, size, report, what))
+                # the slot is free for the next run while these frames are verified and cached; the
+                # task's completion gives the bytes back, even when it is cancelled before its first step
+                # (a coroutine that never started runs no `finally`)
+                verify = group.create_task(self._verify(runs, report, what))
+                verify.add_done_callback(functools.partial(self._settle, runs, size))
                 handed_on = True
             except Exception as exc:
                 self._failed(item.refs, exc, report, what)
@@ -221,20 +225,21 @@ class Streamer:
         the wire or being verified: the origin's batches do not show it once sent), a run, or the cache."""
         return self._origin.busy(ref) or self._fetcher.fetching(ref.digest) or self._cache.known(ref.digest)
 
-    async def _verify(self, runs: list[list[ChunkRef]], size: int, report: StreamReport, what: str) -> None:
+    async def _verify(self, runs: list[list[ChunkRef]], report: StreamReport, what: str) -> None:
         """Staged frames verified and cached through the fetcher's own path."""
-        try:
-            for run in runs:
-                try:
-                    await asyncio.gather(*(self._fetcher.ensure(r, use_peers=False, background=True) for r in run))
-                    report.from_origin += len(run)
-                    report.bytes += sum(r.compressed_length for r in run)
-                except Exception as exc:
-                    self._failed(run, exc, report, what)
-        finally:
-            for run in runs:
-                self._origin.unstage(run)
-            self._budget.release(size)
+        for run in runs:
+            try:
+                await asyncio.gather(*(self._fetcher.ensure(r, use_peers=False, background=True) for r in run))
+                report.from_origin += len(run)
+                report.bytes += sum(r.compressed_length for r in run)
+            except Exception as exc:
+                self._failed(run, exc, report, what)
+
+    def _settle(self, runs: list[list[ChunkRef]], size: int, _done: asyncio.Task[None]) -> None:
+        """A verify task ended (done, failed or cancelled): its staged frames and bytes are free."""
+        for run in runs:
+            self._origin.unstage(run)
+        self._budget.release(size)
 
     async def _cached(self, ref: ChunkRef) -> bool:
         return await self._cache.contains(ref.digest)  # staged frames count: they are on their way to disk

@@ -168,3 +168,31 @@ async def test_a_stream_never_holds_more_than_its_byte_budget(registry_session, 
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
             await node.close()
+
+
+async def test_a_stream_cancelled_before_its_verify_step_runs_releases_budget_and_staging(
+        registry_session, image: str, tmp_path: Path) -> None:
+    # the stream is cancelled in the very step that hands a fetched run to verification: the verify
+    # task is then cancelled before it ever runs, so only the task's completion can give back its bytes
+    config = PeerConfig(coalesce_max_bytes=RUN, stream_parallel=1)
+    async with RegistryClient(RegistryConfig()) as client:
+        refs, _ = await image_chunks(client, image)
+        node = Node(client, tmp_path, config)
+        real_fetch_run = node.origin.fetch_run
+        streaming: list[asyncio.Task[object]] = []
+
+        async def fetch_then_cancel(run: list[ChunkRef], background: bool = False) -> list[bytes]:
+            frames = await real_fetch_run(run, background=background)
+            streaming[0].cancel()  # lands before the verify task created next gets its first step
+            return frames
+
+        node.origin.fetch_run = fetch_then_cancel  # type: ignore[method-assign]
+        try:
+            task: asyncio.Task[object] = asyncio.create_task(node.streamer.stream(refs, "test"))
+            streaming.append(task)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert node.streamer.bytes_in_flight == 0
+            assert node.origin.staged_bytes == 0
+        finally:
+            await node.close()
