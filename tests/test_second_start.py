@@ -243,3 +243,35 @@ async def _until(check: Callable[[], object], timeout_s: float = 60) -> None:
 
 def _profile_ends(daemon: EmbeddedDaemon) -> list[dict[str, object]]:
     return [*daemon.events("profile_saved"), *daemon.events("profile_kept"), *daemon.events("profile_dropped")]
+
+
+async def test_a_second_peerpull_run_on_the_same_node_sends_nothing(registry: EmbeddedRegistry, image: Image,
+                                                                     tmp_path: Path) -> None:
+    """`peerpull run` reads the image's layers, entrypoint and command before it pulls: on a node that
+    holds the image they come from containerd's content store, so a second run by digest sends not
+    one manifest or blob request (before, the config blob came from the registry on every run)."""
+    proxy = await FaultProxy(registry.url).start()
+    daemon = EmbeddedDaemon(tmp_path / "daemon")
+    try:
+        async with RegistryClient(RegistryConfig()) as client:  # straight from the registry: not counted
+            fetched, _ = await client.resolve_image(ImageReference.parse(image.target))
+        repo = image.target.replace(registry.address, proxy.address).rsplit(":", 1)[0]
+        target = f"{repo}@{fetched.digest}"
+        await asyncio.to_thread(daemon.start)
+        with ContainerdProcess(tmp_path / "containerd", proxy_plugins={"peerpull": str(daemon.socket)}) as ctrd:
+
+            async def run() -> None:
+                ran = await asyncio.to_thread(
+                    peerpull_cmd, "run", "--address", str(ctrd.socket), "--namespace", NAMESPACE, "--rm",
+                    "--daemon-metrics", f"http://{daemon.peer_address}/metrics", target, "--",
+                    "/bin/busybox", "md5sum", "/" + image.names[-1], timeout=300)
+                assert ran.returncode == 0, ran.stderr[-2000:] + daemon.log_tail()
+
+            await run()
+            await _streams_done(daemon)
+            before = len(proxy.requests)
+            await run()
+            assert _registry_requests(proxy, before) == [], daemon.log_tail()
+    finally:
+        await asyncio.to_thread(daemon.close)
+        await proxy.stop()

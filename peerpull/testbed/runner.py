@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.format.errors import AlreadyExistsError, ConfigError, PeerpullError
-from converter.registry.client import RegistryClient
+from converter.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from converter.registry.config import RegistryConfig
 from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
@@ -136,11 +136,16 @@ def _plain_http(ref: ImageReference, registry: RegistryConfig) -> bool:
     return ref.is_loopback or ref.registry in registry.insecure_hosts
 
 
-async def _image_facts(client: RegistryClient, ref: ImageReference) -> tuple[int, int, list[str], list[str]]:
-    """Total layer bytes, number of layers, Entrypoint and Cmd of the image."""
-    fetched, _ = await client.resolve_image(ref)
+async def _image_facts(client: RegistryClient, ctrd: ContainerdClient,
+                       ref: ImageReference) -> tuple[int, int, list[str], list[str]]:
+    """Total layer bytes, number of layers, Entrypoint and Cmd of the image. A node that holds the
+    image answers from containerd's content store (checked by digest): a second run sends nothing."""
+    head_tag = not ref.digest and await ctrd.image_exists(str(ref))
+    fetched, _ = await client.resolve_image(ref, local=ctrd.read_content, head_tag=head_tag)
     manifest = parse_manifest(fetched.body, fetched.media_type, str(ref))
-    config = json.loads(await client.get_blob_bytes(ref, manifest["config"]["digest"]))
+    digest = manifest["config"]["digest"]
+    held = await ctrd.read_content(digest, MAX_CONFIG_BYTES)
+    config = json.loads(held if held is not None else await client.get_blob_bytes(ref, digest))
     c = config.get("config") or {}
     return (sum(int(d["size"]) for d in manifest["layers"]), len(manifest["layers"]),
             list(c.get("Entrypoint") or []), list(c.get("Cmd") or []))
@@ -469,8 +474,8 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
             raise AlreadyExistsError(f"a container named {opts.name} already exists in namespace {opts.namespace}; "
                                      f"remove it (ctr -n {opts.namespace} containers rm {opts.name}) or choose "
                                      "another --name")
-        async with RegistryClient(registry) as client:
-            image_bytes, layer_count, entrypoint, cmd = await _image_facts(client, ref)
+        async with RegistryClient(registry) as client, ContainerdClient(address, opts.namespace) as ctrd_client:
+            image_bytes, layer_count, entrypoint, cmd = await _image_facts(client, ctrd_client, ref)
             result.layers = layer_count
             argv = [*entrypoint, *opts.args] if opts.args else []
             before = _metrics(metrics_url) if opts.mode == "lazy" else {}
@@ -481,8 +486,7 @@ async def run_image(opts: RunOptions, registry: RegistryConfig, log: Callable[[s
                                                             result.tier_samples))
             report = None
             if opts.mode == "lazy":
-                async with ContainerdClient(address, opts.namespace) as ctrd_client:
-                    report = await pull(client, ctrd_client, str(ref), opts.snapshotter)
+                report = await pull(client, ctrd_client, str(ref), opts.snapshotter)
             else:
                 plain = ["--plain-http"] if _plain_http(ref, registry) else []
                 platform = ["--platform", registry.platform] if registry.platform else []  # "": ctr's own default
