@@ -175,3 +175,14 @@ def test_run_refuses_a_work_dir_holding_other_files(web_image: dict[str, str], t
     r = peerpull_cmd("run", web_image["target"], "--work-dir", str(work))
     assert_one_line_error(r, 2, "is not empty")
     assert (work / "notes.txt").read_text() == "keep\n"
+
+
+def test_run_survives_output_lines_longer_than_any_buffer(web_image: dict[str, str], tmp_path: Path) -> None:
+    # 300 kB without a newline (binary output, a progress bar): the container finishes and the lines after it show
+    out = tmp_path / "long.json"
+    r = _run("run", web_image["target"], "--timeout", "120", "--json", str(out), "--",
+             "sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; echo; echo after the long line", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["exit_code"] == 0 and res["output"].endswith("after the long line"), res["output"][-200:]
+    assert max(len(line) for line in res["output"].split("\n")) <= 4096

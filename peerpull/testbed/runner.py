@@ -21,6 +21,7 @@ during a lazy run (for `peerpull run --plot`), and `ports` are probed until they
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -49,6 +50,7 @@ from peerpull.testbed.setup_marker import SetupMarker, has_marker
 from snapshotter.containerd.client import ContainerdClient
 from snapshotter.containerd.pull import pull
 
+MAX_OUTPUT_LINE = 4096  # a longer line of the container's output is cut (kept in the summary, logged)
 RUN_LABEL = "io.peerpull.run"
 DEFAULT_WORK_ROOT = Path("/var/tmp/peerpull-run")
 
@@ -348,20 +350,30 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
            *argv]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                                                 stdin=asyncio.subprocess.DEVNULL)
-    lines: list[str] = []
+    lines: collections.deque[str] = collections.deque(maxlen=50)  # the summary keeps the last lines
     deadline = time.monotonic() + opts.timeout_s
 
+    def emit(raw: bytes) -> None:
+        text = raw[:MAX_OUTPUT_LINE].decode(errors="replace")
+        lines.append(text)
+        log(text)
+
     async def read_output() -> None:
+        # chunks, not readline: a line longer than the stream's limit (binary output, a progress bar
+        # redrawn with \r) made readline raise, the pipe filled up and the container hung on its writes
         assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                return
+        pending = b""
+        while chunk := await proc.stdout.read(1 << 16):
             if result.first_log_s is None:
                 result.first_log_s = round(time.monotonic() - t0, 3)
-            text = line.decode(errors="replace").rstrip("\n")
-            lines.append(text)
-            log(text)
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                emit(raw)
+            if len(pending) > MAX_OUTPUT_LINE:  # memory stays bounded however long the line
+                emit(pending)
+                pending = b""
+        if pending:
+            emit(pending)
 
     reader = asyncio.create_task(read_output())
     prober = asyncio.create_task(_probe_ports(opts.ports, t0, result.ports_reachable_s)) if opts.ports else None
@@ -386,7 +398,7 @@ async def _run_container(ctr: _Ctr, opts: RunOptions, argv: list[str], t0: float
         if prober is not None:
             prober.cancel()
         await asyncio.gather(watcher, *([prober] if prober else []), return_exceptions=True)
-    result.output = "\n".join(lines[-50:])
+    result.output = "\n".join(lines)
 
 
 def _work_dir(opts: RunOptions) -> Path:
