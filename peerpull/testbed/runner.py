@@ -48,7 +48,7 @@ from peerpull.testbed.containerd import EmbeddedContainerd
 from peerpull.testbed.daemon import EmbeddedDaemon
 from peerpull.testbed.setup_marker import SetupMarker, has_marker
 from snapshotter.containerd.client import ContainerdClient
-from snapshotter.containerd.pull import pull
+from snapshotter.containerd.pull import config_on_node, pull, resolve_on_node
 
 MAX_OUTPUT_LINE = 4096  # a longer line of the container's output is cut (kept in the summary, logged)
 RUN_LABEL = "io.peerpull.run"
@@ -142,12 +142,9 @@ async def _image_facts(client: RegistryClient, ctrd: ContainerdClient,
                        ref: ImageReference) -> tuple[int, int, list[str], list[str]]:
     """Total layer bytes, number of layers, Entrypoint and Cmd of the image. A node that holds the
     image answers from containerd's content store (checked by digest): a second run sends nothing."""
-    head_tag = not ref.digest and await ctrd.image_exists(str(ref))
-    fetched, _ = await client.resolve_image(ref, local=ctrd.read_content, head_tag=head_tag)
+    fetched, _ = await resolve_on_node(client, ctrd, ref)
     manifest = parse_manifest(fetched.body, fetched.media_type, str(ref))
-    digest = manifest["config"]["digest"]
-    held = await ctrd.read_content(digest, MAX_CONFIG_BYTES)
-    config = json.loads(held if held is not None else await client.get_blob_bytes(ref, digest))
+    config = json.loads(await config_on_node(client, ctrd, ref, manifest["config"]["digest"], MAX_CONFIG_BYTES))
     c = config.get("config") or {}
     return (sum(int(d["size"]) for d in manifest["layers"]), len(manifest["layers"]),
             list(c.get("Entrypoint") or []), list(c.get("Cmd") or []))

@@ -28,7 +28,7 @@ import structlog
 
 from converter.format.errors import AlreadyExistsError, DigestMismatchError, FormatError
 from converter.format.layer_reader import location_from_annotations
-from converter.registry.client import RegistryClient
+from converter.registry.client import FetchedManifest, RegistryClient
 from converter.registry.manifest import parse_manifest
 from converter.registry.reference import ImageReference
 from snapshotter.containerd.client import ContainerdClient, descriptor
@@ -80,21 +80,31 @@ def _layers_label(layers: list[dict[str, Any]]) -> str:
     return text
 
 
+async def resolve_on_node(registry: RegistryClient, ctrd: ContainerdClient,
+                          ref: ImageReference) -> tuple[FetchedManifest, FetchedManifest | None]:
+    """The image manifest (and its index) of `ref`, from containerd's content store where the node holds
+    it (checked by digest): by digest nothing goes to the registry; a tag containerd has an image of
+    costs one manifest HEAD (where the tag points now)."""
+    head_tag = not ref.digest and await ctrd.image_exists(str(ref))
+    return await registry.resolve_image(ref, local=ctrd.read_content, head_tag=head_tag)
+
+
+async def config_on_node(registry: RegistryClient, ctrd: ContainerdClient, ref: ImageReference, digest: str,
+                         max_bytes: int) -> bytes:
+    """The image config `digest`: from containerd's content store if there (checked by digest), else the registry."""
+    return await ctrd.read_content(digest, max_bytes) or await registry.get_blob_bytes(ref, digest, max_bytes=max_bytes)
+
+
 async def pull(registry: RegistryClient, ctrd: ContainerdClient, image: str, snapshotter: str,
                progress: Callable[[str], None] | None = None) -> PullReport:
     started = time.monotonic()
     say = progress or (lambda text: None)
     ref = ImageReference.parse(image)
-    # a second pull on the node takes manifest and config from containerd's content store (checked by
-    # digest): by digest it sends nothing to the registry; a tag containerd has an image of costs one
-    # manifest HEAD (where the tag points now)
-    top, index = await registry.resolve_image(ref, local=ctrd.read_content,
-                                              head_tag=not ref.digest and await ctrd.image_exists(str(ref)))
+    top, index = await resolve_on_node(registry, ctrd, ref)
     manifest = parse_manifest(top.body, top.media_type, str(ref))
     config_desc = manifest["config"]
     layers: list[dict[str, Any]] = manifest["layers"]
-    config_bytes = (await ctrd.read_content(config_desc["digest"], _MAX_CONFIG_BYTES)
-                    or await registry.get_blob_bytes(ref, config_desc["digest"], max_bytes=_MAX_CONFIG_BYTES))
+    config_bytes = await config_on_node(registry, ctrd, ref, config_desc["digest"], _MAX_CONFIG_BYTES)
     try:
         diff_ids = list(json.loads(config_bytes)["rootfs"]["diff_ids"])
     except (ValueError, KeyError, TypeError):
